@@ -1,0 +1,1 @@
+//! Process-shared semaphores on futex words (filled in by the synchronize work).
