@@ -9,6 +9,7 @@
 pub mod connection;
 pub mod error;
 pub mod process;
+pub mod spin;
 pub mod sync;
 
 #[cfg(feature = "python")]

@@ -1,0 +1,201 @@
+"""Pickling for inter-process transfer: the stdlib's ``multiprocessing.reduction`` API.
+
+``ForkingPickler`` is the C pickler plus a table of extra reducers (connections,
+sockets, bound methods, partials). Objects backed by a file descriptor reduce to a
+``DupFd``: while a child is being started the fd travels with the child (the
+spawning Popen decides how), otherwise ``resource_sharer`` hands a duplicate to
+whichever process unpickles it.
+"""
+
+import copyreg
+import functools
+import io
+import os
+import pickle
+import sys
+from abc import ABCMeta
+
+from . import context
+
+__all__ = ['send_handle', 'recv_handle', 'ForkingPickler', 'register', 'dump']
+
+HAVE_SEND_HANDLE = sys.platform != 'win32'
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class ForkingPickler(pickle.Pickler):
+    """Pickler that knows how to reduce multiprocessing objects."""
+
+    _extra_reducers = {}
+    _copyreg_dispatch_table = copyreg.dispatch_table
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        # Sockets get their reducer once something has imported socket: importing it
+        # here would cost every spawn child a few ms at start.
+        if _socket_unregistered and 'socket' in sys.modules:
+            _register_socket()
+        table = self._copyreg_dispatch_table.copy()
+        table.update(self._extra_reducers)
+        self.dispatch_table = table
+
+    @classmethod
+    def register(cls, type, reduce):
+        """Use ``reduce`` to pickle objects of ``type``."""
+        cls._extra_reducers[type] = reduce
+
+    @classmethod
+    def dumps(cls, obj, protocol=None):
+        buf = io.BytesIO()
+        cls(buf, protocol).dump(obj)
+        return buf.getbuffer()
+
+    loads = pickle.loads
+
+
+register = ForkingPickler.register
+
+
+def dump(obj, file, protocol=None):
+    """Pickle ``obj`` to ``file`` with ForkingPickler."""
+    ForkingPickler(file, protocol).dump(obj)
+
+
+def _dumps_bytes(obj):
+    # The hot path of Connection.send / Queue.put: a bytes object for the core.
+    buf = io.BytesIO()
+    ForkingPickler(buf, _PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+#
+# File descriptors across processes
+#
+
+def sendfds(sock, fds):
+    """Send the descriptors ``fds`` over the unix socket ``sock``."""
+    from . import _core
+    fds = list(fds)
+    _core.sendfds(sock.fileno(), bytes([len(fds) % 256]), fds)
+
+
+def recvfds(sock, size):
+    """Receive ``size`` descriptors from the unix socket ``sock``."""
+    from . import _core
+    data, fds = _core.recvfds(sock.fileno(), 1)
+    if not data and not fds:
+        raise EOFError
+    if len(fds) != size or len(data) != 1 or data[0] != len(fds) % 256:
+        for fd in fds:
+            os.close(fd)
+        raise RuntimeError('Received %d items of ancdata, expected %d'
+                           % (len(fds), size))
+    return list(fds)
+
+
+def send_handle(conn, handle, destination_pid):
+    """Send the file descriptor ``handle`` over the Connection ``conn``."""
+    import socket
+    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        sendfds(s, [handle])
+
+
+def recv_handle(conn):
+    """Receive a file descriptor sent with ``send_handle``."""
+    import socket
+    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        return recvfds(s, 1)[0]
+
+
+def DupFd(fd):
+    """A picklable stand-in for ``fd`` whose ``detach()`` yields a usable duplicate."""
+    popen_obj = context.get_spawning_popen()
+    if popen_obj is not None:
+        return popen_obj.DupFd(popen_obj.duplicate_for_child(fd))
+    if HAVE_SEND_HANDLE:
+        from . import resource_sharer
+        return resource_sharer.DupFd(fd)
+    raise ValueError('SCM_RIGHTS appears not to be available')
+
+
+#
+# Reducers for builtin types the plain pickler refuses
+#
+
+def _reduce_method(m):
+    if m.__self__ is None:
+        return getattr, (m.__class__, m.__func__.__name__)
+    return getattr, (m.__self__, m.__func__.__name__)
+
+
+class _C:
+    def f(self):
+        pass
+
+
+register(type(_C().f), _reduce_method)
+
+
+def _reduce_method_descriptor(m):
+    return getattr, (m.__objclass__, m.__name__)
+
+
+register(type(list.append), _reduce_method_descriptor)
+register(type(int.__add__), _reduce_method_descriptor)
+
+
+def _rebuild_partial(func, args, keywords):
+    return functools.partial(func, *args, **keywords)
+
+
+def _reduce_partial(p):
+    return _rebuild_partial, (p.func, p.args, p.keywords or {})
+
+
+register(functools.partial, _reduce_partial)
+
+
+def _rebuild_socket(df, family, type, proto):
+    import socket
+    fd = df.detach()
+    return socket.socket(family, type, proto, fileno=fd)
+
+
+def _reduce_socket(s):
+    df = DupFd(s.fileno())
+    return _rebuild_socket, (df, s.family, s.type, s.proto)
+
+
+_socket_unregistered = True
+
+
+def _register_socket():
+    global _socket_unregistered
+    import socket
+    register(socket.socket, _reduce_socket)
+    _socket_unregistered = False
+
+
+class AbstractReducer(metaclass=ABCMeta):
+    """Base for alternative reducers installed with ``context.reducer = ...``."""
+
+    ForkingPickler = ForkingPickler
+    register = register
+    dump = dump
+    send_handle = send_handle
+    recv_handle = recv_handle
+    DupFd = DupFd
+    _reduce_method = _reduce_method
+    _reduce_method_descriptor = _reduce_method_descriptor
+    _rebuild_partial = _rebuild_partial
+    _reduce_socket = _reduce_socket
+    _rebuild_socket = _rebuild_socket
+
+    def __init__(self, *args):
+        register(type(_C().f), _reduce_method)
+        register(type(list.append), _reduce_method_descriptor)
+        register(type(int.__add__), _reduce_method_descriptor)
+        register(functools.partial, _reduce_partial)
+        import socket
+        register(socket.socket, _reduce_socket)

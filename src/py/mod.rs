@@ -1,0 +1,79 @@
+//! The `ferromp._core` extension module: the only Rust code that touches Python.
+//!
+//! Functions here convert arguments, release the GIL around every blocking core call
+//! (through [`blocking`]) and map core errors to Python exceptions in one place.
+
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyEOFError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::error::Error;
+
+mod connection;
+mod process;
+
+/// The one conversion from core errors to Python exceptions.
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        match e {
+            Error::Os(errno) | Error::Exec(errno) => {
+                PyOSError::new_err((errno as i32, errno.desc().to_string()))
+            }
+            Error::Eof => PyEOFError::new_err(()),
+            Error::EofInMessage => PyOSError::new_err("got end of file during message"),
+            Error::BadLength(_) | Error::TooLong(_) => PyOSError::new_err("bad message length"),
+            Error::BufferTooShort(v) => PyValueError::new_err(format!(
+                "buffer too short for a message of {} bytes",
+                v.len()
+            )),
+            Error::Interrupted => {
+                pyo3::exceptions::PyInterruptedError::new_err("interrupted system call")
+            }
+        }
+    }
+}
+
+/// Turns an optional timeout in seconds into a deadline (negative means "now").
+pub(crate) fn deadline(timeout: Option<f64>) -> PyResult<Option<Instant>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_nan() => Err(PyValueError::new_err("timeout must be a number")),
+        Some(t) if t <= 0.0 => Ok(Some(Instant::now())),
+        Some(t) => Ok(Some(
+            Instant::now() + Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX / 4),
+        )),
+    }
+}
+
+/// Runs a blocking core call without the GIL. On EINTR the core calls back here; we
+/// take the GIL, run Python's signal handlers, and either let the call resume or, when
+/// a handler raised (Ctrl-C), stop it and re-raise that exception.
+pub(crate) fn blocking<T, F>(py: Python<'_>, f: F) -> PyResult<T>
+where
+    T: Send,
+    F: Send + FnOnce(&mut dyn FnMut() -> crate::error::Result<()>) -> crate::error::Result<T>,
+{
+    let mut pending: Option<PyErr> = None;
+    let r = py.detach(|| {
+        let mut intr = || -> crate::error::Result<()> {
+            Python::attach(|py| py.check_signals()).map_err(|e| {
+                pending = Some(e);
+                Error::Interrupted
+            })
+        };
+        f(&mut intr)
+    });
+    match r {
+        Ok(v) => Ok(v),
+        Err(Error::Interrupted) if pending.is_some() => Err(pending.take().unwrap()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    process::register(m)?;
+    connection::register(m)?;
+    Ok(())
+}
