@@ -12,6 +12,7 @@ use crate::error::Error;
 
 mod connection;
 mod process;
+mod sync;
 
 /// The one conversion from core errors to Python exceptions.
 impl From<Error> for PyErr {
@@ -75,5 +76,6 @@ where
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
     connection::register(m)?;
+    sync::register(m)?;
     Ok(())
 }

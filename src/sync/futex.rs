@@ -103,7 +103,8 @@ pub(crate) fn wake(word: &AtomicU32, n: u32) -> Result<usize, Errno> {
 // cost a syscall; glibc stopped caching getpid() in 2.25. We cache it ourselves and
 // refresh the cache in a pthread_atfork child handler, which runs in every child made
 // by fork(2) through libc (os.fork(), nix::unistd::fork, multiprocessing's fork start
-// method), before any Python or Rust code of the child runs.
+// method), before any Python or Rust code of the child runs. The handler is never
+// unregistered; that is fine because CPython never unloads extension modules.
 
 /// 0: atfork handler not registered; 1: being registered; 2: registered.
 static ATFORK: AtomicU8 = AtomicU8::new(0);

@@ -1,6 +1,6 @@
 //! Process-shared semaphores on futex words: the core of `multiprocessing.SemLock`.
 //!
-//! One semaphore is a 64-byte [`SemState`] in shared memory (a memfd that every process
+//! One semaphore is a 64-byte `SemState` in shared memory (a memfd that every process
 //! maps, see [`Semaphore`]) plus a per-process, per-object handle ([`RawSemaphore`]) that
 //! holds the bookkeeping the stdlib keeps in its `SemLockObject` (`count`, `last_tid`).
 //! Python's `Lock`, `RLock`, `Semaphore`, `BoundedSemaphore` are all one of two kinds,
@@ -11,19 +11,32 @@
 //! * [`SemKind::RecursiveMutex`]: `RLock`. Owned by one thread of one process, which
 //!   may acquire it again; only that thread may release it.
 //!
+//! # Shared layout (`SemState`, `#[repr(C, align(64))]`, 64 bytes)
+//!
+//! | offset | field        | written                  | meaning                               |
+//! |--------|--------------|--------------------------|---------------------------------------|
+//! | 0      | `magic`      | once, by `init`          | `"fmS1"`; `attach` refuses anything else |
+//! | 4      | `kind`       | once                     | 0 `RecursiveMutex`, 1 `Semaphore`      |
+//! | 8      | `maxvalue`   | once                     | bound checked by `release`             |
+//! | 12     | `flags`      | once                     | bit 0 mutex mode, bit 1 dead-owner recovery |
+//! | 16     | `word`       | atomically, by everyone  | the futex word (tables below)          |
+//! | 20     | `waiters`    | atomically, by waiters   | threads in the sleeping phase          |
+//! | 24     | `recoveries` | atomically, by recoverers | diagnostic counter                    |
+//!
 //! # The futex word
 //!
 //! The state that other processes must agree on is one `AtomicU32`, `word`, so every
 //! transition is a single compare-and-swap and nothing is ever half-updated. It has two
 //! encodings, fixed at creation:
 //!
-//! **Counting mode** (any `maxvalue != 1`, e.g. `Semaphore(n)`, `BoundedSemaphore(n)`
-//! for n != 1, `Condition`'s internal `Semaphore(0)`): `word` is the value.
+//! **Counting mode** (every semaphore not in mutex mode, e.g. `Semaphore(n)`,
+//! `BoundedSemaphore(n)` for n != 1, `Condition`'s internal `Semaphore(0)`): `word` is
+//! the value.
 //!
 //! | word        | value | acquire                   | release                                   |
 //! |-------------|-------|---------------------------|-------------------------------------------|
 //! | `0`         | 0     | sleep until it changes    | `0 -> 1`                                  |
-//! | `v > 0`     | v     | `v -> v-1`                | `v -> v+1`, or `OverRelease` if `v >= maxvalue` |
+//! | `v > 0`     | v     | `v -> v-1`                | `v -> v+1`; `OverRelease` if `v >= maxvalue` (or `SEM_VALUE_MAX`) |
 //!
 //! **Mutex mode** (`maxvalue == 1` and `value <= 1`: `Lock`, `BoundedSemaphore(1)`, and
 //! always for `RLock`): `word` names the holder, so a waiter can tell whether it died.
@@ -49,6 +62,11 @@
 //! asleep leaves `waiters` one too high forever: that only costs each later release a
 //! useless `FUTEX_WAKE` syscall, never a missed wake-up.
 //!
+//! A contended acquire first spins for [`SPIN`] (re-reading the word with a pause
+//! instruction, CAS only when it looks available), because waking a sleeping process
+//! costs about as much; it skips the spin on one CPU and when others already sleep on
+//! the word (then it queues up rather than barging past them).
+//!
 //! # Dead-owner recovery (mutex mode, [`Recovery::DeadOwner`])
 //!
 //! A waiter that has slept [`OWNER_CHECK_PERIOD`] in total, or that is about to report a
@@ -72,10 +90,12 @@
 //! A `Lock` may legally be released by another process than its acquirer ("acquire here,
 //! let the peer release it later"). If the acquirer exits before the peer releases and
 //! someone is waiting, recovery hands the lock to the waiter and the peer's later
-//! release fails with `OverRelease`. That is why recovery is a creation option: the
-//! bindings enable it for `RLock` (only the owner may release, so a dead owner is always
-//! a leak) and for `Lock`, and not for `BoundedSemaphore(1)`, which `Queue(maxsize=1)`
-//! uses exactly in that hand-off way (acquired by `put`, released by `get`).
+//! release fails with `OverRelease`. That is why recovery is a creation option. The
+//! intended use: on for `RLock` (only the owner may release, so a dead owner is always a
+//! leak) and for `Lock`; off for `BoundedSemaphore(1)`, which `Queue(maxsize=1)` uses
+//! exactly in that hand-off way (acquired by `put`, released by `get`). `Lock` and
+//! `BoundedSemaphore(1)` reach `SemLock` with the same `(kind, value, maxvalue)`, so the
+//! Python layer has to say which one it is building.
 //!
 //! # Per-process bookkeeping
 //!
@@ -583,7 +603,7 @@ impl RawSemaphore {
             }
         }
         if st.waiters.load(Ordering::SeqCst) != 0 {
-            // MUTANT
+            futex::wake(&st.word, 1).map_err(SyncError::Os)?;
         }
         Ok(())
     }

@@ -1,0 +1,201 @@
+"""ferromp vs the stdlib, side by side, in one run.
+
+Each workload runs under ``multiprocessing`` (the stdlib) and ``ferromp`` for each start
+method, alternating the two several times; the table shows the median of each and the
+ratio ferromp/stdlib for times (lower is better) or stdlib/ferromp for rates, so that a
+ratio below 1 always means ferromp is better.
+
+    python benches/bench.py            # full run (a few minutes)
+    python benches/bench.py --quick    # the README demo (well under a minute)
+    python benches/bench.py --only pipe --methods fork
+"""
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+import time
+
+IMPLS = ('multiprocessing', 'ferromp')
+
+
+# --- child targets (module level so spawn/forkserver children can import them) ---
+
+def _noop():
+    pass
+
+
+def _echo(conn):
+    # Echo objects until None arrives.
+    while True:
+        obj = conn.recv()
+        if obj is None:
+            break
+        conn.send(obj)
+
+
+def _echo_bytes(conn):
+    while True:
+        b = conn.recv_bytes()
+        if not b:
+            break
+        conn.send_bytes(b)
+
+
+def _sink(conn, count):
+    # Receive `count` messages, then report the total size.
+    total = 0
+    for _ in range(count):
+        total += len(conn.recv_bytes())
+    conn.send(total)
+
+
+# --- workloads: each returns the value to compare (seconds per op, or bytes/s) ---
+
+def start_join(mp, n):
+    """Process start + join, seconds per process."""
+    mp.Process(target=_noop).start()  # warm up (starts a fork server if any)
+    for p in mp.active_children():
+        p.join()
+    t = time.perf_counter()
+    for _ in range(n):
+        p = mp.Process(target=_noop)
+        p.start()
+        p.join()
+    return (time.perf_counter() - t) / n
+
+
+def _with_child(mp, target, body, *args):
+    a, b = mp.Pipe()
+    p = mp.Process(target=target, args=(b,) + args)
+    p.start()
+    b.close()
+    try:
+        return body(a)
+    finally:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+        a.close()
+
+
+def pipe_rt_obj(mp, n):
+    """Pipe round trip of a small object (send + recv in both processes), s per trip."""
+    msg = ('task', 12345, 3.5, 'payload')
+
+    def body(a):
+        for _ in range(200):
+            a.send(msg)
+            a.recv()
+        t = time.perf_counter()
+        for _ in range(n):
+            a.send(msg)
+            a.recv()
+        dt = (time.perf_counter() - t) / n
+        a.send(None)
+        return dt
+    return _with_child(mp, _echo, body)
+
+
+def pipe_rt_bytes(mp, n):
+    """Pipe round trip of 8 bytes with send_bytes / recv_bytes, s per trip."""
+    msg = b'12345678'
+
+    def body(a):
+        for _ in range(200):
+            a.send_bytes(msg)
+            a.recv_bytes()
+        t = time.perf_counter()
+        for _ in range(n):
+            a.send_bytes(msg)
+            a.recv_bytes()
+        dt = (time.perf_counter() - t) / n
+        a.send_bytes(b'')
+        return dt
+    return _with_child(mp, _echo_bytes, body)
+
+
+def _bandwidth(mp, size, count):
+    data = b'\x5a' * size
+
+    def body(a):
+        t = time.perf_counter()
+        for _ in range(count):
+            a.send_bytes(data)
+        total = a.recv()
+        dt = time.perf_counter() - t
+        assert total == size * count
+        return size * count / dt
+    return _with_child(mp, _sink, body, count)
+
+
+def pipe_bw_1m(mp, n):
+    """Pipe bandwidth with 1 MiB messages, bytes/s."""
+    return _bandwidth(mp, 1 << 20, n)
+
+
+def pipe_bw_64m(mp, n):
+    """Pipe bandwidth with 64 MiB messages, bytes/s."""
+    return _bandwidth(mp, 64 << 20, n)
+
+
+# name, function, kind ('time' or 'rate'), n for full run, n for --quick, unit
+WORKLOADS = [
+    ('process start+join', start_join, 'time', 30, 6),
+    ('pipe round trip, small object', pipe_rt_obj, 'time', 20000, 3000),
+    ('pipe round trip, 8-byte send_bytes', pipe_rt_bytes, 'time', 20000, 3000),
+    ('pipe bandwidth, 1 MiB messages', pipe_bw_1m, 'rate', 300, 60),
+    ('pipe bandwidth, 64 MiB messages', pipe_bw_64m, 'rate', 6, 2),
+]
+
+
+def fmt(kind, v):
+    if kind == 'time':
+        if v < 1e-3:
+            return '%.1f us' % (v * 1e6)
+        return '%.2f ms' % (v * 1e3)
+    return '%.0f MB/s' % (v / 1e6)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--quick', action='store_true', help='short demo run')
+    ap.add_argument('--repeat', type=int, default=None,
+                    help='alternations of stdlib/ferromp per workload')
+    ap.add_argument('--methods', default='fork,spawn,forkserver')
+    ap.add_argument('--only', default='', help='substring filter on workload names')
+    args = ap.parse_args(argv)
+    repeat = args.repeat or (2 if args.quick else 5)
+    mods = {name: importlib.import_module(name) for name in IMPLS}
+    import ferromp
+    print('ferromp %s vs multiprocessing (Python %s), %d CPUs, %d repeats, medians'
+          % (ferromp.__version__, sys.version.split()[0], os.cpu_count(), repeat))
+    print('ratio = ferromp/stdlib for times, stdlib/ferromp for rates: below 1 is better\n')
+    header = '%-36s %-11s %14s %14s %7s' % ('workload', 'method', 'stdlib', 'ferromp', 'ratio')
+    print(header)
+    print('-' * len(header))
+    results = []
+    for method in args.methods.split(','):
+        ctxs = {name: mods[name].get_context(method) for name in IMPLS}
+        for title, fn, kind, n_full, n_quick in WORKLOADS:
+            if args.only and args.only not in title:
+                continue
+            n = n_quick if args.quick else n_full
+            if fn is start_join and method == 'spawn':
+                n = max(2, n // 3)
+            vals = {name: [] for name in IMPLS}
+            for _ in range(repeat):
+                for name in IMPLS:
+                    vals[name].append(fn(ctxs[name], n))
+            std = statistics.median(vals['multiprocessing'])
+            fer = statistics.median(vals['ferromp'])
+            ratio = fer / std if kind == 'time' else std / fer
+            results.append((title, method, std, fer, ratio))
+            print('%-36s %-11s %14s %14s %7.2f' % (title, method, fmt(kind, std),
+                                                   fmt(kind, fer), ratio), flush=True)
+    return results
+
+
+if __name__ == '__main__':
+    main()
