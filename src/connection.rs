@@ -190,7 +190,11 @@ pub fn wait_any(fds: &[RawFd], deadline: Option<Instant>, intr: Intr) -> Result<
     let start = Instant::now();
     let mut spun = false;
     loop {
-        let t = if spun { timeout_until(deadline) } else { PollTimeout::ZERO };
+        let t = if spun {
+            timeout_until(deadline)
+        } else {
+            PollTimeout::ZERO
+        };
         match poll(&mut pfds, t) {
             Ok(0) => {
                 if !spun {
@@ -200,9 +204,10 @@ pub fn wait_any(fds: &[RawFd], deadline: Option<Instant>, intr: Intr) -> Result<
                             .iter()
                             .map(|&fd| PollFd::new(borrow(fd), PollFlags::POLLIN))
                             .collect();
-                        if spin::spin_until(deadline, || {
-                            matches!(poll(&mut probe, PollTimeout::ZERO), Ok(n) if n > 0)
-                        }) {
+                        if spin::spin_until(
+                            deadline,
+                            || matches!(poll(&mut probe, PollTimeout::ZERO), Ok(n) if n > 0),
+                        ) {
                             continue;
                         }
                     }

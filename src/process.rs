@@ -46,7 +46,11 @@ fn exitcode(status: WaitStatus) -> Option<i32> {
 /// Reaps `pid` if it has exited. `block` waits for it. Returns the stdlib exitcode, or
 /// None if it is still running. ECHILD (reaped elsewhere) is an error for the caller.
 pub fn waitpid(pid: i32, block: bool) -> Result<Option<i32>> {
-    let flags = if block { None } else { Some(WaitPidFlag::WNOHANG) };
+    let flags = if block {
+        None
+    } else {
+        Some(WaitPidFlag::WNOHANG)
+    };
     loop {
         match nix_waitpid(Pid::from_raw(pid), flags) {
             Ok(WaitStatus::StillAlive) => return Ok(None),
@@ -96,7 +100,7 @@ pub fn spawn(path: &[u8], args: &[Vec<u8>], keep_fds: &[RawFd]) -> Result<i32> {
     keep.dedup();
 
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    use std::os::fd::{AsRawFd, IntoRawFd};
+    use std::os::fd::IntoRawFd;
     let err_w = err_w.into_raw_fd();
     // The close plan: every fd above 2 except the kept ones and the error pipe, which
     // closes itself at exec. Computed now, as ranges, so the child only loops.
@@ -114,21 +118,48 @@ pub fn spawn(path: &[u8], args: &[Vec<u8>], keep_fds: &[RawFd]) -> Result<i32> {
     }
     ranges.push((lo, u32::MAX));
 
-    // SAFETY: the child branch below calls only async-signal-safe functions (fcntl,
-    // close_range/close, execv, write, _exit) on data prepared before the fork.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        let e = Errno::last();
-        // SAFETY: err_w is ours and not used after this.
-        unsafe { libc::close(err_w) };
-        return Err(Error::Os(e));
-    }
-    if pid == 0 {
-        // SAFETY: child after fork; see the comment above the fork.
-        unsafe { child_exec(&cpath, &argv, &keep, &ranges, err_w) }
-    }
+    // The child shares our memory until it execs (CLONE_VM | CLONE_VFORK, as
+    // posix_spawn does): no page tables are copied, so starting a child costs the
+    // same from a 10 GiB parent as from a small one. It runs on its own stack and
+    // only reads the data prepared above. All signals stay blocked until it has reset
+    // every handler to the default, so no handler of ours can run in it.
+    let mut stack = vec![0u8; 64 * 1024];
+    let all = nix::sys::signal::SigSet::all();
+    let mut old = nix::sys::signal::SigSet::empty();
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&all),
+        Some(&mut old),
+    )?;
+    let args = ChildArgs {
+        path: cpath.as_ptr(),
+        argv: argv.as_ptr(),
+        keep: &keep,
+        ranges: &ranges,
+        err_w,
+        oldmask: old.as_ref(),
+    };
+    // SAFETY: the stack is a live, exclusively owned buffer; its top is 16-aligned;
+    // child_main only performs async-signal-safe calls on `args`, which outlives the
+    // call because CLONE_VFORK suspends us until the child has exec'd or exited.
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len());
+        let top = (top as usize & !15usize) as *mut libc::c_void;
+        libc::clone(
+            child_main,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &args as *const ChildArgs as *mut libc::c_void,
+        )
+    };
+    let clone_err = Errno::last();
+    nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&old), None)?;
+    drop(stack);
     // SAFETY: err_w is the parent's copy of the write end; the child has its own.
     unsafe { libc::close(err_w) };
+    if pid < 0 {
+        return Err(Error::Os(clone_err));
+    }
     let mut buf = [0u8; 4];
     let mut got = 0;
     loop {
@@ -144,7 +175,6 @@ pub fn spawn(path: &[u8], args: &[Vec<u8>], keep_fds: &[RawFd]) -> Result<i32> {
             Err(e) => return Err(e.into()),
         }
     }
-    let _ = err_r.as_raw_fd();
     if got == 4 {
         let _ = nix_waitpid(Pid::from_raw(pid), None);
         return Err(Error::Exec(Errno::from_raw(i32::from_ne_bytes(buf))));
@@ -152,26 +182,46 @@ pub fn spawn(path: &[u8], args: &[Vec<u8>], keep_fds: &[RawFd]) -> Result<i32> {
     Ok(pid)
 }
 
-/// The forked child of [`spawn`]: make the kept fds inheritable, close the rest, exec.
-///
-/// # Safety
-/// Must only be called in the child right after fork; never returns.
-unsafe fn child_exec(
-    path: &CString,
-    argv: &[*const libc::c_char],
-    keep: &[RawFd],
-    ranges: &[(u32, u32)],
+/// What the cloned child of [`spawn`] needs, all prepared before the clone.
+struct ChildArgs<'a> {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    keep: &'a [RawFd],
+    ranges: &'a [(u32, u32)],
     err_w: RawFd,
-) -> ! {
-    // SAFETY: only async-signal-safe libc calls on memory prepared before fork.
+    oldmask: &'a libc::sigset_t,
+}
+
+/// The cloned child of [`spawn`]: reset signal handlers, make the kept fds
+/// inheritable, close the rest, restore the signal mask, exec.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: arg points at the ChildArgs on the suspended parent's stack; the calls
+    // are async-signal-safe and touch only that data and this child's own fd table
+    // and signal dispositions (no CLONE_FILES, no CLONE_SIGHAND).
     unsafe {
-        for &fd in keep {
+        let a = &*(arg as *const ChildArgs);
+        for sig in 1..65 {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut sa) != 0 {
+                continue;
+            }
+            // Handlers point into the parent's code and memory; ignored signals stay
+            // ignored across exec, except SIGPIPE, which CPython ignores for itself
+            // and a new program must find at its default.
+            let custom = sa.sa_sigaction != libc::SIG_DFL && sa.sa_sigaction != libc::SIG_IGN;
+            if custom || (sig == libc::SIGPIPE && sa.sa_sigaction == libc::SIG_IGN) {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        for &fd in a.keep {
             let flags = libc::fcntl(fd, libc::F_GETFD);
             if flags >= 0 {
                 libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
             }
         }
-        for &(lo, hi) in ranges {
+        for &(lo, hi) in a.ranges {
             if libc::syscall(libc::SYS_close_range, lo, hi, 0) != 0 {
                 let top = hi.min(65535);
                 let mut fd = lo;
@@ -181,13 +231,11 @@ unsafe fn child_exec(
                 }
             }
         }
-        // Restore default signal dispositions the parent may have set to ignore
-        // (SIGPIPE is ignored by CPython) so the new interpreter starts clean.
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        libc::execv(path.as_ptr(), argv.as_ptr());
+        libc::pthread_sigmask(libc::SIG_SETMASK, a.oldmask, std::ptr::null_mut());
+        libc::execv(a.path, a.argv);
         let e = *libc::__errno_location();
         let b = e.to_ne_bytes();
-        libc::write(err_w, b.as_ptr().cast(), 4);
+        libc::write(a.err_w, b.as_ptr().cast(), 4);
         libc::_exit(127);
     }
 }

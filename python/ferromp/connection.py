@@ -69,7 +69,7 @@ def _validate_family(family):
 
 def address_type(address):
     """The family ('AF_INET', 'AF_UNIX' or 'AF_PIPE') an address belongs to."""
-    if type(address) == tuple:
+    if type(address) is tuple:
         return 'AF_INET'
     if type(address) is str and address.startswith('\\\\'):
         return 'AF_PIPE'

@@ -125,17 +125,21 @@ class ForkServer(object):
                 self._ctl_fd = self._forkserver_alive_fd = self._forkserver_pid = None
 
             cmd = 'from ferromp.forkserver import main; main(%d, %d, %r, **%r)'
+            data = {}
             if self._preload_modules:
-                # As the stdlib: the server gets the parent's sys.path for preloading.
-                data = {'sys_path': spawn.get_preparation_data('ignore')['sys_path']}
-            else:
-                data = {}
+                prep = spawn.get_preparation_data('ignore')
+                data['sys_path'] = prep['sys_path']
+                if '__main__' in self._preload_modules and 'init_main_from_path' in prep:
+                    # Import the main script once in the server, with the parent's
+                    # argv and cwd, so children skip re-importing it (the stdlib 3.11
+                    # means to do this but passes the wrong key and never does).
+                    data.update(main_path=prep['init_main_from_path'],
+                                sys_argv=prep['sys_argv'], dir=prep['dir'])
             ours, theirs = _core.socketpair()
             alive_r, alive_w = os.pipe()
             try:
                 exe = spawn.get_executable()
-                import subprocess
-                args = [exe] + subprocess._args_from_interpreter_flags()
+                args = [exe] + util._args_from_interpreter_flags()
                 args += ['-c', cmd % (theirs, alive_r, self._preload_modules, data)]
                 pid = util.spawnv_passfds(exe, args, [theirs, alive_r])
             except BaseException:
@@ -160,18 +164,21 @@ def _read_exact(fd, n):
     return buf
 
 
-def main(ctl_fd, alive_r, preload, main_path=None, sys_path=None):
+def main(ctl_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None,
+         dir=None):
     """The server's loop: fork a child per request, report exit codes."""
     if preload:
         if sys_path is not None:
             sys.path[:] = sys_path
+        if sys_argv is not None:
+            sys.argv[:] = sys_argv
+        if dir is not None:
+            os.chdir(dir)
         if '__main__' in preload and main_path is not None:
-            process.current_process()._inheriting = True
-            try:
-                spawn.import_main_path(main_path)
-            finally:
-                del process.current_process()._inheriting
+            _preload_main(main_path)
         for modname in preload:
+            if modname == '__main__':
+                continue
             try:
                 __import__(modname)
             except ImportError:
@@ -237,6 +244,22 @@ def main(ctl_fd, alive_r, preload, main_path=None, sys_path=None):
                 os.close(fd)
             status_fds[pid] = status_w
             os.write(ctl_fd, SIGNED_STRUCT.pack(pid))
+
+
+def _preload_main(main_path):
+    # A main module that fails to import here (it may need something only the real
+    # child has) is not an error: each child then imports it itself, as the stdlib's do.
+    original = sys.modules['__main__']
+    process.current_process()._inheriting = True
+    try:
+        spawn.import_main_path(main_path)
+    except BaseException:
+        sys.modules['__main__'] = original
+        sys.modules.pop('__mp_main__', None)
+        if spawn.old_main_modules and spawn.old_main_modules[-1] is original:
+            spawn.old_main_modules.pop()
+    finally:
+        del process.current_process()._inheriting
 
 
 def _reap(status_fds):

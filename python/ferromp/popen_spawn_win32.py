@@ -6,7 +6,7 @@ stdlib's does outside Windows (it needs ``msvcrt`` and ``_winapi``).
 
 import sys
 
-__all__ = ['Popen']
+__all__ = []
 
 if sys.platform != 'win32':
     raise ImportError('popen_spawn_win32 is only available on Windows')

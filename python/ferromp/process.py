@@ -53,7 +53,7 @@ class BaseProcess(object):
     def _Popen(self):
         raise NotImplementedError
 
-    def __init__(self, group=None, target=None, name=None, args=(), kwargs={},
+    def __init__(self, group=None, target=None, name=None, args=(), kwargs={},  # noqa: B006
                  *, daemon=None):
         assert group is None, 'group argument must be None for now'
         serial = next(_process_counter)

@@ -177,7 +177,7 @@ def _register_socket():
     _socket_unregistered = False
 
 
-class AbstractReducer(metaclass=ABCMeta):
+class AbstractReducer(metaclass=ABCMeta):  # noqa: B024 (the stdlib shape)
     """Base for alternative reducers installed with ``context.reducer = ...``."""
 
     ForkingPickler = ForkingPickler

@@ -84,13 +84,13 @@ class _ResourceSharer(object):
                 self._thread = None
                 self._address = None
                 self._listener = None
-                for key, (send, close) in self._cache.items():
+                for _send, close in self._cache.values():
                     close()
                 self._cache.clear()
 
     def _afterfork(self):
         # The server thread does not exist in a forked child; nor should its fds.
-        for key, (send, close) in self._cache.items():
+        for _send, close in self._cache.values():
             close()
         self._cache.clear()
         self._lock._at_fork_reinit()

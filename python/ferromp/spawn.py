@@ -55,8 +55,7 @@ def get_command_line(**kwds):
                 ['%s=%r' % item for item in kwds.items()])
     prog = 'from ferromp.spawn import spawn_main; spawn_main(%s)'
     prog %= ', '.join('%s=%r' % item for item in kwds.items())
-    import subprocess
-    opts = subprocess._args_from_interpreter_flags()
+    opts = util._args_from_interpreter_flags()
     return [_python_exe] + opts + ['-c', prog, '--multiprocessing-fork']
 
 

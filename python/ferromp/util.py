@@ -10,7 +10,6 @@ reach into them (``_finalizer_registry``, ``_afterfork_registry``, ``_exit_funct
 import atexit
 import itertools
 import os
-import subprocess
 import sys
 import threading  # imported before our atexit hook is installed, as the stdlib does
 import weakref
@@ -26,7 +25,12 @@ __all__ = [
 
 # spawn and forkserver build the child's command line from this; the stdlib's util
 # exposes it under the same name, so callers written against it keep working.
-_args_from_interpreter_flags = subprocess._args_from_interpreter_flags
+
+
+def _args_from_interpreter_flags():
+    # subprocess costs a spawn child several ms to import; only parents need this.
+    import subprocess
+    return subprocess._args_from_interpreter_flags()
 
 #
 # Logging

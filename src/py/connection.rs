@@ -31,7 +31,11 @@ fn send_bytes(py: Python<'_>, fd: i32, data: &[u8]) -> PyResult<()> {
 /// stop reading the connection, as the stdlib does).
 #[pyfunction]
 #[pyo3(signature = (fd, maxlength=None))]
-fn recv_bytes<'py>(py: Python<'py>, fd: i32, maxlength: Option<usize>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+fn recv_bytes<'py>(
+    py: Python<'py>,
+    fd: i32,
+    maxlength: Option<usize>,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
     let n = blocking(py, |intr| conn::recv_header(fd, intr))?;
     if let Some(m) = maxlength {
         if n > m {
@@ -40,7 +44,9 @@ fn recv_bytes<'py>(py: Python<'py>, fd: i32, maxlength: Option<usize>) -> PyResu
     }
     // SAFETY: a NULL source asks CPython for an uninitialised bytes object of n bytes,
     // which we fill completely before anyone else can see it.
-    let raw = unsafe { pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as pyo3::ffi::Py_ssize_t) };
+    let raw = unsafe {
+        pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as pyo3::ffi::Py_ssize_t)
+    };
     // SAFETY: raw is a new reference or NULL with an exception set.
     let obj = unsafe { Bound::from_owned_ptr_or_err(py, raw)? };
     // SAFETY: obj is a bytes object; its buffer is n bytes long.
@@ -83,7 +89,12 @@ fn sendfds(py: Python<'_>, sock: i32, data: &[u8], fds: Vec<i32>) -> PyResult<()
 /// Receives up to `maxdata` bytes and the descriptors sent with them.
 #[pyfunction]
 #[pyo3(signature = (sock, maxdata, maxfds=253))]
-fn recvfds<'py>(py: Python<'py>, sock: i32, maxdata: usize, maxfds: usize) -> PyResult<(Bound<'py, PyBytes>, Vec<i32>)> {
+fn recvfds<'py>(
+    py: Python<'py>,
+    sock: i32,
+    maxdata: usize,
+    maxfds: usize,
+) -> PyResult<(Bound<'py, PyBytes>, Vec<i32>)> {
     let (data, fds) = py.detach(move || conn::recv_fds(sock, maxdata, maxfds))?;
     Ok((PyBytes::new(py, &data), fds))
 }

@@ -37,7 +37,12 @@ fn fork(_py: Python<'_>) -> PyResult<i32> {
 
 /// fork+exec `path` with `args`, keeping only fds 0-2 and `passfds` open in the child.
 #[pyfunction]
-fn spawnv_passfds(py: Python<'_>, path: Vec<u8>, args: Vec<Vec<u8>>, passfds: Vec<i32>) -> PyResult<i32> {
+fn spawnv_passfds(
+    py: Python<'_>,
+    path: Vec<u8>,
+    args: Vec<Vec<u8>>,
+    passfds: Vec<i32>,
+) -> PyResult<i32> {
     Ok(py.detach(|| process::spawn(&path, &args, &passfds))?)
 }
 
