@@ -5,6 +5,8 @@ NotImplementedError naming itself and its issue when used. Nothing else in ferro
 may raise NotImplementedError for an unbuilt feature.
 """
 
+__all__ = []
+
 
 def missing(qualname, issue):
     """A class that can be imported and subclassed but not instantiated."""

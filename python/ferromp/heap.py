@@ -2,6 +2,8 @@
 
 from ._pending import missing, missing_function  # noqa: F401
 
+__all__ = ['BufferWrapper']
+
 
 
 Heap = missing('heap.Heap', 3)
