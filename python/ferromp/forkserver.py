@@ -236,6 +236,11 @@ def main(ctl_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None,
                         os.close(fd)
                     _forkserver._inherited_fds = inherited
                     code = spawn._main(data_r, os.dup(data_r))
+                except Exception:
+                    # E.g. the RuntimeError of a main module that starts a process
+                    # at import: the parent's stderr must show it.
+                    sys.excepthook(*sys.exc_info())
+                    sys.stderr.flush()
                 finally:
                     util._flush_std_streams()
                     os._exit(code)

@@ -234,7 +234,9 @@ class BaseProcess(object):
             _parent_process = _ParentProcess(self._parent_name, self._parent_pid,
                                              parent_sentinel)
             if self.daemon:
-                _watch_parent(parent_sentinel, self._parent_pid)
+                # The OS parent, not _parent_pid: under forkserver it is the server,
+                # which exits when the real parent does.
+                _watch_parent(parent_sentinel, os.getppid())
             if threading._HAVE_THREAD_NATIVE_ID:
                 threading.main_thread()._set_native_id()
             try:

@@ -17,7 +17,8 @@ __all__ = ['_main', 'freeze_support', 'set_executable', 'get_executable',
            'get_preparation_data', 'get_command_line', 'import_main_path']
 
 WINEXE = sys.platform == 'win32' and getattr(sys, 'frozen', False)
-WINSERVICE = sys.executable.lower().endswith("pythonservice.exe")
+WINSERVICE = (sys.platform == 'win32' and sys.executable is not None
+              and sys.executable.lower().endswith("pythonservice.exe"))
 
 _python_exe = sys._base_executable if WINSERVICE else sys.executable
 
