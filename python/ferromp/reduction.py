@@ -37,6 +37,11 @@ class ForkingPickler(pickle.Pickler):
         if _socket_unregistered and 'socket' in sys.modules:
             _register_socket()
         table = self._copyreg_dispatch_table.copy()
+        # Stdlib objects built on a ferromp context (the stdlib ProcessPoolExecutor's
+        # queues hold stdlib Connections) must pickle as the stdlib would pickle them.
+        std = sys.modules.get('multiprocessing.reduction')
+        if std is not None:
+            table.update(std.ForkingPickler._extra_reducers)
         table.update(self._extra_reducers)
         self.dispatch_table = table
 
