@@ -66,7 +66,15 @@ pub fn write_all(fd: RawFd, bufs: &[&[u8]], intr: Intr) -> Result<()> {
             skip = 0;
         }
         match nix::sys::uio::writev(borrow(fd), &iov) {
-            Ok(n) => done += n,
+            Ok(n) => {
+                done += n;
+                // A signal that arrives after some bytes went out cuts the write
+                // short instead of failing it with EINTR: look for one before
+                // blocking again, or Ctrl-C would wait for a reader that never comes.
+                if done < total {
+                    intr()?;
+                }
+            }
             Err(Errno::EINTR) => intr()?,
             Err(e) => return Err(e.into()),
         }
@@ -235,7 +243,7 @@ pub fn poll_readable(fd: RawFd, deadline: Option<Instant>, intr: Intr) -> Result
 }
 
 /// Sends `data` and the descriptors `fds` over a unix socket in one message.
-pub fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> Result<()> {
+pub fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd], intr: Intr) -> Result<()> {
     let iov = [IoSlice::new(data)];
     let cmsg = [ControlMessage::ScmRights(fds)];
     let cm: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
@@ -243,7 +251,7 @@ pub fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> Result<()> {
         match sendmsg::<()>(sock, &iov, cm, MsgFlags::empty(), None) {
             Ok(n) if n == data.len() => return Ok(()),
             Ok(_) => return Err(Error::Os(Errno::EMSGSIZE)),
-            Err(Errno::EINTR) => continue,
+            Err(Errno::EINTR) => intr()?,
             Err(e) => return Err(e.into()),
         }
     }
@@ -251,7 +259,12 @@ pub fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> Result<()> {
 
 /// Receives one message of at most `maxdata` bytes and up to `maxfds` descriptors.
 /// The received fds are close-on-exec.
-pub fn recv_fds(sock: RawFd, maxdata: usize, maxfds: usize) -> Result<(Vec<u8>, Vec<RawFd>)> {
+pub fn recv_fds(
+    sock: RawFd,
+    maxdata: usize,
+    maxfds: usize,
+    intr: Intr,
+) -> Result<(Vec<u8>, Vec<RawFd>)> {
     let mut data = vec![0u8; maxdata.max(1)];
     let mut cbuf = nix::cmsg_space!([RawFd; 253]);
     let _ = maxfds;
@@ -278,7 +291,7 @@ pub fn recv_fds(sock: RawFd, maxdata: usize, maxfds: usize) -> Result<(Vec<u8>, 
                 }
                 return Ok((data, fds));
             }
-            Err(Errno::EINTR) => continue,
+            Err(Errno::EINTR) => intr()?,
             Err(e) => return Err(e.into()),
         }
     }

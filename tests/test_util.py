@@ -97,8 +97,10 @@ def test_constants_match_stdlib():
         assert getattr(util, name) == getattr(std_util, name), name
 
 
-def test_args_from_interpreter_flags_is_subprocess_one():
-    assert util._args_from_interpreter_flags is subprocess._args_from_interpreter_flags
+def test_args_from_interpreter_flags_matches_subprocess():
+    # A wrapper (subprocess is imported lazily: spawn children should not pay for it)
+    # that gives the same flags.
+    assert util._args_from_interpreter_flags() == subprocess._args_from_interpreter_flags()
 
 
 # --- logging ---------------------------------------------------------------------------

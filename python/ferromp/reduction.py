@@ -17,7 +17,8 @@ from abc import ABCMeta
 
 from . import context
 
-__all__ = ['send_handle', 'recv_handle', 'ForkingPickler', 'register', 'dump']
+__all__ = ['send_handle', 'recv_handle', 'ForkingPickler', 'register', 'dump',
+           'DupFd', 'sendfds', 'recvfds']
 
 HAVE_SEND_HANDLE = sys.platform != 'win32'
 

@@ -16,7 +16,7 @@ from . import process
 from . import reduction
 from . import util
 
-__all__ = ['stop']
+__all__ = ['stop', 'DupFd']
 
 
 class DupFd(object):

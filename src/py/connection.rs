@@ -83,7 +83,7 @@ fn wait(py: Python<'_>, fds: Vec<i32>, timeout: Option<f64>) -> PyResult<Vec<usi
 #[pyfunction]
 fn sendfds(py: Python<'_>, sock: i32, data: &[u8], fds: Vec<i32>) -> PyResult<()> {
     let d = data.to_vec();
-    Ok(py.detach(move || conn::send_fds(sock, &d, &fds))?)
+    blocking(py, move |intr| conn::send_fds(sock, &d, &fds, intr))
 }
 
 /// Receives up to `maxdata` bytes and the descriptors sent with them.
@@ -95,7 +95,7 @@ fn recvfds<'py>(
     maxdata: usize,
     maxfds: usize,
 ) -> PyResult<(Bound<'py, PyBytes>, Vec<i32>)> {
-    let (data, fds) = py.detach(move || conn::recv_fds(sock, maxdata, maxfds))?;
+    let (data, fds) = blocking(py, move |intr| conn::recv_fds(sock, maxdata, maxfds, intr))?;
     Ok((PyBytes::new(py, &data), fds))
 }
 

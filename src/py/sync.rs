@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use nix::errno::Errno;
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple, PyType};
+use pyo3::types::{PyBool, PyDict, PyTuple, PyType};
 
 use crate::py::deadline;
 use crate::sync::{Recovery, SemKind, Semaphore, SyncError, SEM_VALUE_MAX};
@@ -38,19 +38,38 @@ fn sync_err(e: SyncError) -> PyErr {
 
 /// `OSError(errno, strerror)`: CPython picks the subclass (FileNotFoundError...).
 fn os_err(errno: Errno) -> PyErr {
-    PyOSError::new_err((errno as i32, errno.desc()))
+    PyOSError::new_err((errno as i32, strerror(errno)))
 }
 
-/// An argument taken for its truth value, as the stdlib's `bool(accept={int})`
-/// arguments are (so `acquire(0)` works like `acquire(False)`).
-#[derive(Clone, Copy)]
-struct Truthy(bool);
+/// The C library's message for `errno`, which is what the stdlib shows (nix's own
+/// descriptions differ for some codes, e.g. EBADF).
+fn strerror(errno: Errno) -> String {
+    let mut buf = [0u8; 128];
+    // SAFETY: `buf` is writable for `buf.len()` bytes; the XSI strerror_r (libc binds
+    // glibc's __xpg_strerror_r) writes a NUL-terminated, possibly truncated message
+    // into it and touches nothing else.
+    let rc = unsafe { libc::strerror_r(errno as i32, buf.as_mut_ptr().cast(), buf.len()) };
+    match std::ffi::CStr::from_bytes_until_nul(&buf) {
+        Ok(msg) if rc == 0 => msg.to_string_lossy().into_owned(),
+        _ => errno.desc().to_owned(),
+    }
+}
 
-impl<'a, 'py> FromPyObject<'a, 'py> for Truthy {
+/// A flag argument taken as the stdlib's `bool(accept={int})` arguments are: a bool
+/// or anything with `__index__` that fits a C int (so `acquire(0)` works like
+/// `acquire(False)`), TypeError for anything else (`acquire(None)`, `acquire(0.5)`).
+#[derive(Clone, Copy)]
+struct IntFlag(bool);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for IntFlag {
     type Error = PyErr;
 
     fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        obj.is_truthy().map(Truthy)
+        if let Ok(b) = obj.cast::<PyBool>() {
+            return Ok(IntFlag(b.is_true()));
+        }
+        // A C int, as in the stdlib: OverflowError beyond that.
+        obj.extract::<i32>().map(|v| IntFlag(v != 0))
     }
 }
 
@@ -107,18 +126,20 @@ impl PySemLock {
         value: i32,
         maxvalue: i32,
         name: Option<String>,
-        unlink: Truthy,
+        unlink: IntFlag,
         recover: bool,
         _handle: Option<i32>,
     ) -> PyResult<Self> {
+        // Adopt first: from here on the fd is ours to close, whatever else fails.
+        let adopted = _handle.map(adopt_fd).transpose()?;
         let kind = u32::try_from(kind)
             .ok()
             .and_then(SemKind::from_raw)
             .ok_or_else(|| PyValueError::new_err("unrecognized kind"))?;
-        if let Some(fd) = _handle {
-            return Self::adopt(fd, kind, maxvalue, name);
+        if let Some(fd) = adopted {
+            return Self::attach(fd, kind, maxvalue, name);
         }
-        let Truthy(unlink) = unlink;
+        let IntFlag(unlink) = unlink;
         let value = u32::try_from(value).map_err(|_| os_err(Errno::EINVAL))?;
         // A negative bound makes every release an over-release, as in the stdlib.
         let maxvalue = u32::try_from(maxvalue).unwrap_or(0);
@@ -181,9 +202,9 @@ impl PySemLock {
 
     /// Acquire: returns True once acquired, False when `block` is false and it is not
     /// available, or when `timeout` seconds passed first. Ctrl-C interrupts the wait.
-    #[pyo3(signature = (block=Truthy(true), timeout=None),
+    #[pyo3(signature = (block=IntFlag(true), timeout=None),
            text_signature = "($self, /, block=True, timeout=None)")]
-    fn acquire(&self, py: Python<'_>, block: Truthy, timeout: Option<f64>) -> PyResult<bool> {
+    fn acquire(&self, py: Python<'_>, block: IntFlag, timeout: Option<f64>) -> PyResult<bool> {
         // The uncontended path: one CAS, no GIL release.
         match self.sem.try_acquire() {
             Ok(()) => return Ok(true),
@@ -292,16 +313,9 @@ impl PySemLock {
         }
     }
 
-    /// Takes ownership of `fd` and maps the semaphore in it.
-    fn adopt(fd: i32, kind: SemKind, maxvalue: i32, name: Option<String>) -> PyResult<Self> {
-        if fd < 0 {
-            return Err(os_err(Errno::EBADF));
-        }
-        // SAFETY: the caller hands the fd over (the documented contract of `_rebuild`:
-        // a detached DupFd); from here on this object is its only owner, and it is
-        // closed exactly once, when `owned` or the Semaphore holding it drops.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let sem = Semaphore::from_fd(owned).map_err(sync_err)?;
+    /// Maps the semaphore in `fd`, checking it is of the expected kind and bound.
+    fn attach(fd: OwnedFd, kind: SemKind, maxvalue: i32, name: Option<String>) -> PyResult<Self> {
+        let sem = Semaphore::from_fd(fd).map_err(sync_err)?;
         if sem.kind() != kind || i64::from(sem.maxvalue()) != i64::from(maxvalue.max(0)) {
             return Err(PyValueError::new_err(
                 "the handle holds a semaphore of another kind or maxvalue",
@@ -309,6 +323,20 @@ impl PySemLock {
         }
         Ok(PySemLock { sem, name })
     }
+}
+
+/// Takes ownership of the fd `_rebuild` was handed.
+fn adopt_fd(fd: i32) -> PyResult<OwnedFd> {
+    // An fd that is not open must never become an OwnedFd (closing it again is an
+    // IO-safety violation, which aborts the interpreter in debug builds).
+    // SAFETY: F_GETFD only reads the descriptor flags; any int is a valid argument.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return Err(os_err(Errno::EBADF));
+    }
+    // SAFETY: the caller hands the fd over (the documented contract of `_rebuild`: a
+    // detached DupFd); from here on the returned OwnedFd is its only owner, so it is
+    // closed exactly once, when that OwnedFd (or the Semaphore holding it) drops.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `sem_unlink(name)`: forget a name recorded by `SemLock(..., name, unlink=False)`.
