@@ -207,8 +207,8 @@ fn fds_travel_over_unix_sockets() {
     let _g = FORK_MTX.lock().unwrap();
     let (a, b) = conn::socketpair().unwrap();
     let (r, w) = pipe();
-    conn::send_fds(a, b"\x01", &[w]).unwrap();
-    let (data, fds) = conn::recv_fds(b, 1, 4).unwrap();
+    conn::send_fds(a, b"\x01", &[w], &mut no_intr()).unwrap();
+    let (data, fds) = conn::recv_fds(b, 1, 4, &mut no_intr()).unwrap();
     assert_eq!(data, b"\x01");
     assert_eq!(fds.len(), 1);
     // The received fd is the same pipe: a frame written through it arrives at r.
