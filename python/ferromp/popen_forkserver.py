@@ -1,11 +1,8 @@
 """Start a child through the fork server: the stdlib's ``multiprocessing.popen_forkserver``."""
 
-import io
 import os
 from struct import error as struct_error
 
-from .context import set_spawning_popen
-from . import reduction
 from . import _core
 from . import forkserver
 from . import popen_fork
@@ -37,14 +34,7 @@ class Popen(popen_fork.Popen):
         return len(self._fds) - 1
 
     def _launch(self, process_obj):
-        prep_data = spawn.get_preparation_data(process_obj._name)
-        buf = io.BytesIO()
-        set_spawning_popen(self)
-        try:
-            reduction.dump(prep_data, buf)
-            reduction.dump(process_obj, buf)
-        finally:
-            set_spawning_popen(None)
+        buf = spawn._pickle_for_child(self, process_obj)
         self.pid, self.sentinel, data_w = forkserver.connect_to_new_process(self._fds)
         # data_w stays open for the parent's life: the child's parent sentinel.
         self.finalizer = util.Finalize(self, util.close_fds, (self.sentinel, data_w))

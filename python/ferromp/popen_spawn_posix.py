@@ -4,12 +4,9 @@ The core fork+execs the interpreter with exactly the fds the child needs; the
 preparation data and the pickled Process follow over a pipe.
 """
 
-import io
 import os
 
-from .context import set_spawning_popen
 from . import popen_fork
-from . import reduction
 from . import spawn
 from . import util
 
@@ -41,14 +38,7 @@ class Popen(popen_fork.Popen):
         tracker_fd = _tracker_fd()
         if tracker_fd is not None:
             self._fds.append(tracker_fd)
-        prep_data = spawn.get_preparation_data(process_obj._name)
-        fp = io.BytesIO()
-        set_spawning_popen(self)
-        try:
-            reduction.dump(prep_data, fp)
-            reduction.dump(process_obj, fp)
-        finally:
-            set_spawning_popen(None)
+        fp = spawn._pickle_for_child(self, process_obj)
 
         parent_r = child_w = child_r = parent_w = None
         try:

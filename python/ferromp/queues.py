@@ -105,8 +105,12 @@ class Queue(object):
         with self._notempty:
             if self._thread is None:
                 self._start_thread()
-            self._buffer.append(data)
+            self._append(data)
             self._notempty.notify()
+
+    def _append(self, data):
+        # Called with _notempty held; JoinableQueue also counts the task.
+        self._buffer.append(data)
 
     def get(self, block=True, timeout=None):
         """Remove and return an item; raises queue.Empty when none comes in time."""
@@ -273,20 +277,10 @@ class JoinableQueue(Queue):
         Queue.__setstate__(self, state[:-2])
         self._cond, self._unfinished_tasks = state[-2:]
 
-    def put(self, obj, block=True, timeout=None):
-        if self._closed:
-            raise ValueError(f"Queue {self!r} is closed")
-        data = self._pickle_for_put(obj)
-        if data is None:
-            return
-        if not self._sem.acquire(block, timeout):
-            raise Full
-        with self._notempty, self._cond:
-            if self._thread is None:
-                self._start_thread()
+    def _append(self, data):
+        with self._cond:
             self._buffer.append(data)
             self._unfinished_tasks.release()
-            self._notempty.notify()
 
     def task_done(self):
         """Mark one fetched item as processed."""

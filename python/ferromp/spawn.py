@@ -86,6 +86,24 @@ def _main(fd, parent_sentinel):
     return self._bootstrap(parent_sentinel)
 
 
+def _pickle_for_child(popen, process_obj):
+    """The bytes a spawn or forkserver child reads first: preparation data, then the
+    Process. Pickled while ``popen`` is the spawning Popen, so fd-backed objects in
+    the Process register their fds with it."""
+    import io
+    from . import reduction
+    from .context import set_spawning_popen
+    buf = io.BytesIO()
+    prep_data = get_preparation_data(process_obj._name)
+    set_spawning_popen(popen)
+    try:
+        reduction.dump(prep_data, buf)
+        reduction.dump(process_obj, buf)
+    finally:
+        set_spawning_popen(None)
+    return buf
+
+
 def _check_not_importing_main():
     if getattr(process.current_process(), '_inheriting', False):
         # The stdlib's text, word for word: users search for it.
