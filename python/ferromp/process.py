@@ -250,6 +250,7 @@ class BaseProcess(object):
                 exitcode = 0
             finally:
                 util._exit_function()
+                _run_stdlib_finalizers()
         except SystemExit as e:
             if e.code is None:
                 exitcode = 0
@@ -274,6 +275,26 @@ class BaseProcess(object):
         from . import util
         util._finalizer_registry.clear()
         util._run_after_forkers()
+        # Stdlib objects built on a ferromp context (the stdlib ProcessPoolExecutor's
+        # queues) keep their after-fork hooks and finalizers in the stdlib's registries.
+        std_util = sys.modules.get('multiprocessing.util')
+        if std_util is not None:
+            std_process = sys.modules.get('multiprocessing.process')
+            if std_process is not None:
+                # The parent's stdlib children are not ours to reap or terminate.
+                std_process._children = set()
+            std_util._finalizer_registry.clear()
+            std_util._run_after_forkers()
+
+
+def _run_stdlib_finalizers():
+    # Flush stdlib objects (e.g. a stdlib Queue's feeder) at child exit, as the stdlib's
+    # own bootstrap would; the stdlib's full exit function would also act on the stdlib
+    # process table, which belongs to the parent.
+    std_util = sys.modules.get('multiprocessing.util')
+    if std_util is not None:
+        std_util._run_finalizers(0)
+        std_util._run_finalizers()
 
 
 def _watch_parent(parent_sentinel, parent_pid):
