@@ -1,12 +1,267 @@
-"""ferromp.sharedctypes: not built yet (issue 3); the names exist so imports work."""
+"""ctypes objects in shared memory: the stdlib's ``multiprocessing.sharedctypes``.
 
-from ._pending import missing, missing_function  # noqa: F401
+``RawValue`` / ``RawArray`` are plain ctypes objects laid over a ``heap.BufferWrapper``
+block (a memfd segment, see ``heap``); ``Value`` / ``Array`` wrap one with a lock
+(``Synchronized``, ``SynchronizedArray``, ``SynchronizedString``, or a generated
+``Synchronized<Structure>``). Passed to a child being started, an object is rebuilt
+over the same shared memory (its block travels as the arena's fd).
+
+Same API, type codes, defaults and error messages as the stdlib. The difference is the
+hot path. The stdlib's ``value`` property and ``__getitem__`` are Python functions
+that call the lock's ``acquire`` and ``release``. Here they are the native methods of
+``_core.SharedCell``, the base of every wrapper (``src/py/shm.rs``): one call takes
+the lock, reads or writes through the ctypes object and releases. When the lock is
+one of ferromp's own, an uncontended access takes it with two compare-and-swaps on the
+semaphore word; a held lock (``with v.get_lock(): v.value += 1``), or a lock object of
+another kind, goes through the lock's ``acquire`` / ``release`` as in the stdlib.
+"""
+
+import ctypes
+import weakref
+
+from . import _core
+from . import context
+from . import heap
+from .context import assert_spawning
+from .reduction import ForkingPickler
 
 __all__ = ['RawValue', 'RawArray', 'Value', 'Array', 'copy', 'synchronized']
 
-RawValue = missing_function('sharedctypes.RawValue', 3)
-RawArray = missing_function('sharedctypes.RawArray', 3)
-Value = missing_function('sharedctypes.Value', 3)
-Array = missing_function('sharedctypes.Array', 3)
-copy = missing_function('sharedctypes.copy', 3)
-synchronized = missing_function('sharedctypes.synchronized', 3)
+typecode_to_type = {
+    'c': ctypes.c_char, 'u': ctypes.c_wchar,
+    'b': ctypes.c_byte, 'B': ctypes.c_ubyte,
+    'h': ctypes.c_short, 'H': ctypes.c_ushort,
+    'i': ctypes.c_int, 'I': ctypes.c_uint,
+    'l': ctypes.c_long, 'L': ctypes.c_ulong,
+    'q': ctypes.c_longlong, 'Q': ctypes.c_ulonglong,
+    'f': ctypes.c_float, 'd': ctypes.c_double,
+}
+
+
+def _get_context():
+    return context._default_context.get_context()
+
+
+def _new_value(type_):
+    # Unsized "types" (an unknown type code) fail here with ctypes' TypeError, as in
+    # the stdlib.
+    wrapper = heap.BufferWrapper(ctypes.sizeof(type_))
+    return rebuild_ctype(type_, wrapper, None)
+
+
+def RawValue(typecode_or_type, *args):
+    """A ctypes object allocated from shared memory."""
+    type_ = typecode_to_type.get(typecode_or_type, typecode_or_type)
+    obj = _new_value(type_)
+    # Fresh memfd pages are zero already, but a reused heap block may not be.
+    ctypes.memset(ctypes.addressof(obj), 0, ctypes.sizeof(obj))
+    obj.__init__(*args)
+    return obj
+
+
+def RawArray(typecode_or_type, size_or_initializer):
+    """A ctypes array allocated from shared memory: ``size_or_initializer`` is a length
+    (zero-filled) or a sequence to copy."""
+    type_ = typecode_to_type.get(typecode_or_type, typecode_or_type)
+    if isinstance(size_or_initializer, int):
+        obj = _new_value(type_ * size_or_initializer)
+        ctypes.memset(ctypes.addressof(obj), 0, ctypes.sizeof(obj))
+        return obj
+    result = _new_value(type_ * len(size_or_initializer))
+    result.__init__(*size_or_initializer)
+    return result
+
+
+def _checked_lock(lock, ctx):
+    if lock in (True, None):
+        lock = (ctx or _get_context()).RLock()
+    if not hasattr(lock, 'acquire'):
+        raise AttributeError("%r has no method 'acquire'" % lock)
+    return lock
+
+
+def Value(typecode_or_type, *args, lock=True, ctx=None):
+    """A ``RawValue`` behind a lock (a new ``RLock`` unless one is given; none for
+    ``lock=False``)."""
+    obj = RawValue(typecode_or_type, *args)
+    if lock is False:
+        return obj
+    lock = _checked_lock(lock, ctx)
+    return synchronized(obj, lock, ctx=ctx)
+
+
+def Array(typecode_or_type, size_or_initializer, *, lock=True, ctx=None):
+    """A ``RawArray`` behind a lock (a new ``RLock`` unless one is given; none for
+    ``lock=False``)."""
+    obj = RawArray(typecode_or_type, size_or_initializer)
+    if lock is False:
+        return obj
+    lock = _checked_lock(lock, ctx)
+    return synchronized(obj, lock, ctx=ctx)
+
+
+def copy(obj):
+    """A new shared ctypes object holding a copy of ``obj``."""
+    new_obj = _new_value(type(obj))
+    ctypes.pointer(new_obj)[0] = obj
+    return new_obj
+
+
+def synchronized(obj, lock=None, ctx=None):
+    """Wrap the ctypes object ``obj`` so that every access takes ``lock``."""
+    assert not isinstance(obj, SynchronizedBase), 'object already synchronized'
+    ctx = ctx or _get_context()
+    if isinstance(obj, ctypes._SimpleCData):
+        return Synchronized(obj, lock, ctx)
+    if isinstance(obj, ctypes.Array):
+        if obj._type_ is ctypes.c_char:
+            return SynchronizedString(obj, lock, ctx)
+        return SynchronizedArray(obj, lock, ctx)
+    cls = type(obj)
+    try:
+        scls = class_cache[cls]
+    except KeyError:
+        props = {name: _field_property(name) for name, *_ in cls._fields_}
+        scls = class_cache[cls] = type(
+            'Synchronized' + cls.__name__, (SynchronizedBase,), props)
+    return scls(obj, lock, ctx)
+
+
+#
+# Pickling: a ctypes object travels as its type and its BufferWrapper, and is laid
+# over the same shared block again on the other side.
+#
+
+def reduce_ctype(obj):
+    assert_spawning(obj)
+    if isinstance(obj, ctypes.Array):
+        return rebuild_ctype, (obj._type_, obj._wrapper, obj._length_)
+    return rebuild_ctype, (type(obj), obj._wrapper, None)
+
+
+def rebuild_ctype(type_, wrapper, length):
+    if length is not None:
+        type_ = type_ * length
+    ForkingPickler.register(type_, reduce_ctype)
+    obj = type_.from_buffer(wrapper.create_memoryview())
+    obj._wrapper = wrapper
+    return obj
+
+
+#
+# Synchronized wrappers
+#
+
+def _guard_for(lock):
+    # The cheapest context manager that takes `lock` exactly as `with lock:` would,
+    # and the SemLock handle the native cell may use (-1: none). ferromp's Lock / RLock
+    # enter and exit through their _core.SemLock, unless a subclass changed that.
+    from . import synchronize
+    if isinstance(lock, synchronize.SemLock) and \
+            type(lock).__enter__ is synchronize.SemLock.__enter__ and \
+            type(lock).__exit__ is synchronize.SemLock.__exit__ and \
+            type(lock).__dict__.get('acquire') is None and \
+            type(lock).__dict__.get('release') is None:
+        return lock._semlock, lock._semlock.handle
+    return lock, -1
+
+
+def _field_property(name):
+    def get(self):
+        with self._guard:
+            return getattr(self._obj, name)
+
+    def set(self, value):
+        with self._guard:
+            setattr(self._obj, name, value)
+
+    return property(get, set, doc='The field %r, read and written under the lock.' % name)
+
+
+class_cache = weakref.WeakKeyDictionary()
+
+
+class SynchronizedBase(_core.SharedCell):
+    """A ctypes object and the lock that guards it."""
+
+    def __init__(self, obj, lock=None, ctx=None):
+        self._obj = obj
+        if lock:
+            self._lock = lock
+        else:
+            self._lock = (ctx or _get_context()).RLock()
+        self._guard, handle = _guard_for(self._lock)
+        self.acquire = self._lock.acquire
+        self.release = self._lock.release
+        self._bind(obj, self.acquire, self.release, handle)
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *args):
+        return self._lock.__exit__(*args)
+
+    def __reduce__(self):
+        assert_spawning(self)
+        return synchronized, (self._obj, self._lock)
+
+    def get_obj(self):
+        """The wrapped ctypes object (no locking)."""
+        return self._obj
+
+    def get_lock(self):
+        """The lock every access takes."""
+        return self._lock
+
+    def __repr__(self):
+        return '<%s wrapper for %s>' % (type(self).__name__, self._obj)
+
+
+class Synchronized(SynchronizedBase):
+    """A shared ``ctypes`` scalar; ``value`` reads and writes it under the lock."""
+
+    value = property(_core.SharedCell._get, _core.SharedCell._set,
+                     doc='The value, read and written under the lock.')
+
+
+class SynchronizedArray(SynchronizedBase):
+    """A shared ``ctypes`` array; items and slices are read and written under the lock."""
+
+    def __len__(self):
+        return len(self._obj)
+
+    # Items and slices, under the lock, in one native call each.
+    __getitem__ = _core.SharedCell._getitem
+    __setitem__ = _core.SharedCell._setitem
+
+    def __getslice__(self, start, stop):
+        with self._guard:
+            return self._obj[start:stop]
+
+    def __setslice__(self, start, stop, values):
+        with self._guard:
+            self._obj[start:stop] = values
+
+
+class SynchronizedString(SynchronizedArray):
+    """A shared ``c_char`` array: also ``value`` (up to the first NUL) and ``raw``."""
+
+    @property
+    def value(self):
+        with self._guard:
+            return self._obj.value
+
+    @value.setter
+    def value(self, value):
+        with self._guard:
+            self._obj.value = value
+
+    @property
+    def raw(self):
+        with self._guard:
+            return self._obj.raw
+
+    @raw.setter
+    def raw(self, value):
+        with self._guard:
+            self._obj.raw = value

@@ -12,6 +12,7 @@ use crate::error::Error;
 
 mod connection;
 mod process;
+mod shm;
 mod sync;
 
 /// The one conversion from core errors to Python exceptions.
@@ -77,5 +78,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     process::register(m)?;
     connection::register(m)?;
     sync::register(m)?;
+    shm::register(m)?;
     Ok(())
 }
