@@ -80,40 +80,30 @@ def _with_child(mp, target, body, *args):
         a.close()
 
 
-def pipe_rt_obj(mp, n):
-    """Pipe round trip of a small object (send + recv in both processes), s per trip."""
-    msg = ('task', 12345, 3.5, 'payload')
-
+def _round_trips(mp, n, echo, msg, stop, raw):
     def body(a):
+        send, recv = (a.send_bytes, a.recv_bytes) if raw else (a.send, a.recv)
         for _ in range(200):
-            a.send(msg)
-            a.recv()
+            send(msg)
+            recv()
         t = time.perf_counter()
         for _ in range(n):
-            a.send(msg)
-            a.recv()
+            send(msg)
+            recv()
         dt = (time.perf_counter() - t) / n
-        a.send(None)
+        send(stop)
         return dt
-    return _with_child(mp, _echo, body)
+    return _with_child(mp, echo, body)
+
+
+def pipe_rt_obj(mp, n):
+    """Pipe round trip of a small object (send + recv in both processes), s per trip."""
+    return _round_trips(mp, n, _echo, ('task', 12345, 3.5, 'payload'), None, raw=False)
 
 
 def pipe_rt_bytes(mp, n):
     """Pipe round trip of 8 bytes with send_bytes / recv_bytes, s per trip."""
-    msg = b'12345678'
-
-    def body(a):
-        for _ in range(200):
-            a.send_bytes(msg)
-            a.recv_bytes()
-        t = time.perf_counter()
-        for _ in range(n):
-            a.send_bytes(msg)
-            a.recv_bytes()
-        dt = (time.perf_counter() - t) / n
-        a.send_bytes(b'')
-        return dt
-    return _with_child(mp, _echo_bytes, body)
+    return _round_trips(mp, n, _echo_bytes, b'12345678', b'', raw=True)
 
 
 def _bandwidth(mp, size, count):
