@@ -1,18 +1,1842 @@
-"""ferromp.pool: not built yet (issue 5); the names exist so imports work."""
+"""Process and thread pools: the stdlib's ``multiprocessing.pool`` API.
 
-from ._pending import missing, missing_function  # noqa: F401
+This is the first, pure-Python Pool (issue 5 moves dispatch into the Rust core). It
+keeps the stdlib's public and semi-private names (``Pool``, ``ThreadPool``,
+``ApplyResult``/``AsyncResult``, ``MapResult``, ``IMapIterator``,
+``IMapUnorderedIterator``, ``RemoteTraceback``, ``MaybeEncodingError``, ``_pool``,
+``_state``, ``_processes``, ``_cache``, ``_repopulate_pool()``, the state constants),
+its semantics and its messages, and adds one guarantee the stdlib lacks: a pool never
+hangs. Every wait ends with a result or an exception.
+
+Design
+======
+
+One channel pair per worker, no shared task queue
+    Each worker process gets its own task pipe and its own result pipe. The parent
+    therefore always knows which task a worker holds: it sends a worker a task only
+    when the worker holds none, so the task in flight on a worker is exactly the one
+    it is running (or, for a moment, about to read). A shared queue cannot give that
+    guarantee without a "started job X" report, and it has two failure modes the
+    stdlib suffers from: a worker killed while holding the queue's read lock, or half
+    way through reading or writing a frame, leaves the lock taken or the stream torn
+    for every other worker. With private pipes a death damages nothing shared; a torn
+    result frame on the dead worker's pipe is simply discarded.
+
+    One task per worker at a time also keeps the stdlib's scheduling: a queued task
+    starts on the first worker that is free, never behind a long task on a busy one.
+    (Pipelining a second task per worker, with stealing, is the Rust dispatcher's job.)
+
+One dispatcher thread, non-blocking pipes
+    A single "dispatcher" thread polls the wake-up pipe, every worker's result pipe and
+    process sentinel, and the task pipes it has unwritten bytes for. The parent's ends
+    of the pipes are non-blocking and framed in the stdlib's wire format, so the
+    dispatcher never blocks on a worker: not on a full pipe, not on a dead reader
+    whose pipe end a sibling inherited under fork, not on a half-written result. It
+    sends tasks, reads results, runs callbacks (as the stdlib's result-handler thread
+    does), notices deaths and starts replacements. Workers use ordinary blocking
+    Connections. Deaths show on the process sentinels; since a fork worker's sentinel
+    stays silent if a process forked by another thread inherited its pipe end, the
+    dispatcher also asks waitpid once a second while a worker holds a task.
+
+    A second thread, the "feeder", exists only once ``imap``/``imap_unordered`` is
+    used: it pulls from the caller's iterables (user code that may block, so not on
+    the dispatcher), round-robin between concurrent imaps. It is demand driven: it
+    tops the queue of waiting tasks up to ``4 * processes + 16`` and sleeps until the
+    dispatcher has drained it to half, so it runs in short bursts and does not hold
+    the GIL while the dispatcher has results to read. Its look-ahead is bounded while
+    the pool runs (at most ``max(64, 8 * processes)`` tasks ahead of what the caller
+    has consumed), so an infinite generator does not exhaust memory; once the pool is
+    closed that bound is lifted, so that ``close(); join()`` completes the work, as in
+    the stdlib.
+
+Pickling happens in the caller
+    ``apply_async``, ``map_async`` and ``starmap_async`` pickle their tasks in the
+    calling thread, so an unpicklable function or argument raises there, at the call.
+    ``map`` hands chunks to the dispatcher as they are pickled, so workers start on
+    the first chunk while the caller pickles the rest. ``imap`` checks its function at
+    the call and pickles items in the feeder; an item that fails to pickle fails that
+    item's result (as in the stdlib).
+
+Errors of our own
+    All derive from the stdlib's ``multiprocessing.ProcessError`` (the base the stdlib
+    uses for its own errors), so ``except multiprocessing.ProcessError`` catches them:
+
+    * ``PoolError(ProcessError)``: the common base.
+    * ``WorkerLostError(PoolError)``: the worker running the task died (SIGKILL, OOM
+      killer, ``os._exit``, a segfault, ``sys.exit`` inside the task). The message
+      names the worker's pid and exit code; ``.pid`` and ``.exitcode`` hold them.
+      Only that task fails; the worker is replaced and the pool carries on.
+    * ``PoolTerminatedError(PoolError)``: ``terminate()`` (or leaving a ``with``
+      block) came before the task finished. Every result still pending raises it.
+    * ``BrokenPoolError(PoolError)``: new workers keep failing to start (the
+      initializer raises, or the child dies before it reports ready, whatever killed
+      it) ``max(3, processes)`` times in a row. Tasks not yet started fail with it,
+      new calls raise it, and no more workers are started (no endless respawn loop);
+      tasks already running on live workers finish normally. Its ``__cause__`` is the
+      last failure, with the worker's traceback attached.
+
+    They are created on first use (module ``__getattr__``), like the stdlib exception
+    classes in ``ferromp.context``, so a pool worker never imports the stdlib package.
+
+Other decisions
+    * ``terminate()`` sends SIGTERM, waits up to a second, then SIGKILLs stragglers;
+      thread workers cannot be stopped, so a ThreadPool's busy threads are abandoned
+      (they exit once their current task returns) and ``join()`` does not wait for
+      them.
+    * An exception raised by a callback is printed to stderr; the result is still
+      set and the pool keeps working (in the stdlib it kills the result handler).
+    * A task that cannot be unpickled in the worker (or a result in the parent)
+      fails with the unpickling error instead of killing the worker (or the pool).
+    * A task handed to a worker that dies before reading it is reported lost with
+      it: the parent cannot tell "received" from "about to read" without an extra
+      message per task. A worker that dies before it is ready (initializer not done)
+      never started its task, which goes back to the queue.
+    * A pool belongs to the process that created it; in a forked child it reports
+      "Pool not running" instead of hanging on its parent's threads.
+"""
 
 __all__ = ['Pool', 'ThreadPool']
 
-Pool = missing('pool.Pool', 5)
-ThreadPool = missing('pool.ThreadPool', 5)
-AsyncResult = missing('pool.AsyncResult', 5)
-ApplyResult = missing('pool.ApplyResult', 5)
-MapResult = missing('pool.MapResult', 5)
-IMapIterator = missing('pool.IMapIterator', 5)
-IMapUnorderedIterator = missing('pool.IMapUnorderedIterator', 5)
-RemoteTraceback = missing('pool.RemoteTraceback', 5)
-MaybeEncodingError = missing('pool.MaybeEncodingError', 5)
-RUN = 0
-CLOSE = 1
-TERMINATE = 2
+import collections
+import itertools
+import os
+import queue
+import select
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+import types
+import warnings
+
+from . import connection
+from . import context as _context
+from . import reduction
+from . import util
+
+#
+# Pool states, as the stdlib spells them
+#
+
+INIT = "INIT"
+RUN = "RUN"
+CLOSE = "CLOSE"
+TERMINATE = "TERMINATE"
+
+job_counter = itertools.count()
+
+_dumps = reduction._dumps_bytes
+_loads = reduction.ForkingPickler.loads
+
+
+def mapstar(args):
+    """Run one chunk of a map: ``args`` is ``(func, items)``."""
+    func, items = args
+    return [func(item) for item in items]
+
+
+def starmapstar(args):
+    """Run one chunk of a starmap: ``args`` is ``(func, argument_tuples)``."""
+    func, items = args
+    return [func(*item) for item in items]
+
+
+#
+# Carrying a worker's traceback to the parent
+#
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of an exception raised in a worker; set as the
+    ``__cause__`` of the exception re-raised in the parent, so both tracebacks print."""
+
+    def __init__(self, tb):
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+class ExceptionWithTraceback:
+    """An exception plus its formatted traceback, pickled so that the parent gets the
+    exception back with a RemoteTraceback as its cause."""
+
+    def __init__(self, exc, tb):
+        text = ''.join(traceback.format_exception(type(exc), exc, tb))
+        self.exc = exc
+        self.tb = '\n"""\n' + text + '"""'
+
+    def __reduce__(self):
+        return rebuild_exc, (self.exc, self.tb)
+
+
+def rebuild_exc(exc, tb):
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+class MaybeEncodingError(Exception):
+    """A worker's result (or exception) could not be pickled for the trip back; this
+    carries the reprs of the value and of the pickling error instead."""
+
+    def __init__(self, exc, value):
+        self.exc = repr(exc)
+        self.value = repr(value)
+        super().__init__(self.exc, self.value)
+
+    def __str__(self):
+        return "Error sending result: '%s'. Reason: '%s'" % (self.value, self.exc)
+
+    def __repr__(self):
+        return "<%s: %s>" % (type(self).__name__, self)
+
+
+#
+# Our own exception classes, created on first use (see the module docstring)
+#
+
+_ERROR_SPECS = {
+    'PoolError': (None, "Base class of the errors a ferromp pool raises itself."),
+    'WorkerLostError': ('PoolError',
+                        "The worker process running the task died before finishing it."),
+    'PoolTerminatedError': ('PoolError',
+                            "The pool was terminated before the task finished."),
+    'BrokenPoolError': ('PoolError',
+                        "Workers keep failing to start: the pool cannot run tasks."),
+}
+_error_lock = threading.RLock()
+
+
+def _pool_error_init(self, message, pid=None, exitcode=None):
+    Exception.__init__(self, message)
+    self.pid = pid
+    self.exitcode = exitcode
+
+
+def _error_class(name):
+    cls = globals().get(name)
+    if cls is not None:
+        return cls
+    with _error_lock:
+        cls = globals().get(name)
+        if cls is None:
+            parent, doc = _ERROR_SPECS[name]
+            base = _context.ProcessError if parent is None else _error_class(parent)
+            namespace = {'__module__': __name__, '__qualname__': name, '__doc__': doc}
+            if parent is None:
+                namespace['__init__'] = _pool_error_init
+            cls = type(name, (base,), namespace)
+            globals()[name] = cls
+    return cls
+
+
+def __getattr__(name):
+    if name in _ERROR_SPECS:
+        return _error_class(name)
+    if name == 'TimeoutError':
+        # The stdlib's pool module re-exports multiprocessing.TimeoutError.
+        return _context.TimeoutError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _exit_description(code):
+    if code is not None and code < 0:
+        try:
+            return '%d (%s)' % (code, signal.Signals(-code).name)
+        except ValueError:
+            pass
+    return str(code)
+
+
+#
+# The worker side
+#
+
+# Control messages a worker sends as (None, kind, payload); results are (job, i, result).
+_READY = 'ready'              # the initializer has run: the worker takes tasks now
+_INIT_FAILED = 'init-failed'  # the initializer raised (payload: (False, exception))
+_BAD_TASK = 'bad-task'        # the task could not be unpickled (payload: (False, exc))
+# A thread worker's last message (processes have a sentinel instead).
+_EXITED = 'exited'
+
+
+def worker(inqueue, outqueue, initializer=None, initargs=(), maxtasks=None,
+           wrap_exception=False):
+    """The body of a pool worker.
+
+    ``inqueue`` delivers tasks ``(job, i, func, args, kwds)`` (None means stop) and
+    ``outqueue`` takes ``(job, i, (success, value))``. For a process they are this
+    worker's own Connections (task pipe read end, result pipe write end); for a
+    thread, a ``queue.SimpleQueue`` and the pool's outbox."""
+    if maxtasks is not None and not (isinstance(maxtasks, int) and maxtasks >= 1):
+        raise AssertionError("Maxtasks {!r} is not valid".format(maxtasks))
+    if hasattr(outqueue, 'send_bytes'):
+        # Pickle first, write second: a result that cannot be pickled writes nothing.
+        encode, write = _dumps, outqueue.send_bytes
+    else:
+        encode, write = _identity, outqueue.put
+    get = inqueue.recv if hasattr(inqueue, 'recv') else inqueue.get
+
+    def wrap(exc):
+        if wrap_exception:
+            return ExceptionWithTraceback(exc, exc.__traceback__)
+        return exc
+
+    def post(job, i, result):
+        try:
+            data = encode((job, i, result))
+        except Exception as e:
+            try:
+                wrapped = MaybeEncodingError(e, result[1])
+            except Exception as e2:  # even repr() of the value failed
+                wrapped = MaybeEncodingError(e, '<unrepresentable %s>' % type(e2).__name__)
+            util.debug("Possible encoding error while sending result: %s" % wrapped)
+            data = encode((job, i, (False, wrapped)))
+        write(data)
+
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException as e:
+            try:
+                post(None, _INIT_FAILED, (False, wrap(e)))
+            except Exception:
+                pass
+            raise
+    try:
+        write(encode((None, _READY, None)))
+    except OSError:
+        return
+
+    completed = 0
+    while maxtasks is None or completed < maxtasks:
+        try:
+            task = get()
+        except (EOFError, OSError):
+            util.debug('worker got EOFError or OSError -- exiting')
+            break
+        except Exception as e:
+            # The task arrived but cannot be rebuilt here (e.g. its function is not
+            # importable in this process): that task fails, the worker carries on.
+            try:
+                post(None, _BAD_TASK, (False, wrap(e)))
+            except OSError:
+                break
+            completed += 1
+            continue
+        if task is None:
+            util.debug('worker got sentinel -- exiting')
+            break
+
+        job, i, func, args, kwds = task
+        try:
+            result = (True, func(*args, **kwds))
+        except Exception as e:
+            result = (False, wrap(e))
+        try:
+            post(job, i, result)
+        except OSError:
+            util.debug('worker could not send its result -- exiting')
+            break
+        # Drop references now rather than when the next task arrives.
+        task = job = result = func = args = kwds = None
+        completed += 1
+    util.debug('worker exiting after %d tasks' % completed)
+
+
+def _identity(obj):
+    return obj
+
+
+def _helper_reraises_exception(ex):
+    'Pickle-able helper function that re-raises its argument (kept for the stdlib name).'
+    raise ex
+
+
+class _ThreadOutbox:
+    """What a thread worker writes to: the pool's outbox, tagged with its slot."""
+
+    __slots__ = ('_slot', '_queue', '_wake')
+
+    def __init__(self, slot, outbox, wake):
+        self._slot = slot
+        self._queue = outbox
+        self._wake = wake
+
+    def put(self, msg):
+        self._queue.put((self._slot, msg))
+        self._wake()
+
+
+def _thread_worker(inqueue, outbox, initializer, initargs):
+    try:
+        worker(inqueue, outbox, initializer, initargs)
+    finally:
+        outbox.put(_EXITED)
+
+
+#
+# The parent's side of one worker
+#
+
+_HEADER = struct.Struct('!i')
+_LONG_HEADER = struct.Struct('!iQ')
+# Frames at least this long are read straight into their own buffer.
+_BIG_FRAME = 1 << 16
+_STOP = _dumps(None)
+
+
+def _frame_header(n):
+    if n > 0x7fffffff:
+        return _LONG_HEADER.pack(-1, n)
+    return _HEADER.pack(n)
+
+
+class _BadFrame(Exception):
+    pass
+
+
+class _FrameReader:
+    """Reassembles frames (the stdlib's wire format) from a non-blocking fd."""
+
+    __slots__ = ('buf', 'body', 'got')
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.body = None    # the buffer of a large frame being filled in place
+        self.got = 0
+
+    def read(self, fd, out):
+        """Append the bodies of the frames ``fd`` has now to ``out``; False at EOF."""
+        while True:
+            if self.body is not None:
+                try:
+                    n = os.readv(fd, [memoryview(self.body)[self.got:]])
+                except BlockingIOError:
+                    return True
+                if n == 0:
+                    return False
+                self.got += n
+                if self.got == len(self.body):
+                    out.append(self.body)
+                    self.body = None
+                continue
+            try:
+                chunk = os.read(fd, _BIG_FRAME)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            self.buf += chunk
+            self._split(out)
+
+    def _split(self, out):
+        buf = self.buf
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            n = _HEADER.unpack_from(buf, pos)[0]
+            hl = 4
+            if n == -1:
+                if end - pos < 12:
+                    break
+                n = _LONG_HEADER.unpack_from(buf, pos)[1]
+                hl = 12
+            elif n < 0:
+                raise _BadFrame('bad message length %d' % n)
+            start = pos + hl
+            if end - start >= n:
+                out.append(bytes(buf[start:start + n]))
+                pos = start + n
+                continue
+            if n >= _BIG_FRAME:
+                body = bytearray(n)
+                body[:end - start] = buf[start:end]
+                self.body, self.got = body, end - start
+                pos = end
+            break
+        del buf[:pos]
+
+
+class _Slot:
+    """One worker and what the parent knows about it."""
+
+    threads = False
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.task = None        # (job, i, payload) of the task it holds, or None
+        self.sent = 0           # tasks sent so far (for maxtasksperchild)
+        self.ready = False      # its initializer has completed
+        self.stopping = False   # it has been told to stop
+        self.init_error = None  # what its initializer raised
+
+    def describe(self):
+        name = getattr(self.proc, 'name', '?')
+        pid = getattr(self.proc, 'pid', None)
+        return 'pool worker %s (pid %s)' % (name, pid)
+
+
+class _ProcessSlot(_Slot):
+
+    def __init__(self, proc, task_conn, result_conn):
+        super().__init__(proc)
+        self.task_conn = task_conn
+        self.result_conn = result_conn
+        self.task_fd = task_conn.fileno()
+        self.result_fd = result_conn.fileno()
+        os.set_blocking(self.task_fd, False)
+        os.set_blocking(self.result_fd, False)
+        try:
+            self.sentinel = proc.sentinel
+        except (AttributeError, ValueError):
+            self.sentinel = None
+        self.reader = _FrameReader()
+        self.out = collections.deque()   # bytes not yet written to the task pipe
+        self.eof = False
+        self.broken_pipe = False
+
+    decode = staticmethod(_loads)
+
+    def push(self, payload):
+        header = _frame_header(len(payload))
+        if self.broken_pipe:
+            return
+        if self.out:
+            self.out.append(memoryview(header))
+            self.out.append(memoryview(payload))
+            return
+        try:
+            n = os.writev(self.task_fd, [header, payload])
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            # The worker is gone; its sentinel will tell.
+            self.broken_pipe = True
+            return
+        if n < len(header):
+            self.out.append(memoryview(header)[n:])
+            self.out.append(memoryview(payload))
+        elif n < len(header) + len(payload):
+            self.out.append(memoryview(payload)[n - len(header):])
+
+    def flush(self):
+        out = self.out
+        while out:
+            try:
+                n = os.write(self.task_fd, out[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.broken_pipe = True
+                out.clear()
+                return
+            if n < len(out[0]):
+                out[0] = out[0][n:]
+            else:
+                out.popleft()
+
+    def send_stop(self):
+        self.stopping = True
+        self.push(_STOP)
+
+    def read(self, out):
+        if not self.eof:
+            if not self.reader.read(self.result_fd, out):
+                self.eof = True
+
+    def close(self):
+        self.out.clear()
+        self.task_conn.close()
+        self.result_conn.close()
+
+    def exitcode_after_exit(self):
+        # The sentinel fired, so the worker is exiting. (Unless it closed its own
+        # fds, the sentinel's among them, and runs on: then it is stopped here.)
+        self.proc.join(5)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
+        return self.proc.exitcode
+
+
+class _ThreadSlot(_Slot):
+    threads = True
+
+    def __init__(self, inbox):
+        super().__init__(None)
+        self.inbox = inbox
+
+    decode = staticmethod(_identity)
+
+    def push(self, payload):
+        self.inbox.put(payload)
+
+    def send_stop(self):
+        self.stopping = True
+        self.inbox.put(None)
+
+    def close(self):
+        pass
+
+    def describe(self):
+        return 'pool worker thread %s' % getattr(self.proc, 'name', '?')
+
+    def exitcode_after_exit(self):
+        self.proc.join()
+        return None
+
+
+class _Feed:
+    """An imap in progress: where the feeder is in the caller's iterable."""
+
+    __slots__ = ('result', 'source', 'func', 'chunksize', 'iterator', 'next_index',
+                 'blocked')
+
+    def __init__(self, result, func, source, chunksize):
+        self.result = result
+        self.func = func
+        self.source = source
+        self.chunksize = chunksize
+        self.iterator = None
+        self.next_index = 0
+        self.blocked = False
+
+
+def _report_error(what='a ferromp pool callback'):
+    try:
+        sys.stderr.write('Exception in %s:\n' % what)
+        traceback.print_exc()
+    except Exception:
+        pass
+
+
+#
+# The dispatcher: everything a Pool's threads share. It holds no reference to the
+# Pool object, so an unreferenced Pool can be collected (and then finalized).
+#
+
+class _Dispatcher:
+
+    def __init__(self, ctx, Process, processes, pool, cache, initializer, initargs,
+                 maxtasks, wrap_exception, encode, threads):
+        self.ctx = ctx
+        self.Process = Process
+        self.processes = processes
+        self.pool = pool            # the Pool's _pool list (worker Process objects)
+        self.cache = cache          # the Pool's _cache: job -> result object
+        self.initializer = initializer
+        self.initargs = initargs
+        self.maxtasks = maxtasks
+        self.wrap_exception = wrap_exception
+        self.encode = encode
+        self.threads = threads
+        self.pid = os.getpid()
+
+        self.lock = threading.RLock()
+        self.state = RUN
+        self.slots = []
+        self.pending = collections.deque()   # (job, i, payload) waiting for a worker
+        self.broken = None                   # (message, cause) once broken
+        self.failed_starts = 0
+        self.max_failed_starts = max(3, processes)
+        self.retry_at = 0.0
+        self.next_liveness = 0.0
+        self.torn_down = False
+        self.thread = None
+
+        self.feeds = []
+        # Reentrant, like self.lock: a pool finalized by the garbage collector runs
+        # terminate() in whatever thread the collection happened, maybe one that
+        # holds these.
+        self.feed_cond = threading.Condition(threading.RLock())
+        self.feeder = None
+        self.feeder_in_user_code = False
+        # Tasks an imap may run ahead of its consumer while the pool runs.
+        self.lookahead = max(64, 8 * processes)
+        # The feeder tops the pending queue up to feed_high and sleeps until the
+        # dispatcher has drained it below feed_low: bursts, not a thread per task.
+        self.feed_high = 4 * processes + 16
+        self.feed_low = self.feed_high // 2
+        self.feed_demand = False
+
+        self.outbox = queue.SimpleQueue() if threads else None
+        self.wake_lock = threading.Lock()
+        self.wake_pending = False
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        cache.notifier = self.wake
+
+    # -- called from any thread ----------------------------------------------------
+
+    def wake(self):
+        if self.wake_pending:
+            return
+        self.wake_pending = True
+        with self.wake_lock:
+            if self.wake_w is not None:
+                try:
+                    os.write(self.wake_w, b'\0')
+                except OSError:
+                    pass
+
+    def foreign(self):
+        """True in a forked child: the pool's threads and workers are the parent's."""
+        return os.getpid() != self.pid
+
+    def broken_error(self):
+        message, cause = self.broken
+        exc = _error_class('BrokenPoolError')(message)
+        exc.__cause__ = cause
+        return exc
+
+    def submit(self, tasks, internal=False):
+        with self.lock:
+            if self.state == TERMINATE or (self.state != RUN and not internal):
+                raise ValueError("Pool not running")
+            if self.broken is not None:
+                raise self.broken_error()
+            self.pending.extend(tasks)
+        self.wake()
+
+    def add_feed(self, feed):
+        with self.lock:
+            if self.state != RUN:
+                raise ValueError("Pool not running")
+            if self.broken is not None:
+                raise self.broken_error()
+            if self.feeder is None:
+                self.feeder = threading.Thread(target=self._feed_loop, daemon=True,
+                                               name='PoolFeeder')
+                self.feeder.start()
+        with self.feed_cond:
+            self.feeds.append(feed)
+            self.feed_cond.notify()
+
+    def taken(self, feed):
+        # Called by IMapIterator.next(): the caller took one item of this feed. Wake
+        # the feeder only once half its look-ahead is free again.
+        if feed.blocked and (feed.next_index - feed.result._taken
+                             <= self.lookahead // 2):
+            feed.blocked = False
+            with self.feed_cond:
+                self.feed_cond.notify()
+
+    def start_threads(self):
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name='PoolDispatcher')
+        self.thread.start()
+
+    def repopulate(self):
+        with self.lock:
+            for _ in range(self.processes - len(self.pool)):
+                self._start_worker()
+        self.wake()
+
+    def close(self):
+        with self.lock:
+            if self.state == RUN:
+                self.state = CLOSE
+        self.wake()
+        with self.feed_cond:
+            self.feed_cond.notify_all()
+
+    def terminate(self):
+        if self.foreign():
+            return
+        with self.lock:
+            self.state = TERMINATE
+        self.wake()
+        with self.feed_cond:
+            self.feed_cond.notify_all()
+        me = threading.current_thread()
+        thread = self.thread
+        if thread is not None and thread.is_alive():
+            if thread is not me:
+                thread.join()
+            # else: called from a callback; the loop tears down when it returns.
+        else:
+            self._teardown()
+        feeder = self.feeder
+        if feeder is not None and feeder is not me and not self.feeder_in_user_code:
+            feeder.join(1.0)
+
+    def join_threads(self):
+        for t in (self.thread, self.feeder):
+            if t is not None:
+                t.join()
+
+    def abort_start(self):
+        """Undo a constructor that failed while starting workers."""
+        for s in self.slots:
+            if s.threads:
+                s.send_stop()
+        for p in self.pool:
+            if p.exitcode is None and hasattr(p, 'terminate'):
+                p.terminate()
+        for p in self.pool:
+            p.join()
+        for s in self.slots:
+            s.close()
+        self.slots.clear()
+        self.torn_down = True
+        self._close_wake_pipe()
+
+    # -- workers (called with self.lock held) ---------------------------------------
+
+    def _start_worker(self):
+        if self.threads:
+            inbox = queue.SimpleQueue()
+            slot = _ThreadSlot(inbox)
+            outbox = _ThreadOutbox(slot, self.outbox, self.wake)
+            w = self.Process(self.ctx, target=_thread_worker,
+                             args=(inbox, outbox, self.initializer, self.initargs))
+        else:
+            task_r, task_w = connection.Pipe(duplex=False)
+            result_r, result_w = connection.Pipe(duplex=False)
+            w = self.Process(self.ctx, target=worker,
+                             args=(task_r, result_w, self.initializer, self.initargs,
+                                   self.maxtasks, self.wrap_exception))
+        w.name = w.name.replace('Process', 'PoolWorker')
+        w.daemon = True
+        try:
+            w.start()
+        except BaseException:
+            if not self.threads:
+                for c in (task_r, task_w, result_r, result_w):
+                    c.close()
+            raise
+        if self.threads:
+            slot.proc = w
+        else:
+            # The child has its ends now (inherited or passed); holding ours would
+            # hide the worker's death from the pipes.
+            task_r.close()
+            result_w.close()
+            slot = _ProcessSlot(w, task_w, result_r)
+        self.slots.append(slot)
+        self.pool.append(w)
+        util.debug('added worker')
+
+    def _wants_workers(self):
+        if self.broken is not None or self.state == TERMINATE:
+            return False
+        return self.state == RUN or bool(self.cache)
+
+    def _maintain(self):
+        if not self._wants_workers() or time.monotonic() < self.retry_at:
+            return
+        while len(self.slots) < self.processes:
+            try:
+                self._start_worker()
+            except Exception as e:
+                util.debug('failed to start a pool worker: %r' % e)
+                self._failed_start(e)
+                self.retry_at = time.monotonic() + 0.05 * self.failed_starts
+                return
+
+    def _failed_start(self, cause):
+        self.failed_starts += 1
+        if self.failed_starts >= self.max_failed_starts and self.broken is None:
+            self.broken = (
+                'pool workers failed to start %d times in a row (the last failure is '
+                'the cause); the pool cannot run tasks' % self.failed_starts, cause)
+            util.info('pool broken: %r' % (cause,))
+            with self.feed_cond:
+                self.feed_cond.notify_all()
+
+    def _schedule(self, deliveries, sends):
+        if self.broken is not None:
+            while self.pending:
+                job, i, _ = self.pending.popleft()
+                r = self.cache.get(job)
+                if r is not None:
+                    deliveries.append((r, i, (False, self.broken_error())))
+            for s in self.slots:
+                if not s.stopping:
+                    s.send_stop()
+            return
+        if self.pending:
+            maxtasks = self.maxtasks
+            idle = [s for s in self.slots
+                    if s.task is None and not s.stopping
+                    and (maxtasks is None or s.sent < maxtasks)]
+            # pop() takes from the end: workers whose initializer is done first.
+            idle.sort(key=lambda s: s.ready)
+            while idle and self.pending:
+                task = self.pending.popleft()
+                if task[0] not in self.cache:
+                    continue    # nobody waits for it any more
+                s = idle.pop()
+                s.task = task
+                s.sent += 1
+                # Written after the lock is released: submitters need not wait
+                # for our syscalls.
+                sends.append((s, task[2]))
+        if self.state == CLOSE and not self.cache:
+            self.pending.clear()
+            for s in self.slots:
+                if not s.stopping:
+                    s.send_stop()
+        if self.feed_demand and len(self.pending) < self.feed_low:
+            with self.feed_cond:
+                if self.feed_demand:
+                    self.feed_demand = False
+                    self.feed_cond.notify()
+
+    # -- the dispatcher thread --------------------------------------------------------
+
+    def _run(self):
+        failure = None
+        try:
+            self._loop()
+        except BaseException as e:
+            failure = e
+            _report_error('the ferromp pool dispatcher thread')
+        finally:
+            self._teardown(failure)
+
+    def _loop(self):
+        # Slots are only ever changed by this thread, except that _repopulate_pool()
+        # may add some (under the lock): the list is snapshotted under the lock, the
+        # slots themselves are used without it.
+        while True:
+            deliveries = []
+            sends = []
+            with self.lock:
+                if self.state == TERMINATE:
+                    return
+                self._maintain()
+                self._schedule(deliveries, sends)
+                finished = self.state != RUN and not self.slots and (
+                    not self.cache or self.broken is not None)
+                slots = list(self.slots)
+                timeout = None
+                if self.retry_at and self._wants_workers() \
+                        and len(self.slots) < self.processes:
+                    timeout = max(0, int((self.retry_at - time.monotonic()) * 1000))
+                watch = not self.threads and any(
+                    s.task is not None or not s.ready for s in slots)
+                if watch:
+                    left = max(0, int((self.next_liveness - time.monotonic()) * 1000))
+                    timeout = left if timeout is None else min(timeout, left)
+            for s, payload in sends:
+                s.push(payload)
+            for r, i, obj in deliveries:
+                self._deliver(r, i, obj)
+            # Hold no task or result while we sleep (a thread pool's are the
+            # caller's own objects, which must be freed when the caller drops them).
+            deliveries = sends = s = payload = r = obj = None
+            if finished:
+                return      # the teardown fails whatever a broken pool left
+            # Built after the writes above, so that a partly written task gets its
+            # POLLOUT.
+            poller, handlers = self._poll_set(slots)
+            events = poller.poll(timeout)
+            self._handle(events, handlers)
+            if watch and time.monotonic() >= self.next_liveness:
+                self._check_liveness()
+
+    def _check_liveness(self):
+        # A fork worker's sentinel is a pipe whose write end the worker holds; a
+        # process forked by another thread at the wrong moment inherits it too, and
+        # then the sentinel stays silent when the worker dies. So once a second, while
+        # some worker holds a task or is starting, ask the kernel (waitpid) as well.
+        self.next_liveness = time.monotonic() + 1.0
+        for s in list(self.slots):
+            if not s.threads and s in self.slots and s.proc.exitcode is not None:
+                self._on_exit(s)
+
+    def _poll_set(self, slots):
+        poller = select.poll()
+        handlers = {self.wake_r: (None, 'wake')}
+        poller.register(self.wake_r, select.POLLIN)
+        for s in slots:
+            if s.threads:
+                continue
+            if not s.eof:
+                poller.register(s.result_fd, select.POLLIN)
+                handlers[s.result_fd] = (s, 'result')
+            if s.out:
+                poller.register(s.task_fd, select.POLLOUT)
+                handlers[s.task_fd] = (s, 'write')
+            if s.sentinel is not None:
+                poller.register(s.sentinel, select.POLLIN)
+                handlers[s.sentinel] = (s, 'exit')
+        return poller, handlers
+
+    def _handle(self, events, handlers):
+        exits = []
+        for fd, _ in events:
+            slot, kind = handlers[fd]
+            if kind == 'wake':
+                self._drain_wake()
+            elif kind == 'result':
+                self._read_results(slot)
+            elif kind == 'write':
+                slot.flush()
+            else:
+                exits.append(slot)
+        for slot in exits:
+            self._on_exit(slot)
+
+    def _drain_wake(self):
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        # Cleared after draining, before looking at the queues (see wake()).
+        self.wake_pending = False
+        if self.threads:
+            while True:
+                try:
+                    slot, msg = self.outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if msg is _EXITED:
+                    self._on_exit(slot)
+                else:
+                    self._on_message(slot, msg)
+                slot = msg = None
+
+    def _read_results(self, slot):
+        frames = []
+        try:
+            slot.read(frames)
+        except _BadFrame:
+            # The stream is unusable: treat the worker as lost.
+            slot.eof = True
+            slot.proc.kill()
+        for data in frames:
+            self._on_message(slot, data)
+
+    def _on_message(self, slot, data):
+        try:
+            msg = slot.decode(data)
+        except Exception as e:
+            # The result could not be unpickled here; it belongs to the task the
+            # worker holds.
+            msg = (None, _BAD_TASK, (False, e))
+        data = None
+        job, i, obj = msg
+        if job is None:
+            if i == _READY:
+                slot.ready = True
+                self.failed_starts = 0
+                self.retry_at = 0.0
+                return
+            if i == _INIT_FAILED:
+                slot.init_error = obj[1]
+                return
+            # _BAD_TASK: the held task failed.
+            if slot.task is None:
+                return
+            job, i = slot.task[0], slot.task[1]
+        slot.task = None
+        r = self.cache.get(job)
+        if r is not None:
+            self._deliver(r, i, obj)
+
+    @staticmethod
+    def _deliver(result, i, obj):
+        try:
+            result._set(i, obj)
+        except BaseException:
+            _report_error()
+
+    def _on_exit(self, slot):
+        if not slot.threads:
+            frames = []
+            try:
+                slot.read(frames)
+            except _BadFrame:
+                pass
+            for data in frames:
+                self._on_message(slot, data)
+        exitcode = slot.exitcode_after_exit()
+        proc = slot.proc
+        lost = None
+        with self.lock:
+            if slot in self.slots:
+                self.slots.remove(slot)
+            if proc in self.pool:
+                self.pool.remove(proc)
+            slot.close()
+            task, slot.task = slot.task, None
+            if task is not None and not slot.ready:
+                # It never got past its initializer: the task was not started.
+                self.pending.appendleft(task)
+                task = None
+            if task is not None:
+                lost = task
+            if not slot.ready:
+                cause = slot.init_error
+                if cause is None:
+                    cause = _error_class('WorkerLostError')(
+                        '%s exited with code %s before it was ready'
+                        % (slot.describe(), _exit_description(exitcode)),
+                        getattr(proc, 'pid', None), exitcode)
+                self._failed_start(cause)
+        util.debug('pool worker exited: %s' % slot.describe())
+        if lost is not None:
+            r = self.cache.get(lost[0])
+            if r is not None:
+                if slot.threads:
+                    message = '%s exited while running this task' % slot.describe()
+                else:
+                    message = '%s died while running this task: exit code %s' % (
+                        slot.describe(), _exit_description(exitcode))
+                exc = _error_class('WorkerLostError')(
+                    message, getattr(proc, 'pid', None), exitcode)
+                self._deliver(r, lost[1], (False, exc))
+
+    # -- shutting down ------------------------------------------------------------------
+
+    def _teardown(self, failure=None):
+        with self.lock:
+            if self.torn_down:
+                return
+            self.torn_down = True
+            if failure is not None and self.broken is None:
+                self.broken = ('the pool dispatcher thread failed: %r' % (failure,), failure)
+            slots = list(self.slots)
+        self._stop_workers(slots)
+        with self.lock:
+            for s in slots:
+                s.close()
+                if s in self.slots:
+                    self.slots.remove(s)
+                if s.proc in self.pool:
+                    self.pool.remove(s.proc)
+            self.pending.clear()
+        if self.broken is not None:
+            make_exc = self.broken_error
+        else:
+            def make_exc():
+                return _error_class('PoolTerminatedError')(
+                    'the pool was terminated before this task completed')
+        for r in list(self.cache.values()):
+            try:
+                r._fail(make_exc())
+            except BaseException:
+                _report_error()
+        with self.feed_cond:
+            self.feed_cond.notify_all()
+        self._close_wake_pipe()
+
+    def _stop_workers(self, slots):
+        procs = []
+        for s in slots:
+            if s.threads:
+                # A thread cannot be stopped: drop its queued work and ask it to
+                # finish; one that is busy is abandoned.
+                try:
+                    while True:
+                        s.inbox.get_nowait()
+                except queue.Empty:
+                    pass
+                s.send_stop()
+            elif s.proc.exitcode is None:
+                try:
+                    s.proc.terminate()
+                except Exception:
+                    pass
+                procs.append(s)
+        deadline = time.monotonic() + 1.0
+        waiting = [s for s in procs if s.sentinel is not None]
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done = connection.wait([s.sentinel for s in waiting], left)
+            waiting = [s for s in waiting if s.sentinel not in done]
+        for s in procs:
+            if s.proc.exitcode is None:
+                try:
+                    s.proc.kill()
+                except Exception:
+                    pass
+        for s in procs:
+            s.proc.join()
+        deadline = time.monotonic() + 0.2
+        for s in slots:
+            if s.threads and s.proc is not None:
+                s.proc.join(max(0.0, deadline - time.monotonic()))
+
+    def _close_wake_pipe(self):
+        with self.wake_lock:
+            r, w = self.wake_r, self.wake_w
+            self.wake_r = self.wake_w = None
+        for fd in (r, w):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    # -- the feeder thread (imap) -------------------------------------------------------
+
+    def _feed_loop(self):
+        try:
+            while True:
+                with self.feed_cond:
+                    while True:
+                        if self.state == TERMINATE or self.torn_down:
+                            self.feeds = []
+                            return
+                        if self.broken is not None:
+                            feeds, self.feeds = self.feeds, []
+                            break
+                        ready = []
+                        for f in self.feeds:
+                            f.blocked = self._feed_room(f) <= 0
+                            if not f.blocked:
+                                ready.append(f)
+                        if ready:
+                            # Announce the demand before looking at the queue, so the
+                            # dispatcher, which drains the queue before looking at the
+                            # flag, cannot miss us (see _schedule).
+                            self.feed_demand = True
+                            if len(self.pending) < self.feed_high:
+                                self.feed_demand = False
+                                break
+                            self.feed_cond.wait(1.0)
+                            continue
+                        if not self.feeds and self.state != RUN:
+                            return
+                        self.feed_cond.wait(1.0)
+                if self.broken is not None:
+                    for f in feeds:
+                        self._deliver(f.result, f.next_index, (False, self.broken_error()))
+                        f.result._set_length(f.next_index + 1)
+                    continue
+                for f in ready:
+                    self._produce(f)
+                ready = f = None
+        except BaseException:
+            _report_error('the ferromp pool feeder thread')
+            with self.feed_cond:
+                feeds, self.feeds = self.feeds, []
+            for f in feeds:
+                f.result._fail(_error_class('PoolError')('the pool feeder thread failed'))
+
+    def _feed_room(self, f):
+        # How many more tasks this imap may have in flight: bounded by what the caller
+        # has consumed while the pool runs; unbounded once it is closed, so that
+        # close(); join() finishes the work, as in the stdlib.
+        if self.state != RUN:
+            return self.feed_high
+        return self.lookahead - (f.next_index - f.result._taken)
+
+    def _produce(self, f):
+        # A burst of tasks from one feed, until the queue is full enough; short, so the
+        # dispatcher does not wait long for the GIL, and round-robin between feeds.
+        job = f.result._job
+        for _ in range(min(self._feed_room(f), self.feed_high)):
+            if len(self.pending) >= self.feed_high or self.state == TERMINATE:
+                return
+            idx = f.next_index
+            self.feeder_in_user_code = True
+            try:
+                if f.iterator is None:
+                    if f.chunksize == 1:
+                        f.iterator = iter(f.source)
+                    else:
+                        f.iterator = Pool._get_tasks(f.func, f.source, f.chunksize)
+                item = next(f.iterator)
+            except StopIteration:
+                self._end_feed(f, idx)
+                return
+            except Exception as e:
+                self._deliver(f.result, idx, (False, e))
+                self._end_feed(f, idx + 1)
+                return
+            finally:
+                self.feeder_in_user_code = False
+            f.next_index = idx + 1
+            if f.chunksize == 1:
+                task = (job, idx, f.func, (item,), {})
+            else:
+                task = (job, idx, mapstar, (item,), {})
+            item = None
+            try:
+                payload = self.encode(task)
+            except Exception as e:
+                self._deliver(f.result, idx, (False, e))
+                continue
+            finally:
+                task = None
+            try:
+                self.submit([(job, idx, payload)], internal=True)
+            except Exception as e:
+                # Broken or terminated meanwhile: this item fails (a terminated pool's
+                # teardown has failed the whole iterator already).
+                self._deliver(f.result, idx, (False, e))
+                return
+
+    def _end_feed(self, f, length):
+        with self.feed_cond:
+            if f in self.feeds:
+                self.feeds.remove(f)
+        f.result._set_length(length)
+
+
+class _PoolCache(dict):
+    """The pool's job -> result map; wakes the dispatcher when it becomes empty
+    (a closed pool finishes once nothing is left to wait for)."""
+
+    def __init__(self, /, *args, notifier=None, **kwds):
+        self.notifier = notifier
+        super().__init__(*args, **kwds)
+
+    def __delitem__(self, item):
+        super().__delitem__(item)
+        if not self and self.notifier is not None:
+            self.notifier()
+
+    def _forget(self, job):
+        if self.pop(job, None) is not None and not self and self.notifier is not None:
+            self.notifier()
+
+
+def _get_context():
+    return _context._default_context.get_context()
+
+
+#
+# The pool
+#
+
+class Pool(object):
+    '''
+    A pool of worker processes to which tasks can be submitted.
+    '''
+    _wrap_exception = True
+    _encode_task = staticmethod(_dumps)
+    _threads = False
+
+    @staticmethod
+    def Process(ctx, *args, **kwds):
+        return ctx.Process(*args, **kwds)
+
+    def __init__(self, processes=None, initializer=None, initargs=(),
+                 maxtasksperchild=None, context=None):
+        # Set first, so that __del__ and __repr__ work if __init__ fails.
+        self._pool = []
+        self._state = INIT
+        self._disp = None
+
+        self._ctx = context or _get_context()
+        self._cache = _PoolCache()
+        self._maxtasksperchild = maxtasksperchild
+        self._initializer = initializer
+        self._initargs = initargs
+
+        if processes is None:
+            processes = os.cpu_count() or 1
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None:
+            if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
+                raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError('initializer must be a callable')
+
+        self._processes = processes
+        self._disp = _Dispatcher(
+            self._ctx, self.Process, processes, self._pool, self._cache,
+            initializer, initargs, maxtasksperchild, self._wrap_exception,
+            type(self)._encode_task, self._threads)
+        try:
+            self._repopulate_pool()
+            self._disp.start_threads()
+        except BaseException:
+            self._disp.abort_start()
+            raise
+        self._terminate = util.Finalize(self, self._terminate_pool, args=(self._disp,),
+                                        exitpriority=15)
+        self._state = RUN
+
+    # Globals bound as defaults: this can run during interpreter shutdown.
+    def __del__(self, _warn=warnings.warn, RUN=RUN):
+        if self._state == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}",
+                  ResourceWarning, source=self)
+            disp = getattr(self, '_disp', None)
+            if disp is not None and not disp.foreign():
+                disp.wake()
+
+    def __repr__(self):
+        cls = self.__class__
+        return (f'<{cls.__module__}.{cls.__qualname__} '
+                f'state={self._state} '
+                f'pool_size={len(self._pool)}>')
+
+    def __reduce__(self):
+        raise NotImplementedError(
+            'pool objects cannot be passed between processes or pickled')
+
+    def _repopulate_pool(self):
+        """Start workers until there are ``processes`` of them."""
+        self._disp.repopulate()
+
+    def _check_running(self):
+        disp = self._disp
+        if self._state != RUN or disp.foreign():
+            raise ValueError("Pool not running")
+        if disp.broken is not None:
+            raise disp.broken_error()
+
+    # -- submitting work ------------------------------------------------------------
+
+    def apply(self, func, args=(), kwds={}):  # noqa: B006 (the stdlib's signature)
+        '''
+        Equivalent of `func(*args, **kwds)`.
+        Pool must be running.
+        '''
+        return self.apply_async(func, args, kwds).get()
+
+    def map(self, func, iterable, chunksize=None):
+        '''
+        Apply `func` to each element in `iterable`, collecting the results
+        in a list that is returned.
+        '''
+        return self._map_async(func, iterable, mapstar, chunksize).get()
+
+    def starmap(self, func, iterable, chunksize=None):
+        '''
+        Like `map()` method but the elements of the `iterable` are expected to
+        be iterables as well and will be unpacked as arguments. Hence
+        `func` and (a, b) becomes func(a, b).
+        '''
+        return self._map_async(func, iterable, starmapstar, chunksize).get()
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None,
+                      error_callback=None):
+        '''
+        Asynchronous version of `starmap()` method.
+        '''
+        return self._map_async(func, iterable, starmapstar, chunksize,
+                               callback, error_callback)
+
+    def apply_async(self, func, args=(), kwds={}, callback=None,  # noqa: B006
+                    error_callback=None):
+        '''
+        Asynchronous version of `apply()` method.
+        '''
+        self._check_running()
+        result = ApplyResult(self, callback, error_callback)
+        job = result._job
+        try:
+            payload = self._encode_task((job, 0, func, args, kwds))
+            self._disp.submit([(job, 0, payload)])
+        except BaseException:
+            self._cache._forget(job)
+            raise
+        return result
+
+    def map_async(self, func, iterable, chunksize=None, callback=None,
+                  error_callback=None):
+        '''
+        Asynchronous version of `map()` method.
+        '''
+        return self._map_async(func, iterable, mapstar, chunksize, callback,
+                               error_callback)
+
+    def _map_async(self, func, iterable, mapper, chunksize=None, callback=None,
+                   error_callback=None):
+        '''
+        Helper function to implement map, starmap and their async counterparts.
+        '''
+        self._check_running()
+        if not hasattr(iterable, '__len__'):
+            iterable = list(iterable)
+
+        if chunksize is None:
+            chunksize, extra = divmod(len(iterable), self._processes * 4)
+            if extra:
+                chunksize += 1
+        if len(iterable) == 0:
+            chunksize = 0
+
+        result = MapResult(self, chunksize, len(iterable), callback,
+                           error_callback=error_callback)
+        if chunksize <= 0:
+            return result
+        job = result._job
+        encode = self._encode_task
+        submit = self._disp.submit
+        produced = 0
+        try:
+            chunks = Pool._get_tasks(func, iterable, chunksize)
+            batch = []
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    break
+                except Exception as e:
+                    # The iterable itself failed: that chunk fails, as in the stdlib.
+                    result._set(produced, (False, e))
+                    produced += 1
+                    break
+                batch.append((job, produced, encode((job, produced, mapper, (chunk,), {}))))
+                chunk = None
+                produced += 1
+                # The first chunk goes at once, so a worker starts while we pickle on.
+                if produced == 1 or len(batch) >= 16:
+                    submit(batch)
+                    batch = []
+            if batch:
+                submit(batch)
+        except BaseException:
+            self._cache._forget(job)
+            raise
+        result._expect_chunks(produced)
+        return result
+
+    def imap(self, func, iterable, chunksize=1):
+        '''
+        Equivalent of `map()` -- can be MUCH slower than `Pool.map()`.
+        '''
+        self._check_running()
+        if chunksize != 1 and chunksize < 1:
+            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        return self._imap(IMapIterator, func, iterable, chunksize)
+
+    def imap_unordered(self, func, iterable, chunksize=1):
+        '''
+        Like `imap()` method but ordering of results is arbitrary.
+        '''
+        self._check_running()
+        if chunksize != 1 and chunksize < 1:
+            raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
+
+    def _imap(self, result_class, func, iterable, chunksize):
+        # The function is pickled once here so that an unpicklable one fails at the
+        # call; the items are pickled by the feeder as it pulls them.
+        self._encode_task(func)
+        result = result_class(self)
+        feed = _Feed(result, func, iterable, chunksize)
+        result._feed = feed
+        result._on_take = self._disp.taken
+        try:
+            self._disp.add_feed(feed)
+        except BaseException:
+            self._cache._forget(result._job)
+            raise
+        if chunksize == 1:
+            return result
+        return (item for chunk in result for item in chunk)
+
+    @staticmethod
+    def _get_tasks(func, it, size):
+        it = iter(it)
+        while True:
+            chunk = tuple(itertools.islice(it, size))
+            if not chunk:
+                return
+            yield (func, chunk)
+
+    # -- lifetime -------------------------------------------------------------------
+
+    def close(self):
+        '''
+        Stop accepting work; the workers exit once the pending work is done.
+        '''
+        util.debug('closing pool')
+        if self._state == RUN:
+            self._state = CLOSE
+            if not self._disp.foreign():
+                self._disp.close()
+
+    def terminate(self):
+        '''
+        Stop the workers now; results still pending raise PoolTerminatedError.
+        '''
+        util.debug('terminating pool')
+        self._state = TERMINATE
+        self._terminate()
+
+    def join(self):
+        '''
+        Wait for the workers to exit (after close() or terminate()).
+        '''
+        util.debug('joining pool')
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        elif self._state not in (CLOSE, TERMINATE):
+            raise ValueError("In unknown state")
+        if self._disp.foreign():
+            return
+        self._disp.join_threads()
+        for p in list(self._pool):
+            p.join()
+
+    @staticmethod
+    def _terminate_pool(disp):
+        # Run once, by terminate() or by the finalizer (pool collected, or exit).
+        util.debug('finalizing pool')
+        disp.terminate()
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.terminate()
+
+
+#
+# Results
+#
+
+class ApplyResult(object):
+    """The pending result of one ``apply_async`` call."""
+
+    def __init__(self, pool, callback, error_callback):
+        self._pool = pool
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._done = False
+        self._job = next(job_counter)
+        self._cache = pool._cache
+        self._callback = callback
+        self._error_callback = error_callback
+        self._cache[self._job] = self
+
+    def ready(self):
+        return self._event.is_set()
+
+    def successful(self):
+        if not self.ready():
+            raise ValueError("{0!r} not ready".format(self))
+        return self._success
+
+    def wait(self, timeout=None):
+        self._event.wait(timeout)
+
+    def get(self, timeout=None):
+        self.wait(timeout)
+        if not self.ready():
+            raise _context.TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _set(self, i, obj):
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._success, self._value = obj
+        self._finish()
+
+    def _fail(self, exc):
+        self._set(0, (False, exc))
+
+    def _finish(self):
+        # Callbacks run before the result turns ready, as in the stdlib; the result
+        # turns ready even if a callback raises.
+        try:
+            if self._success:
+                if self._callback:
+                    self._callback(self._value)
+            elif self._error_callback:
+                self._error_callback(self._value)
+        finally:
+            self._event.set()
+            self._cache._forget(self._job)
+            self._pool = None
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+
+AsyncResult = ApplyResult       # create alias -- see #17805
+
+
+class MapResult(ApplyResult):
+    """The pending result of a ``map_async`` / ``starmap_async`` call."""
+
+    def __init__(self, pool, chunksize, length, callback, error_callback):
+        ApplyResult.__init__(self, pool, callback, error_callback=error_callback)
+        self._success = True
+        self._value = [None] * length
+        self._chunksize = chunksize
+        if chunksize <= 0:
+            self._number_left = 0
+            self._chunks = 0
+            self._done = True
+            self._event.set()
+            self._cache._forget(self._job)
+        else:
+            self._number_left = length // chunksize + bool(length % chunksize)
+            self._chunks = self._number_left
+
+    def _set(self, i, success_result):
+        success, result = success_result
+        with self._lock:
+            if self._done:
+                return
+            self._number_left -= 1
+            if success and self._success:
+                self._value[i * self._chunksize:(i + 1) * self._chunksize] = result
+            elif not success and self._success:
+                # Only the first exception is kept.
+                self._success = False
+                self._value = result
+            # Ready only once every chunk is in, failed or not.
+            finished = self._done = self._number_left <= 0
+        if finished:
+            self._finish()
+
+    def _expect_chunks(self, n):
+        # The iterable produced fewer chunks than its len() promised (it raised, or
+        # its len() was wrong): do not wait for chunks that will never come.
+        with self._lock:
+            if self._done or n >= self._chunks:
+                return
+            self._number_left -= self._chunks - n
+            self._chunks = n
+            finished = self._done = self._number_left <= 0
+        if finished:
+            self._finish()
+
+    def _fail(self, exc):
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            self._number_left = 0
+            if self._success:
+                self._success = False
+                self._value = exc
+        self._finish()
+
+
+class IMapIterator(object):
+    """The iterator ``imap`` returns: results in order, as they arrive."""
+
+    def __init__(self, pool):
+        self._pool = pool
+        self._cond = threading.Condition(threading.Lock())
+        self._job = next(job_counter)
+        self._cache = pool._cache
+        self._items = collections.deque()
+        self._index = 0
+        self._length = None
+        self._unsorted = {}
+        self._failed = False
+        self._taken = 0         # items handed to the caller (bounds the look-ahead)
+        self._feed = None
+        self._on_take = None
+        self._cache[self._job] = self
+
+    def __iter__(self):
+        return self
+
+    def next(self, timeout=None):
+        with self._cond:
+            try:
+                item = self._items.popleft()
+            except IndexError:
+                if self._index == self._length:
+                    self._pool = None
+                    raise StopIteration from None
+                self._cond.wait(timeout)
+                try:
+                    item = self._items.popleft()
+                except IndexError:
+                    if self._index == self._length:
+                        self._pool = None
+                        raise StopIteration from None
+                    raise _context.TimeoutError from None
+            self._taken += 1
+        if self._on_take is not None:
+            self._on_take(self._feed)
+        success, value = item
+        if success:
+            return value
+        raise value
+
+    __next__ = next
+
+    def _complete_locked(self):
+        if self._index == self._length:
+            self._cache._forget(self._job)
+            self._pool = None
+
+    def _set(self, i, obj):
+        with self._cond:
+            if self._failed:
+                return
+            if self._index == i:
+                self._items.append(obj)
+                self._index += 1
+                while self._index in self._unsorted:
+                    self._items.append(self._unsorted.pop(self._index))
+                    self._index += 1
+                self._cond.notify()
+            else:
+                self._unsorted[i] = obj
+            self._complete_locked()
+
+    def _set_length(self, length):
+        with self._cond:
+            if self._failed:
+                return
+            self._length = length
+            if self._index == self._length:
+                self._cond.notify()
+                self._complete_locked()
+
+    def _fail(self, exc):
+        # Deliver the error where the caller is, then end the iteration.
+        with self._cond:
+            if self._index == self._length or self._failed:
+                return
+            self._failed = True
+            self._unsorted.clear()
+            self._items.append((False, exc))
+            self._index += 1
+            self._length = self._index
+            self._cond.notify()
+            self._complete_locked()
+
+
+class IMapUnorderedIterator(IMapIterator):
+    """The iterator ``imap_unordered`` returns: results as they arrive."""
+
+    def _set(self, i, obj):
+        with self._cond:
+            if self._failed:
+                return
+            self._items.append(obj)
+            self._index += 1
+            self._cond.notify()
+            self._complete_locked()
+
+
+#
+# Thread pools
+#
+
+class ThreadPool(Pool):
+    '''
+    A Pool whose workers are threads: no pickling, objects go by reference.
+    '''
+    _wrap_exception = False
+    _encode_task = staticmethod(_identity)
+    _threads = True
+
+    @staticmethod
+    def Process(ctx, *args, **kwds):
+        from .dummy import Process
+        return Process(*args, **kwds)
+
+    def __init__(self, processes=None, initializer=None, initargs=()):
+        Pool.__init__(self, processes, initializer, initargs)
