@@ -1,7 +1,8 @@
 """ferromp vs the stdlib, side by side, in one run.
 
 Each workload runs under ``multiprocessing`` (the stdlib) and ``ferromp`` for each start
-method, alternating the two several times; the table shows the median of each and the
+method, alternating the two several times, each time in a fresh interpreter that
+imports only the library under test; the table shows the median of each and the
 ratio ferromp/stdlib for times (lower is better) or stdlib/ferromp for rates, so that a
 ratio below 1 always means ferromp is better.
 
@@ -14,6 +15,7 @@ import argparse
 import importlib
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -148,6 +150,23 @@ def fmt(kind, v):
     return '%.0f MB/s' % (v / 1e6)
 
 
+def _measure(impl, method, title, n):
+    # Each measurement runs in a fresh interpreter that imports only the library under
+    # test, as a real program would: with both loaded, each one's children would also
+    # run the other's at-fork and exit hooks.
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), '--worker', impl, method, title, str(n)],
+        check=True, stdout=subprocess.PIPE, text=True, timeout=600,
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _worker(impl, method, title, n):
+    ctx = importlib.import_module(impl).get_context(method)
+    fn = {w[0]: w[1] for w in WORKLOADS}[title]
+    print(repr(fn(ctx, int(n))))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='short demo run')
@@ -157,7 +176,6 @@ def main(argv=None):
     ap.add_argument('--only', default='', help='substring filter on workload names')
     args = ap.parse_args(argv)
     repeat = args.repeat or (2 if args.quick else 5)
-    mods = {name: importlib.import_module(name) for name in IMPLS}
     import ferromp
     print('ferromp %s vs multiprocessing (Python %s), %d CPUs, %d repeats, medians'
           % (ferromp.__version__, sys.version.split()[0], os.cpu_count(), repeat))
@@ -167,7 +185,6 @@ def main(argv=None):
     print('-' * len(header))
     results = []
     for method in args.methods.split(','):
-        ctxs = {name: mods[name].get_context(method) for name in IMPLS}
         for title, fn, kind, n_full, n_quick in WORKLOADS:
             if args.only and args.only not in title:
                 continue
@@ -177,7 +194,7 @@ def main(argv=None):
             vals = {name: [] for name in IMPLS}
             for _ in range(repeat):
                 for name in IMPLS:
-                    vals[name].append(fn(ctxs[name], n))
+                    vals[name].append(_measure(name, method, title, n))
             std = statistics.median(vals['multiprocessing'])
             fer = statistics.median(vals['ferromp'])
             ratio = fer / std if kind == 'time' else std / fer
@@ -188,4 +205,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == '--worker':
+        _worker(*sys.argv[2:6])
+    else:
+        main()
