@@ -11,13 +11,13 @@ ratio below 1 always means ferromp is better.
     python benches/bench.py --only pipe --methods fork
 """
 
-import argparse
 import importlib
 import os
-import statistics
-import subprocess
 import sys
 import time
+
+# The measuring workers import nothing beyond this: modules a worker imports make its
+# fork()s costlier, and the comparison is of the two libraries, not of this script.
 
 IMPLS = ('multiprocessing', 'ferromp')
 
@@ -154,6 +154,7 @@ def _measure(impl, method, title, n):
     # Each measurement runs in a fresh interpreter that imports only the library under
     # test, as a real program would: with both loaded, each one's children would also
     # run the other's at-fork and exit hooks.
+    import subprocess
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), '--worker', impl, method, title, str(n)],
         check=True, stdout=subprocess.PIPE, text=True, timeout=600,
@@ -168,6 +169,8 @@ def _worker(impl, method, title, n):
 
 
 def main(argv=None):
+    import argparse
+    import statistics
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='short demo run')
     ap.add_argument('--repeat', type=int, default=None,
