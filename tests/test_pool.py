@@ -29,6 +29,7 @@ import pytest
 import ferromp
 import ferromp.dummy
 from ferromp import pool as fpool
+from _helpers import pid_gone
 
 METHODS = ("fork", "spawn", "forkserver")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -226,15 +227,6 @@ def run_script(directory, source, *args):
                             start_new_session=True, env=env)
 
 
-def pid_gone(pid):
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return line.split()[1] in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return False
 
 
 def wait_until(predicate, timeout, interval=0.02):
