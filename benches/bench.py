@@ -132,18 +132,132 @@ def pipe_bw_64m(mp, n):
     return _bandwidth(mp, 64 << 20, n)
 
 
-# name, function, kind ('time' or 'rate'), n for full run, n for --quick, unit
+def lock_uncontended(mp, n):
+    """Lock acquire + release in one process, no contention, s per pair."""
+    lock = mp.Lock()
+    acquire, release = lock.acquire, lock.release
+    t = time.perf_counter()
+    for _ in range(n):
+        acquire()
+        release()
+    return (time.perf_counter() - t) / n
+
+
+def _lock_hammer(lock, n, ready=None, go=None):
+    if ready is not None:
+        ready.set()
+        go.wait()
+    for _ in range(n):
+        lock.acquire()
+        lock.release()
+
+
+def _increment(v, n, ready=None, go=None):
+    if ready is not None:
+        ready.set()
+        go.wait()
+    for _ in range(n):
+        with v.get_lock():
+            v.value += 1
+
+
+def _race(mp, target, shared, n):
+    # Both processes start hammering together: the clock starts once the child is up.
+    ready, go = mp.Event(), mp.Event()
+    p = mp.Process(target=target, args=(shared, n, ready, go))
+    p.start()
+    ready.wait()
+    t = time.perf_counter()
+    go.set()
+    target(shared, n)
+    p.join()
+    return (time.perf_counter() - t) / (2 * n)
+
+
+def lock_contended(mp, n):
+    """Lock acquire + release by 2 processes at once, wall s per pair."""
+    return _race(mp, _lock_hammer, mp.Lock(), n)
+
+
+def value_increment_1(mp, n):
+    """`with v.get_lock(): v.value += 1` in one process, s per increment."""
+    v = mp.Value('i', 0)
+    t = time.perf_counter()
+    _increment(v, n)
+    return (time.perf_counter() - t) / n
+
+
+def value_increment_2(mp, n):
+    """The same increment by 2 processes at once, wall s per increment."""
+    v = mp.Value('i', 0)
+    dt = _race(mp, _increment, v, n)
+    assert v.value == 2 * n
+    return dt
+
+
+def value_read(mp, n):
+    """Synchronized `Value('d').value` read, s per read."""
+    v = mp.Value('d', 1.5)
+    t = time.perf_counter()
+    for _ in range(n):
+        _ = v.value
+    return (time.perf_counter() - t) / n
+
+
+def value_write(mp, n):
+    """Synchronized `Value('d').value = x`, s per write."""
+    v = mp.Value('d', 1.5)
+    t = time.perf_counter()
+    for _ in range(n):
+        v.value = 2.5
+    return (time.perf_counter() - t) / n
+
+
+def rawvalue_read(mp, n):
+    """`RawValue('d').value` read, s per read."""
+    v = mp.RawValue('d', 1.5)
+    t = time.perf_counter()
+    for _ in range(n):
+        _ = v.value
+    return (time.perf_counter() - t) / n
+
+
+def array_item(mp, n):
+    """Synchronized `Array('i', 100)[i]` read, s per read."""
+    a = mp.Array('i', 100)
+    t = time.perf_counter()
+    for i in range(n):
+        a[i % 100]
+    return (time.perf_counter() - t) / n
+
+
+# Workloads whose cost does not depend on the start method run under the first only.
+ANY_METHOD = {'lock acquire+release, uncontended', 'Value(get_lock) += 1, 1 process',
+              'Value.value read', 'Value.value write', 'RawValue.value read',
+              'Array[i] read'}
+
+# name, function, kind ('time' or 'rate'), n for full run, n for --quick
 WORKLOADS = [
     ('process start+join', start_join, 'time', 30, 6),
     ('pipe round trip, small object', pipe_rt_obj, 'time', 20000, 3000),
     ('pipe round trip, 8-byte send_bytes', pipe_rt_bytes, 'time', 20000, 3000),
     ('pipe bandwidth, 1 MiB messages', pipe_bw_1m, 'rate', 300, 60),
     ('pipe bandwidth, 64 MiB messages', pipe_bw_64m, 'rate', 6, 2),
+    ('lock acquire+release, uncontended', lock_uncontended, 'time', 200000, 50000),
+    ('lock contended by 2 processes', lock_contended, 'time', 100000, 20000),
+    ('Value(get_lock) += 1, 1 process', value_increment_1, 'time', 100000, 20000),
+    ('Value(get_lock) += 1, 2 processes', value_increment_2, 'time', 50000, 10000),
+    ('Value.value read', value_read, 'time', 200000, 50000),
+    ('Value.value write', value_write, 'time', 200000, 50000),
+    ('RawValue.value read', rawvalue_read, 'time', 200000, 50000),
+    ('Array[i] read', array_item, 'time', 200000, 50000),
 ]
 
 
 def fmt(kind, v):
     if kind == 'time':
+        if v < 1e-6:
+            return '%.0f ns' % (v * 1e9)
         if v < 1e-3:
             return '%.1f us' % (v * 1e6)
         return '%.2f ms' % (v * 1e3)
@@ -190,6 +304,8 @@ def main(argv=None):
     for method in args.methods.split(','):
         for title, fn, kind, n_full, n_quick in WORKLOADS:
             if args.only and args.only not in title:
+                continue
+            if title in ANY_METHOD and method != args.methods.split(',')[0]:
                 continue
             n = n_quick if args.quick else n_full
             if fn is start_join and method == 'spawn':
