@@ -87,9 +87,10 @@ class Queue(object):
         try:
             return _dumps(obj)
         except Exception as e:
-            hook = type(self)._on_queue_feeder_error
-            if hook is not Queue._on_queue_feeder_error:
-                hook(e, obj)
+            if type(self)._on_queue_feeder_error is not Queue._on_queue_feeder_error:
+                # Bound lookup: the hook may be an instance method (as the stdlib
+                # ProcessPoolExecutor's _SafeQueue defines it) or a staticmethod.
+                self._on_queue_feeder_error(e, obj)
                 return None
             raise
 
