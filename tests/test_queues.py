@@ -205,3 +205,24 @@ def test_pickling_a_queue_outside_process_start_is_refused():
     q = ferromp.Queue()
     with pytest.raises(RuntimeError, match='should only be shared between processes'):
         pickle.dumps(q)
+
+
+def test_feeder_error_hook_as_instance_method_is_called_bound():
+    # The stdlib ProcessPoolExecutor's _SafeQueue defines the hook as a plain method.
+    seen = []
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise TypeError('no')
+
+    class SafeQueue(ferromp.queues.Queue):
+        def _on_queue_feeder_error(self, e, obj):
+            seen.append((self, type(e)))
+
+    q = SafeQueue(ctx=ferromp.get_context())
+    q.put(Unpicklable())
+    assert seen == [(q, TypeError)]
+    q.put(1)
+    assert q.get(timeout=5) == 1
+    q.close()
+    q.join_thread()
