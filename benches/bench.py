@@ -195,13 +195,16 @@ def value_increment_2(mp, n):
     return dt
 
 
-def value_read(mp, n):
-    """Synchronized `Value('d').value` read, s per read."""
-    v = mp.Value('d', 1.5)
+def _time_reads(v, n):
     t = time.perf_counter()
     for _ in range(n):
         _ = v.value
     return (time.perf_counter() - t) / n
+
+
+def value_read(mp, n):
+    """Synchronized `Value('d').value` read, s per read."""
+    return _time_reads(mp.Value('d', 1.5), n)
 
 
 def value_write(mp, n):
@@ -215,11 +218,7 @@ def value_write(mp, n):
 
 def rawvalue_read(mp, n):
     """`RawValue('d').value` read, s per read."""
-    v = mp.RawValue('d', 1.5)
-    t = time.perf_counter()
-    for _ in range(n):
-        _ = v.value
-    return (time.perf_counter() - t) / n
+    return _time_reads(mp.RawValue('d', 1.5), n)
 
 
 def array_item(mp, n):
