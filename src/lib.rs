@@ -9,6 +9,7 @@
 pub mod connection;
 pub mod error;
 pub mod process;
+pub mod ring;
 pub mod shm;
 pub mod spin;
 pub mod sync;

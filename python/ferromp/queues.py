@@ -1,10 +1,16 @@
-"""Queues between processes: the stdlib's ``multiprocessing.queues`` API.
+"""Queues between processes: the stdlib's ``multiprocessing.queues`` API on a
+shared-memory ring.
 
-This is the first, pipe-based version (issue 4 replaces the transport with a
-shared-memory ring): messages travel as frames over a ferromp Pipe, whose reads and
-writes run in the Rust core, and cross-process exclusion uses ferromp's futex
-semaphores. ``Queue.put`` does not block on the pipe: it hands the pickled message to
-a feeder thread, so an unbounded queue never blocks its producer, as in the stdlib.
+Messages travel through a ring of bytes in one shared segment (``_core.Ring``, see
+``src/ring.rs``): a put that finds room copies the pickled message in and returns, a
+get that finds one copies it out, with no syscall when nobody sleeps. There is no
+pipe underneath.
+
+``Queue.put`` keeps the stdlib's promise that an unbounded queue never blocks its
+producer: when the ring is full, the message waits in a per-process buffer and a
+feeder thread writes it later, as the stdlib's feeder does. Items a process put stay
+in the ring after it exits, so it can be joined before anyone drains them
+(cpython#73983).
 
 One deliberate difference: ``put`` pickles in the caller, so an unpicklable object
 raises there, with its real traceback, and the queue stays usable. The stdlib pickles
@@ -16,16 +22,13 @@ as in the stdlib.
 __all__ = ['Queue', 'SimpleQueue', 'JoinableQueue']
 
 import collections
-import errno
 import os
-import sys
 import threading
-import time
 import types
 import weakref
-from queue import Empty, Full
+from queue import Empty, Full  # noqa: F401 (Empty: as the stdlib module has it)
 
-from . import connection
+from . import _core
 from . import context
 from . import reduction
 from . import util
@@ -34,8 +37,22 @@ _dumps = reduction._dumps_bytes
 _loads = reduction.ForkingPickler.loads
 
 _SEM_VALUE_MAX = 2 ** 31 - 1
-# Tells the feeder thread to flush and stop.
+# Bytes in each queue's ring. Messages up to half of it are written whole; larger ones
+# stream through in chunks while a consumer copies them out.
+_RING_BYTES = 4 << 20
+# Tells the feeder thread to stop.
 _sentinel = object()
+
+
+def _ring_state(ring):
+    # The segment and the bell pipe go with the child being started.
+    r, w = ring.bell_fds
+    return (reduction.DupFd(ring.fd), reduction.DupFd(r), reduction.DupFd(w))
+
+
+def _ring_rebuild(state):
+    fd, r, w = state
+    return _core.Ring.attach(fd.detach(), r.detach(), w.detach())
 
 
 class Queue(object):
@@ -44,24 +61,23 @@ class Queue(object):
     def __init__(self, maxsize=0, *, ctx):
         if maxsize <= 0:
             maxsize = _SEM_VALUE_MAX
+            ring_max = 0
+        else:
+            ring_max = maxsize
         self._maxsize = maxsize
-        self._reader, self._writer = connection.Pipe(duplex=False)
-        self._rlock = ctx.Lock()
+        self._ring = _core.Ring(_RING_BYTES, ring_max)
         self._opid = os.getpid()
-        self._wlock = ctx.Lock()
-        self._sem = ctx.BoundedSemaphore(maxsize)
         self._ignore_epipe = False
         self._reset()
         util.register_after_fork(self, Queue._after_fork)
 
     def __getstate__(self):
         context.assert_spawning(self)
-        return (self._ignore_epipe, self._maxsize, self._reader, self._writer,
-                self._rlock, self._wlock, self._sem, self._opid)
+        return (self._ignore_epipe, self._maxsize, _ring_state(self._ring), self._opid)
 
     def __setstate__(self, state):
-        (self._ignore_epipe, self._maxsize, self._reader, self._writer,
-         self._rlock, self._wlock, self._sem, self._opid) = state
+        (self._ignore_epipe, self._maxsize, ring, self._opid) = state
+        self._ring = _ring_rebuild(ring)
         self._reset()
 
     def _after_fork(self):
@@ -73,81 +89,73 @@ class Queue(object):
             self._notempty._at_fork_reinit()
         else:
             self._notempty = threading.Condition(threading.Lock())
+        # Messages of this process waiting for room in the ring, oldest first. The
+        # feeder removes one only after writing it, so while this is non-empty a new
+        # put must queue behind it (a thread's puts stay in order).
         self._buffer = collections.deque()
         self._thread = None
         self._jointhread = None
         self._joincancelled = False
         self._closed = False
         self._close = None
-        self._send_bytes = self._writer.send_bytes
-        self._recv_bytes = self._reader.recv_bytes
-        self._poll = self._reader.poll
+
+    def _unpicklable(self, e, obj):
+        # put() could not pickle obj: raise, unless a subclass overrides the feeder
+        # error hook, which then gets the error as the stdlib's feeder would give it.
+        if type(self)._on_queue_feeder_error is not Queue._on_queue_feeder_error:
+            # Bound lookup: the hook may be an instance method (as the stdlib
+            # ProcessPoolExecutor's _SafeQueue defines it) or a staticmethod.
+            self._on_queue_feeder_error(e, obj)
+            return None
+        raise e
 
     def _pickle_for_put(self, obj):
         try:
             return _dumps(obj)
         except Exception as e:
-            if type(self)._on_queue_feeder_error is not Queue._on_queue_feeder_error:
-                # Bound lookup: the hook may be an instance method (as the stdlib
-                # ProcessPoolExecutor's _SafeQueue defines it) or a staticmethod.
-                self._on_queue_feeder_error(e, obj)
-                return None
-            raise
+            return self._unpicklable(e, obj)
 
     def put(self, obj, block=True, timeout=None):
         """Put ``obj`` on the queue; raises queue.Full if it stays full past the timeout."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        data = self._pickle_for_put(obj)
-        if data is None:
+        try:
+            data = _dumps(obj)
+        except Exception as e:
+            data = self._unpicklable(e, obj)
+            if data is None:
+                return
+        done = self._ring.offer(data, block, timeout, not self._buffer)
+        if done == 1:
             return
-        if not self._sem.acquire(block, timeout):
+        if done == 0:
             raise Full
+        self._feed_later(data)
+
+    def _feed_later(self, data):
+        # A slot is reserved; the ring has no room now (or older messages of this
+        # process are still waiting): the feeder thread writes it.
         with self._notempty:
             if self._thread is None:
                 self._start_thread()
-            self._append(data)
+            self._buffer.append(data)
             self._notempty.notify()
-
-    def _append(self, data):
-        # Called with _notempty held; JoinableQueue also counts the task.
-        self._buffer.append(data)
 
     def get(self, block=True, timeout=None):
         """Remove and return an item; raises queue.Empty when none comes in time."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        if block and timeout is None:
-            with self._rlock:
-                res = self._recv_bytes()
-            self._sem.release()
-        else:
-            if block:
-                deadline = time.monotonic() + timeout
-            if not self._rlock.acquire(block, timeout):
-                raise Empty
-            try:
-                if block:
-                    timeout = deadline - time.monotonic()
-                    if not self._poll(timeout):
-                        raise Empty
-                elif not self._poll():
-                    raise Empty
-                res = self._recv_bytes()
-                self._sem.release()
-            finally:
-                self._rlock.release()
-        return _loads(res)
+        return self._ring.get_obj(_loads, block, timeout)
 
     def qsize(self):
-        """Approximate number of items in the queue."""
-        return self._maxsize - self._sem._semlock._get_value()
+        """Number of items put and not yet taken."""
+        return self._ring.qsize()
 
     def empty(self):
-        return not self._poll()
+        return self._ring.empty()
 
     def full(self):
-        return self._sem._semlock._is_zero()
+        return self._ring.full()
 
     def get_nowait(self):
         return self.get(False)
@@ -156,7 +164,7 @@ class Queue(object):
         return self.put(obj, False)
 
     def close(self):
-        """No more puts from this process; the feeder flushes what it has, then stops."""
+        """No more puts from this process; the feeder writes what it has, then stops."""
         self._closed = True
         close = self._close
         if close:
@@ -180,8 +188,9 @@ class Queue(object):
             pass
 
     def _terminate_broken(self):
-        # Used by pools whose worker died holding the queue's lock.
-        self._reader.close()
+        # Used by executors whose worker died: drop what this process still buffers.
+        with self._notempty:
+            self._buffer.clear()
         self.close()
         self.join_thread()
 
@@ -190,9 +199,8 @@ class Queue(object):
         self._buffer.clear()
         self._thread = threading.Thread(
             target=Queue._feed,
-            args=(self._buffer, self._notempty, self._send_bytes, self._wlock,
-                  self._reader.close, self._writer.close, self._ignore_epipe,
-                  self._on_queue_feeder_error, self._sem),
+            args=(self._buffer, self._notempty, self._ring.write, self._ring.unreserve,
+                  self._on_queue_feeder_error),
             name='QueueFeederThread',
             daemon=True,
         )
@@ -226,30 +234,26 @@ class Queue(object):
             notempty.notify()
 
     @staticmethod
-    def _feed(buffer, notempty, send_bytes, writelock, reader_close,
-              writer_close, ignore_epipe, onerror, queue_sem):
+    def _feed(buffer, notempty, write, unreserve, onerror):
         while True:
             with notempty:
                 while not buffer:
                     notempty.wait()
-                batch = list(buffer)
-                buffer.clear()
-            for data in batch:
-                if data is _sentinel:
-                    reader_close()
-                    writer_close()
-                    return
+                data = buffer[0]
+            if data is not _sentinel:
                 try:
-                    with writelock:
-                        send_bytes(data)
+                    write(data)
                 except Exception as e:
-                    if ignore_epipe and getattr(e, 'errno', 0) == errno.EPIPE:
-                        return
                     if util.is_exiting():
                         util.info('error in queue thread: %s', e)
                         return
-                    queue_sem.release()
+                    unreserve()
                     onerror(e, data)
+            with notempty:
+                if buffer:
+                    buffer.popleft()
+            if data is _sentinel:
+                return
 
     @staticmethod
     def _on_queue_feeder_error(e, obj):
@@ -278,10 +282,20 @@ class JoinableQueue(Queue):
         Queue.__setstate__(self, state[:-2])
         self._cond, self._unfinished_tasks = state[-2:]
 
-    def _append(self, data):
+    def put(self, obj, block=True, timeout=None):
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        data = self._pickle_for_put(obj)
+        if data is None:
+            return
+        # Reserve a slot, count the task, then write: a consumer can never see the
+        # item before it is counted.
+        if self._ring.offer(data, block, timeout, False) == 0:
+            raise Full
         with self._cond:
-            self._buffer.append(data)
             self._unfinished_tasks.release()
+        if self._buffer or not self._ring.try_write(data):
+            self._feed_later(data)
 
     def task_done(self):
         """Mark one fetched item as processed."""
@@ -298,41 +312,106 @@ class JoinableQueue(Queue):
                 self._cond.wait()
 
 
+def _closed_handle(*args, **kwds):
+    raise OSError("handle is closed")
+
+
+class _RingEnd(object):
+    """One end of a SimpleQueue, shaped like the Connection the stdlib keeps there."""
+
+    def __init__(self, ring):
+        self._ring = ring
+
+    @property
+    def closed(self):
+        return self._ring is None
+
+    def _check_closed(self):
+        if self._ring is None:
+            raise OSError("handle is closed")
+
+    def close(self):
+        self._ring = None
+
+
+class _RingReader(_RingEnd):
+    """``SimpleQueue._reader``: readable (for ``wait()`` / ``select()``) while a
+    message waits. Its fd is the ring's bell pipe, which the ring keeps in step with
+    its contents from the first ``fileno()`` call on."""
+
+    def fileno(self):
+        self._check_closed()
+        self._ring.arm_bell()
+        return self._ring.bell_fds[0]
+
+    def poll(self, timeout=0.0):
+        self._check_closed()
+        if not self._ring.empty():
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        from .connection import wait
+        return bool(wait([self], timeout))
+
+    def recv_bytes(self, maxlength=None):
+        self._check_closed()
+        return self._ring.get()
+
+    def recv(self):
+        self._check_closed()
+        return self._ring.get_obj(_loads)
+
+
+class _RingWriter(_RingEnd):
+    """``SimpleQueue._writer``."""
+
+    def send_bytes(self, buf, offset=0, size=None):
+        self._check_closed()
+        data = bytes(memoryview(buf).cast('B')[offset:None if size is None
+                                               else offset + size])
+        self._ring.put(data)
+
+    def send(self, obj):
+        self._check_closed()
+        self._ring.put(_dumps(obj))
+
+
 class SimpleQueue(object):
-    """An unbounded queue without a feeder thread: put writes straight to the pipe."""
+    """An unbounded queue without a feeder thread: put writes straight to the ring
+    (waiting for room if it is full)."""
 
     def __init__(self, *, ctx):
-        self._reader, self._writer = connection.Pipe(duplex=False)
-        self._rlock = ctx.Lock()
-        self._poll = self._reader.poll
-        self._wlock = None if sys.platform == 'win32' else ctx.Lock()
+        self._setup(_core.Ring(_RING_BYTES, 0))
+
+    def _setup(self, ring):
+        self._reader = _RingReader(ring)
+        self._writer = _RingWriter(ring)
+        self._get = ring.get_obj
+        self._put = ring.put
+        self._empty = ring.empty
 
     def close(self):
         self._reader.close()
         self._writer.close()
+        self._get = self._put = self._empty = _closed_handle
 
     def empty(self):
-        return not self._poll()
+        return self._empty()
 
     def __getstate__(self):
         context.assert_spawning(self)
-        return (self._reader, self._writer, self._rlock, self._wlock)
+        ring = self._reader._ring or self._writer._ring
+        if ring is None:
+            raise OSError("handle is closed")
+        return _ring_state(ring)
 
     def __setstate__(self, state):
-        (self._reader, self._writer, self._rlock, self._wlock) = state
-        self._poll = self._reader.poll
+        self._setup(_ring_rebuild(state))
 
     def get(self):
-        with self._rlock:
-            res = self._reader.recv_bytes()
-        return _loads(res)
+        return self._get(_loads)
 
     def put(self, obj):
-        data = _dumps(obj)
-        if self._wlock is None:
-            self._writer.send_bytes(data)
-        else:
-            with self._wlock:
-                self._writer.send_bytes(data)
+        self._put(_dumps(obj))
 
     __class_getitem__ = classmethod(types.GenericAlias)

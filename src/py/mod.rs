@@ -12,6 +12,7 @@ use crate::error::Error;
 
 mod connection;
 mod process;
+mod ring;
 mod shm;
 mod sync;
 
@@ -79,5 +80,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     connection::register(m)?;
     sync::register(m)?;
     shm::register(m)?;
+    ring::register(m)?;
     Ok(())
 }

@@ -506,6 +506,20 @@ impl RawSemaphore {
         (self.mutex && is_pid(word)).then_some(word)
     }
 
+    /// Takes the lock over from `pid` if that process is gone and still holds it (mutex
+    /// mode with recovery only); true when this process holds it now. For callers that
+    /// wait on something else than the lock itself and must not wait for a dead holder.
+    pub fn take_over_dead(&self, pid: u32) -> bool {
+        if !(self.robust && is_pid(pid) && futex::process_is_gone(pid)) {
+            return false;
+        }
+        let took = self.recover(pid);
+        if took {
+            self.note_acquired();
+        }
+        took
+    }
+
     /// Threads of any process currently in (or entering) the sleeping phase of
     /// `acquire`; diagnostic. Overcounts by one per process killed while asleep.
     pub fn waiters(&self) -> u32 {

@@ -1,0 +1,954 @@
+//! A multi-producer, multi-consumer queue of byte messages in one shared segment: the
+//! transport under `queues.Queue`, `SimpleQueue` and `JoinableQueue`.
+//!
+//! # Layout
+//!
+//! One memfd [`Segment`]: a header of cache lines, then `capacity` bytes of data used as
+//! a circular byte stream (`capacity` is a power of two).
+//!
+//! | line | contents                                                        |
+//! |------|-----------------------------------------------------------------|
+//! | 0    | magic, capacity, maxsize (immutable)                            |
+//! | 1    | write lock (a [`RawSemaphore`] mutex with dead-owner recovery)  |
+//! | 2    | read lock (same)                                                |
+//! | 3    | bell lock (same; see "The bell")                                |
+//! | 4    | `head` (bytes published), `open` (a chunked message is open), slots reserved |
+//! | 5    | `tail` (bytes consumed), `open` (bytes of a message still to skip), slots freed |
+//! | 6    | `data_seq`, `data_waiters`: the futex consumers sleep on        |
+//! | 7    | `space_seq`, `space_waiters`: the futex producers sleep on      |
+//! | 8    | bell state                                                      |
+//!
+//! # Records
+//!
+//! The stream holds records, each an 8-byte header (`u32` length, `u32` kind) and its
+//! payload padded to 8 bytes, so a header never straddles the end of the buffer (a
+//! payload may: it is copied in two pieces).
+//!
+//! * `WHOLE`: a complete message.
+//! * `FIRST` + `MORE`...: a message too large to sit in the buffer at once. The first
+//!   payload starts with the message's total length (`u64`); the producer streams the
+//!   rest as space frees up, while one consumer copies it out.
+//! * `ABORT`: the open chunked message will not be finished (its producer was
+//!   interrupted or died); the consumer drops what it copied.
+//!
+//! # Concurrency
+//!
+//! Producers serialise on the write lock and consumers on the read lock, so between
+//! the two lock holders this is a single-producer single-consumer ring: the producer
+//! copies, then publishes with a release store of `head`; the consumer reads `head`
+//! with acquire, copies out, then frees the space with a release store of `tail`. An
+//! uncontended put or get is therefore two lock CASes, two stores and no syscall.
+//!
+//! A side that must wait (no data, no space, `maxsize` reached) spins for the adaptive
+//! budget of [`crate::spin`], then sleeps on a futex word. The other side bumps that
+//! word and calls `FUTEX_WAKE` only when the waiter count says somebody sleeps; as in
+//! the semaphores, the waiter increments the count *then* re-checks, the waker
+//! publishes *then* reads the count, all `SeqCst`, so a wake-up is never lost.
+//!
+//! # Processes that die
+//!
+//! * A producer killed before it publishes leaves nothing: `head` did not move, and the
+//!   next producer takes the write lock over from the dead holder.
+//! * A consumer killed before it moves `tail` leaves its message in place for the next
+//!   consumer, which takes the read lock over: nothing is lost or duplicated.
+//! * A producer killed in the middle of a chunked message leaves it open; whoever takes
+//!   the write lock next (a producer, or the consumer that waits for the next chunk and
+//!   finds the writer dead) writes `ABORT`, and the consumer drops the partial message.
+//! * A consumer killed (or interrupted) in the middle of a chunked message leaves
+//!   `read_open` set; the next consumer skips the rest of that message.
+//!
+//! The item count (`qsize`, `maxsize`) is kept by the put that reserves a slot and the
+//! get that completes a message; a producer killed between the two leaves one slot
+//! reserved forever, as a semaphore acquired by a dying process does in the stdlib.
+//!
+//! # The bell
+//!
+//! `concurrent.futures` waits on `SimpleQueue._reader` with `select()`, which needs a
+//! real file descriptor that is readable exactly when a message is waiting. Once anyone
+//! asks for that fd ([`Ring::arm_bell`]), the ring keeps a pipe holding one byte while
+//! it is not empty: after every put and get, under the bell lock, the byte is written
+//! or drained to match the current state. The last such step after any change sees the
+//! final state, so the pipe never says "readable" for an empty ring for longer than a
+//! put/get takes. Until the bell is armed this costs one relaxed load per operation.
+
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+
+use crate::connection::Intr;
+use crate::error::{Error, Result};
+use crate::shm::Segment;
+use crate::spin;
+use crate::sync::{RawSemaphore, Recovery, SemKind, SyncError, OWNER_CHECK_PERIOD, STATE_SIZE};
+
+const MAGIC: u32 = u32::from_be_bytes(*b"fmR1");
+const REC_HDR: u64 = 8;
+const WHOLE: u32 = 1;
+const FIRST: u32 = 2;
+const MORE: u32 = 3;
+const ABORT: u32 = 4;
+/// Smallest data area; smaller requests are rounded up.
+pub const MIN_CAPACITY: usize = 4096;
+/// Largest data area (a record length is a `u32`).
+pub const MAX_CAPACITY: usize = 1 << 30;
+
+#[repr(C, align(64))]
+struct Line<T>(T);
+
+#[repr(C)]
+struct Meta {
+    magic: u32,
+    _pad: u32,
+    capacity: u64,
+    maxsize: u64,
+}
+
+#[repr(C)]
+struct Pos {
+    /// Producer side: bytes published (`head`); consumer side: bytes freed (`tail`).
+    pos: AtomicU64,
+    /// Producer side: non-zero while a chunked message is open. Consumer side: bytes of
+    /// a chunked message that an interrupted or dead consumer left unread.
+    open: AtomicU64,
+    /// Producer side: message slots reserved; consumer side: slots given back (a
+    /// message taken, aborted or unreserved). Their difference is the item count;
+    /// keeping the two halves on their own side's line means a put and a get never
+    /// write the same cache line.
+    slots: AtomicU64,
+}
+
+#[repr(C)]
+struct Wait {
+    seq: AtomicU32,
+    waiters: AtomicU32,
+}
+
+#[repr(C)]
+struct Counts {
+    bell_armed: AtomicU32,
+    bell_rung: AtomicU32,
+}
+
+#[repr(C)]
+struct Header {
+    meta: Line<Meta>,
+    wlock: Line<[u8; STATE_SIZE]>,
+    rlock: Line<[u8; STATE_SIZE]>,
+    bell_lock: Line<[u8; STATE_SIZE]>,
+    prod: Line<Pos>,
+    cons: Line<Pos>,
+    data: Line<Wait>,
+    space: Line<Wait>,
+    counts: Line<Counts>,
+}
+
+const HEADER: usize = std::mem::size_of::<Header>();
+const _: () = assert!(STATE_SIZE <= 64 && HEADER % 64 == 0);
+
+/// How a [`Ring::offer`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// A slot was reserved and the message is in the ring.
+    Written,
+    /// A slot was reserved but the message is not written (no room right now, or the
+    /// caller asked not to write); the caller must [`Ring::write`] it later.
+    Reserved,
+    /// `maxsize` messages are queued and none left before the deadline.
+    Full,
+}
+
+/// One process's handle on a ring.
+pub struct Ring {
+    seg: Segment,
+    hdr: NonNull<Header>,
+    data: *mut u8,
+    cap: u64,
+    maxsize: u64,
+    wlock: RawSemaphore,
+    rlock: RawSemaphore,
+    bell_lock: RawSemaphore,
+    bell_r: OwnedFd,
+    bell_w: OwnedFd,
+}
+
+// SAFETY: the shared header is only touched through atomics and the semaphores (which
+// are Send + Sync); the data area only through raw-pointer copies made while holding
+// the lock that owns that part of the stream (see the module docs). The mapping lives
+// as long as the handle.
+unsafe impl Send for Ring {}
+// SAFETY: as for Send; every method takes `&self` and synchronises through the locks.
+unsafe impl Sync for Ring {}
+
+fn sync_err(e: SyncError) -> Error {
+    match e {
+        SyncError::Os(errno) => Error::Os(errno),
+        SyncError::Interrupted => Error::Interrupted,
+        _ => Error::Os(Errno::EINVAL),
+    }
+}
+
+fn pad8(n: u64) -> u64 {
+    (n + 7) & !7
+}
+
+impl Ring {
+    /// Creates a ring with a data area of at least `capacity` bytes (rounded up to a
+    /// power of two within [`MIN_CAPACITY`]..=[`MAX_CAPACITY`]) that holds at most
+    /// `maxsize` messages (0: unbounded), and its bell pipe.
+    pub fn new(capacity: usize, maxsize: u64) -> Result<Ring> {
+        let cap = capacity
+            .clamp(MIN_CAPACITY, MAX_CAPACITY)
+            .next_power_of_two();
+        let seg = Segment::new(HEADER + cap)?;
+        let hdr = seg.as_ptr().cast::<Header>();
+        // SAFETY: the segment is fresh, page aligned and HEADER + cap long; nobody else
+        // maps it yet. Writing the immutable fields before sharing is ordered before any
+        // other process's access by the fd passing (a syscall) that shares it.
+        unsafe {
+            (*hdr).meta.0.magic = MAGIC;
+            (*hdr).meta.0.capacity = cap as u64;
+            (*hdr).meta.0.maxsize = maxsize;
+            for slot in [
+                &raw mut (*hdr).wlock.0,
+                &raw mut (*hdr).rlock.0,
+                &raw mut (*hdr).bell_lock.0,
+            ] {
+                RawSemaphore::init(
+                    slot.cast::<u8>(),
+                    STATE_SIZE,
+                    SemKind::Semaphore,
+                    1,
+                    1,
+                    Recovery::DeadOwner,
+                )
+                .map_err(sync_err)?;
+            }
+        }
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        Self::attach(seg, r, w)
+    }
+
+    /// A handle on the ring in `seg` (a segment of [`Ring::fd`], inherited or passed),
+    /// with its bell pipe's two ends.
+    ///
+    /// Errors: `Os(EINVAL)` when the segment holds no ring.
+    pub fn attach(seg: Segment, bell_r: OwnedFd, bell_w: OwnedFd) -> Result<Ring> {
+        if seg.len() < HEADER + MIN_CAPACITY {
+            return Err(Error::Os(Errno::EINVAL));
+        }
+        let base = seg.as_ptr();
+        let hdr = NonNull::new(base.cast::<Header>()).ok_or(Error::Os(Errno::EINVAL))?;
+        // SAFETY: the mapping is at least HEADER bytes and page aligned; the immutable
+        // fields were written before the segment was shared.
+        let meta = unsafe { &(*hdr.as_ptr()).meta.0 };
+        let cap = meta.capacity;
+        if meta.magic != MAGIC || !cap.is_power_of_two() || HEADER as u64 + cap > seg.len() as u64 {
+            return Err(Error::Os(Errno::EINVAL));
+        }
+        let maxsize = meta.maxsize;
+        // SAFETY: the three lock slots are 64-byte aligned, STATE_SIZE long, inside the
+        // mapping that this handle keeps alive, and were initialised by `new`.
+        let (wlock, rlock, bell_lock) = unsafe {
+            let h = hdr.as_ptr();
+            (
+                RawSemaphore::attach((&raw mut (*h).wlock.0).cast(), STATE_SIZE),
+                RawSemaphore::attach((&raw mut (*h).rlock.0).cast(), STATE_SIZE),
+                RawSemaphore::attach((&raw mut (*h).bell_lock.0).cast(), STATE_SIZE),
+            )
+        };
+        let wlock = wlock.map_err(sync_err)?;
+        let rlock = rlock.map_err(sync_err)?;
+        let bell_lock = bell_lock.map_err(sync_err)?;
+        // SAFETY: HEADER is within the mapping (checked above).
+        let data = unsafe { base.add(HEADER) };
+        Ok(Ring {
+            seg,
+            hdr,
+            data,
+            cap,
+            maxsize,
+            wlock,
+            rlock,
+            bell_lock,
+            bell_r,
+            bell_w,
+        })
+    }
+
+    fn h(&self) -> &Header {
+        // SAFETY: the mapping outlives `self`; shared fields are atomics or immutable.
+        unsafe { self.hdr.as_ref() }
+    }
+
+    /// The segment's memfd, to pass to another process.
+    pub fn fd(&self) -> RawFd {
+        self.seg.as_raw_fd()
+    }
+
+    /// The bell pipe's read and write ends.
+    pub fn bell_fds(&self) -> (RawFd, RawFd) {
+        (self.bell_r.as_raw_fd(), self.bell_w.as_raw_fd())
+    }
+
+    /// The data area's size in bytes.
+    pub fn capacity(&self) -> usize {
+        self.cap as usize
+    }
+
+    /// The message limit given at creation (0: unbounded).
+    pub fn maxsize(&self) -> u64 {
+        self.maxsize
+    }
+
+    /// Messages put (slots reserved) and not yet taken.
+    pub fn items(&self) -> u64 {
+        let h = self.h();
+        // Read the freed count first: it never passes the reserved count.
+        let freed = h.cons.0.slots.load(Ordering::SeqCst);
+        h.prod.0.slots.load(Ordering::SeqCst).saturating_sub(freed)
+    }
+
+    /// Whether no published byte is waiting to be read.
+    pub fn is_empty(&self) -> bool {
+        let h = self.h();
+        h.prod.0.pos.load(Ordering::SeqCst) == h.cons.0.pos.load(Ordering::SeqCst)
+    }
+
+    /// Whether `maxsize` messages are queued.
+    pub fn is_full(&self) -> bool {
+        self.maxsize != 0 && self.items() >= self.maxsize
+    }
+
+    // ----- waiting -------------------------------------------------------------------
+
+    /// Waits on `w` until `ready()`; false when `deadline` passed first. `check` runs
+    /// about every [`OWNER_CHECK_PERIOD`] while asleep (for dead-peer detection).
+    fn wait_on(
+        &self,
+        w: &Wait,
+        deadline: Option<Instant>,
+        intr: Intr,
+        ready: &mut dyn FnMut() -> bool,
+        check: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<bool> {
+        if ready() {
+            return Ok(true);
+        }
+        let start = Instant::now();
+        if deadline.is_some_and(|d| start >= d) {
+            return Ok(false);
+        }
+        if spin::spin_until(deadline, &mut *ready) {
+            return Ok(true);
+        }
+        w.waiters.fetch_add(1, Ordering::SeqCst);
+        let r = (|| loop {
+            let seq = w.seq.load(Ordering::SeqCst);
+            if ready() {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(false);
+            }
+            let mut timeout = OWNER_CHECK_PERIOD;
+            if let Some(d) = deadline {
+                timeout = timeout.min(d - now);
+            }
+            match futex_wait(&w.seq, seq, timeout) {
+                Ok(true) => {}
+                Ok(false) => check()?,
+                Err(Errno::EINTR) => intr()?,
+                Err(e) => return Err(Error::Os(e)),
+            }
+        })();
+        w.waiters.fetch_sub(1, Ordering::SeqCst);
+        spin::note_blocked(start.elapsed());
+        r
+    }
+
+    /// Wakes the sleepers of `w` after a `SeqCst` store that changed their condition.
+    /// With nobody asleep this is one load: a waiter counts itself in *before* its
+    /// last check of the condition, so if the load misses it, that check sees the
+    /// change (see the module docs).
+    fn wake(w: &Wait) {
+        if w.waiters.load(Ordering::SeqCst) != 0 {
+            w.seq.fetch_add(1, Ordering::SeqCst);
+            futex_wake(&w.seq);
+        }
+    }
+
+    fn lock(&self, lock: &RawSemaphore, deadline: Option<Instant>, intr: Intr) -> Result<bool> {
+        loop {
+            match lock.acquire(deadline) {
+                Ok(got) => return Ok(got),
+                Err(SyncError::Interrupted) => intr()?,
+                Err(e) => return Err(sync_err(e)),
+            }
+        }
+    }
+
+    // ----- producing -----------------------------------------------------------------
+
+    /// Reserves a message slot (waiting while `maxsize` are queued) and, if `write`,
+    /// writes `msg` when that needs no waiting for space.
+    pub fn offer(
+        &self,
+        msg: &[u8],
+        deadline: Option<Instant>,
+        write: bool,
+        intr: Intr,
+    ) -> Result<Offer> {
+        if !self.reserve(deadline, intr)? {
+            return Ok(Offer::Full);
+        }
+        if write && self.try_write(msg) {
+            Ok(Offer::Written)
+        } else {
+            Ok(Offer::Reserved)
+        }
+    }
+
+    /// Takes a message slot: always at once when unbounded.
+    pub fn reserve(&self, deadline: Option<Instant>, intr: Intr) -> Result<bool> {
+        let h = self.h();
+        let reserved = &h.prod.0.slots;
+        if self.maxsize == 0 {
+            reserved.fetch_add(1, Ordering::SeqCst);
+            return Ok(true);
+        }
+        let max = self.maxsize;
+        let mut take = || {
+            let mut n = reserved.load(Ordering::SeqCst);
+            while n.saturating_sub(h.cons.0.slots.load(Ordering::SeqCst)) < max {
+                match reserved.compare_exchange_weak(n, n + 1, Ordering::SeqCst, Ordering::SeqCst) {
+                    Ok(_) => return true,
+                    Err(seen) => n = seen,
+                }
+            }
+            false
+        };
+        self.wait_on(&self.h().space.0, deadline, intr, &mut take, &mut || Ok(()))
+    }
+
+    /// Gives back a slot taken by [`reserve`](Self::reserve) for a message that will
+    /// not be written.
+    pub fn unreserve(&self) {
+        self.release_slot();
+    }
+
+    fn release_slot(&self) {
+        let h = self.h();
+        h.cons.0.slots.fetch_add(1, Ordering::SeqCst);
+        if self.maxsize != 0 {
+            Self::wake(&h.space.0);
+        }
+    }
+
+    fn free_space(&self) -> u64 {
+        let h = self.h();
+        // Only the write-lock holder moves head; tail only grows.
+        self.cap - (h.prod.0.pos.load(Ordering::Relaxed) - h.cons.0.pos.load(Ordering::Acquire))
+    }
+
+    fn whole_fits(&self, len: usize) -> bool {
+        REC_HDR + pad8(len as u64) <= self.cap / 2
+    }
+
+    /// Writes `msg` (a slot already reserved) if the write lock is free and there is
+    /// room right now; never waits.
+    pub fn try_write(&self, msg: &[u8]) -> bool {
+        if !self.whole_fits(msg.len()) || self.wlock.try_acquire().is_err() {
+            return false;
+        }
+        let done = self.h().prod.0.open.load(Ordering::Relaxed) == 0
+            && self.free_space() >= REC_HDR + pad8(msg.len() as u64);
+        if done {
+            self.put_record(WHOLE, &[msg]);
+        }
+        let _ = self.wlock.release();
+        if done {
+            self.after_put();
+        }
+        done
+    }
+
+    /// Writes `msg` (a slot already reserved) as one record if that can be done by
+    /// `deadline`; false (nothing written, the slot still reserved) otherwise, and
+    /// always for a message that needs chunks.
+    pub fn write_until(&self, msg: &[u8], deadline: Instant, intr: Intr) -> Result<bool> {
+        if !self.whole_fits(msg.len()) {
+            return Ok(false);
+        }
+        if !self.lock(&self.wlock, Some(deadline), intr)? {
+            return Ok(false);
+        }
+        let need = REC_HDR + pad8(msg.len() as u64);
+        let h = self.h();
+        let mut ready = || self.free_space() >= need;
+        let r = if h.prod.0.open.load(Ordering::Relaxed) != 0 {
+            Ok(false)
+        } else {
+            self.wait_on(&h.space.0, Some(deadline), intr, &mut ready, &mut || Ok(()))
+        };
+        if let Ok(true) = r {
+            self.put_record(WHOLE, &[msg]);
+        }
+        let _ = self.wlock.release();
+        if let Ok(true) = r {
+            self.after_put();
+        }
+        r
+    }
+
+    /// Writes `msg` (a slot already reserved), waiting for the write lock and for room.
+    /// A message larger than half the buffer is streamed in chunks while a consumer
+    /// copies it out. If `intr` stops it in the middle, the message is aborted.
+    pub fn write(&self, msg: &[u8], intr: Intr) -> Result<()> {
+        self.lock(&self.wlock, None, intr)?;
+        let r = self.write_locked(msg, intr);
+        let _ = self.wlock.release();
+        self.after_put();
+        r
+    }
+
+    fn write_locked(&self, msg: &[u8], intr: Intr) -> Result<()> {
+        let h = self.h();
+        if h.prod.0.open.load(Ordering::Relaxed) != 0 {
+            // A previous writer left a chunked message open: close it first.
+            self.wait_space(REC_HDR, intr)
+                .inspect_err(|_| self.release_slot())?;
+            self.abort_open();
+        }
+        if self.whole_fits(msg.len()) {
+            // Interrupted before anything is published: the slot goes back.
+            self.wait_space(REC_HDR + pad8(msg.len() as u64), intr)
+                .inspect_err(|_| self.release_slot())?;
+            self.put_record(WHOLE, &[msg]);
+            return Ok(());
+        }
+        // Chunked: chunks of at least an eighth of the buffer, so the consumer copies
+        // big pieces, and at most half, so both sides work at once.
+        let total = (msg.len() as u64).to_le_bytes();
+        let chunk_max = (self.cap / 2 - REC_HDR) as usize;
+        let first = chunk_max - 8;
+        let mut off = msg.len().min(first);
+        self.wait_space(REC_HDR + 8 + pad8(off as u64), intr)
+            .inspect_err(|_| self.release_slot())?;
+        h.prod.0.open.store(1, Ordering::Relaxed);
+        self.put_record(FIRST, &[&total, &msg[..off]]);
+        let min_chunk = (self.cap / 8) as usize;
+        while off < msg.len() {
+            let left = msg.len() - off;
+            let want = left.min(min_chunk);
+            if let Err(e) = self.wait_space(REC_HDR + pad8(want as u64), intr) {
+                // Interrupted: abort now if there is room, else leave the message open
+                // for the next writer (or the waiting consumer) to abort; whoever
+                // aborts it gives its slot back.
+                if self.free_space() >= REC_HDR {
+                    self.abort_open();
+                }
+                return Err(e);
+            }
+            let room = (self.free_space() - REC_HDR) as usize & !7;
+            let n = left.min(room).min(chunk_max);
+            self.put_record(MORE, &[&msg[off..off + n]]);
+            off += n;
+        }
+        h.prod.0.open.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes an ABORT record for the open chunked message (the write lock is held and
+    /// there are at least REC_HDR free bytes) and gives its slot back.
+    fn abort_open(&self) {
+        self.put_record(ABORT, &[]);
+        self.h().prod.0.open.store(0, Ordering::Relaxed);
+        self.release_slot();
+    }
+
+    fn wait_space(&self, need: u64, intr: Intr) -> Result<()> {
+        let mut ready = || self.free_space() >= need;
+        self.wait_on(&self.h().space.0, None, intr, &mut ready, &mut || Ok(()))?;
+        Ok(())
+    }
+
+    /// Copies one record (header + the concatenation of `parts`) at `head` and
+    /// publishes it. The write lock is held and the space was checked.
+    fn put_record(&self, kind: u32, parts: &[&[u8]]) {
+        let h = self.h();
+        let head = h.prod.0.pos.load(Ordering::Relaxed);
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut hdr = [0u8; 8];
+        hdr[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        hdr[4..].copy_from_slice(&kind.to_le_bytes());
+        self.copy_in(head, &hdr);
+        let mut at = head + REC_HDR;
+        for p in parts {
+            self.copy_in(at, p);
+            at += p.len() as u64;
+        }
+        // SeqCst: the wake-up check must not be ordered before the publication.
+        h.prod
+            .0
+            .pos
+            .store(head + REC_HDR + pad8(len as u64), Ordering::SeqCst);
+        Self::wake(&h.data.0);
+    }
+
+    fn after_put(&self) {
+        let h = self.h();
+        if h.counts.0.bell_armed.load(Ordering::Relaxed) != 0 {
+            self.bell_step();
+        }
+    }
+
+    fn copy_in(&self, at: u64, src: &[u8]) {
+        let off = (at & (self.cap - 1)) as usize;
+        let first = src.len().min(self.cap as usize - off);
+        // SAFETY: off + first <= cap and src.len() - first <= cap - first (a record never
+        // exceeds the free space, which is at most cap), so both copies stay inside the
+        // data area; these bytes are free space owned by the write-lock holder until
+        // head is published, so no other process reads or writes them meanwhile.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.data.add(off), first);
+            std::ptr::copy_nonoverlapping(src.as_ptr().add(first), self.data, src.len() - first);
+        }
+    }
+
+    fn copy_out(&self, at: u64, dst: *mut u8, n: usize) {
+        let off = (at & (self.cap - 1)) as usize;
+        let first = n.min(self.cap as usize - off);
+        // SAFETY: as in copy_in, both ranges are inside the data area; they hold
+        // published bytes that only the read-lock holder consumes, and `dst` is valid
+        // for `n` bytes (the caller's contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.data.add(off), dst, first);
+            std::ptr::copy_nonoverlapping(self.data, dst.add(first), n - first);
+        }
+    }
+
+    // ----- consuming -----------------------------------------------------------------
+
+    fn record_at(&self, tail: u64) -> (u32, u32) {
+        let mut hdr = [0u8; 8];
+        self.copy_out(tail, hdr.as_mut_ptr(), 8);
+        let len = u32::from_le_bytes(hdr[..4].try_into().unwrap());
+        let kind = u32::from_le_bytes(hdr[4..].try_into().unwrap());
+        (len, kind)
+    }
+
+    fn has_data(&self) -> bool {
+        let h = self.h();
+        h.prod.0.pos.load(Ordering::Acquire) != h.cons.0.pos.load(Ordering::Relaxed)
+    }
+
+    fn advance(&self, by: u64) {
+        let h = self.h();
+        let tail = h.cons.0.pos.load(Ordering::Relaxed);
+        h.cons.0.pos.store(tail + by, Ordering::SeqCst);
+        Self::wake(&h.space.0);
+    }
+
+    /// Takes the next message without waiting if the read lock is free and a whole
+    /// message is there: `alloc(len)` gives the destination buffer. `None`: nothing
+    /// ready right now (or the read lock is busy).
+    pub fn try_get<B>(
+        &self,
+        alloc: &mut dyn FnMut(usize) -> Result<(B, *mut u8)>,
+    ) -> Result<Option<B>> {
+        if !self.has_data() || self.rlock.try_acquire().is_err() {
+            return Ok(None);
+        }
+        let h = self.h();
+        let mut out = None;
+        if h.cons.0.open.load(Ordering::Relaxed) == 0 && self.has_data() {
+            let tail = h.cons.0.pos.load(Ordering::Relaxed);
+            let (len, kind) = self.record_at(tail);
+            if kind == WHOLE {
+                match alloc(len as usize) {
+                    Ok((b, ptr)) => {
+                        self.copy_out(tail + REC_HDR, ptr, len as usize);
+                        self.advance(REC_HDR + pad8(len as u64));
+                        out = Some(b);
+                    }
+                    Err(e) => {
+                        let _ = self.rlock.release();
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let _ = self.rlock.release();
+        if out.is_some() {
+            self.after_get();
+        }
+        Ok(out)
+    }
+
+    /// Takes the next message, waiting until `deadline` (forever if `None`); `None` when
+    /// the deadline passed with nothing to take.
+    ///
+    /// `alloc(len)` is called, without the caller's other locks, to get the buffer
+    /// for a message of `len` bytes (the pointer must stay valid until the result is
+    /// returned). The deadline covers waiting for a message to start; once a chunked
+    /// message has started, the call waits for its end (or its abort).
+    pub fn get<B>(
+        &self,
+        deadline: Option<Instant>,
+        alloc: &mut dyn FnMut(usize) -> Result<(B, *mut u8)>,
+        intr: Intr,
+    ) -> Result<Option<B>> {
+        if !self.lock(&self.rlock, deadline, intr)? {
+            return Ok(None);
+        }
+        let r = self.get_locked(deadline, alloc, intr);
+        let _ = self.rlock.release();
+        if matches!(r, Ok(Some(_))) {
+            self.after_get();
+        }
+        r
+    }
+
+    fn after_get(&self) {
+        self.release_slot();
+        if self.h().counts.0.bell_armed.load(Ordering::Relaxed) != 0 {
+            self.bell_step();
+        }
+    }
+
+    fn get_locked<B>(
+        &self,
+        deadline: Option<Instant>,
+        alloc: &mut dyn FnMut(usize) -> Result<(B, *mut u8)>,
+        intr: Intr,
+    ) -> Result<Option<B>> {
+        let h = self.h();
+        if h.cons.0.open.load(Ordering::Relaxed) != 0 {
+            self.skip_open(intr)?;
+        }
+        loop {
+            if !self.wait_data(deadline, intr)? {
+                return Ok(None);
+            }
+            let tail = h.cons.0.pos.load(Ordering::Relaxed);
+            let (len, kind) = self.record_at(tail);
+            match kind {
+                WHOLE => {
+                    let (b, ptr) = alloc(len as usize)?;
+                    self.copy_out(tail + REC_HDR, ptr, len as usize);
+                    self.advance(REC_HDR + pad8(len as u64));
+                    return Ok(Some(b));
+                }
+                FIRST => {
+                    let mut total = [0u8; 8];
+                    self.copy_out(tail + REC_HDR, total.as_mut_ptr(), 8);
+                    let total = u64::from_le_bytes(total) as usize;
+                    let first = len as usize - 8;
+                    let (b, ptr) = alloc(total)?;
+                    self.copy_out(tail + REC_HDR + 8, ptr, first);
+                    h.cons
+                        .0
+                        .open
+                        .store((total - first) as u64, Ordering::Relaxed);
+                    self.advance(REC_HDR + pad8(len as u64));
+                    if self.read_rest(ptr, first, total, intr)? {
+                        return Ok(Some(b));
+                    }
+                    // Aborted by its producer: wait for the next message.
+                }
+                _ => {
+                    // ABORT of a message we never started, or a stray MORE: drop it.
+                    self.advance(REC_HDR + pad8(len as u64));
+                }
+            }
+        }
+    }
+
+    /// Copies the chunks of an open message into `ptr[at..total]`; false if it was
+    /// aborted. `read_open` tracks what is left, so an interrupted read leaves the
+    /// stream for the next consumer to skip.
+    fn read_rest(&self, ptr: *mut u8, mut at: usize, total: usize, intr: Intr) -> Result<bool> {
+        let h = self.h();
+        while at < total {
+            self.wait_chunk(intr)?;
+            let tail = h.cons.0.pos.load(Ordering::Relaxed);
+            let (len, kind) = self.record_at(tail);
+            if kind != MORE {
+                h.cons.0.open.store(0, Ordering::Relaxed);
+                if kind == ABORT {
+                    self.advance(REC_HDR);
+                }
+                return Ok(false);
+            }
+            let n = (len as usize).min(total - at);
+            // SAFETY: at + n <= total, the length of the caller's buffer.
+            self.copy_out(tail + REC_HDR, unsafe { ptr.add(at) }, n);
+            at += n;
+            h.cons.0.open.store((total - at) as u64, Ordering::Relaxed);
+            self.advance(REC_HDR + pad8(len as u64));
+        }
+        Ok(true)
+    }
+
+    /// Drops the rest of a chunked message that a previous consumer left half read.
+    fn skip_open(&self, intr: Intr) -> Result<()> {
+        let h = self.h();
+        loop {
+            let left = h.cons.0.open.load(Ordering::Relaxed);
+            if left == 0 {
+                return Ok(());
+            }
+            self.wait_chunk(intr)?;
+            let tail = h.cons.0.pos.load(Ordering::Relaxed);
+            let (len, kind) = self.record_at(tail);
+            match kind {
+                MORE => {
+                    self.advance(REC_HDR + pad8(len as u64));
+                    let left = left.saturating_sub(len as u64);
+                    h.cons.0.open.store(left, Ordering::Relaxed);
+                    if left == 0 {
+                        // The message is complete and dropped: its slot is free.
+                        self.release_slot();
+                    }
+                }
+                ABORT => {
+                    self.advance(REC_HDR);
+                    h.cons.0.open.store(0, Ordering::Relaxed);
+                }
+                _ => {
+                    h.cons.0.open.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn wait_data(&self, deadline: Option<Instant>, intr: Intr) -> Result<bool> {
+        let mut ready = || self.has_data();
+        self.wait_on(&self.h().data.0, deadline, intr, &mut ready, &mut || Ok(()))
+    }
+
+    /// Waits for the next chunk of an open message. If its writer died (or gave up and
+    /// nobody aborted), abort the message on its behalf so this never waits forever.
+    fn wait_chunk(&self, intr: Intr) -> Result<()> {
+        let mut ready = || self.has_data();
+        let mut check = || {
+            self.rescue_open_message();
+            Ok(())
+        };
+        self.wait_on(&self.h().data.0, None, intr, &mut ready, &mut check)?;
+        Ok(())
+    }
+
+    /// If the write lock is free or its holder is dead while a chunked message is open,
+    /// take the lock and abort the message.
+    fn rescue_open_message(&self) {
+        let h = self.h();
+        if h.prod.0.open.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let took = match self.wlock.holder() {
+            None => self.wlock.try_acquire().is_ok(),
+            Some(pid) => self.wlock.take_over_dead(pid),
+        };
+        if !took {
+            return;
+        }
+        if h.prod.0.open.load(Ordering::Relaxed) != 0 && self.free_space() >= REC_HDR {
+            self.abort_open();
+        }
+        let _ = self.wlock.release();
+        Self::wake(&h.data.0);
+    }
+
+    // ----- the bell ------------------------------------------------------------------
+
+    /// Makes the bell pipe's read end readable exactly while the ring holds a message,
+    /// from now on and for every process using this ring.
+    pub fn arm_bell(&self) {
+        self.h().counts.0.bell_armed.store(1, Ordering::SeqCst);
+        self.bell_step();
+    }
+
+    fn bell_step(&self) {
+        let c = &self.h().counts.0;
+        let mut noop = || Ok(());
+        if !matches!(self.lock(&self.bell_lock, None, &mut noop), Ok(true)) {
+            return;
+        }
+        let want = !self.is_empty();
+        let rung = c.bell_rung.load(Ordering::Relaxed) != 0;
+        if want && !rung {
+            if nix::unistd::write(&self.bell_w, b"!").is_ok() {
+                c.bell_rung.store(1, Ordering::Relaxed);
+            }
+        } else if !want && rung {
+            let mut b = [0u8; 16];
+            let _ = nix::unistd::read(&self.bell_r, &mut b);
+            c.bell_rung.store(0, Ordering::Relaxed);
+        }
+        let _ = self.bell_lock.release();
+    }
+}
+
+fn futex_wait(
+    word: &AtomicU32,
+    expected: u32,
+    timeout: Duration,
+) -> std::result::Result<bool, Errno> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a live, aligned u32 in a shared mapping; `ts` outlives the call.
+    // A shared (non-private) futex, because other processes wake it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    match Errno::last() {
+        Errno::EAGAIN => Ok(true),
+        Errno::ETIMEDOUT => Ok(false),
+        e => Err(e),
+    }
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE only uses the address as a key.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+impl fmt::Debug for Ring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ring")
+            .field("capacity", &self.cap)
+            .field("maxsize", &self.maxsize)
+            .field("items", &self.items())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,330 @@
+"""The shared-memory ring under the queues: many producers and consumers, large
+messages, processes killed mid-operation, wait()-ability, Ctrl-C, and use by the
+stdlib's ProcessPoolExecutor. Every test runs under fork, spawn and forkserver; the
+stdlib is the oracle where the behaviour must match.
+"""
+
+import concurrent.futures
+import hashlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import signal
+import time
+
+import numpy
+import pytest
+
+import ferromp
+import ferromp.connection
+
+pytestmark = pytest.mark.timeout(90)
+
+BIG = 64 << 20
+
+
+@pytest.fixture(params=['fork', 'spawn', 'forkserver'])
+def ctx(request):
+    return ferromp.get_context(request.param)
+
+
+# --- child targets (module level: spawn and forkserver pickle them by reference) ---
+
+def _produce_tagged(q, tag, n):
+    for i in range(n):
+        q.put((tag, i))
+
+
+def _consume_n(q, n, out):
+    got = [q.get() for _ in range(n)]
+    out.put(got)
+
+
+def _put_big(q, seed):
+    q.put(_payload(seed))
+    q.put('after-big')
+
+
+def _payload(seed):
+    return hashlib.sha256(str(seed).encode()).digest() * (BIG // 32)
+
+
+def _put_array(q):
+    a = numpy.arange(BIG // 8, dtype=numpy.int64)
+    q.put(a)
+
+
+def _put_forever_big(q):
+    # Blocks inside the put of a message larger than the ring while nobody reads.
+    q.put(b'z' * (16 << 20))
+
+
+def _get_one(q, out):
+    out.put(q.get())
+
+
+def _put_later(q, delay, obj):
+    time.sleep(delay)
+    q.put(obj)
+
+
+def _square(x):
+    return x * x
+
+
+# --- many producers, many consumers ----------------------------------------------
+
+@pytest.mark.parametrize('kind', ['Queue', 'SimpleQueue', 'JoinableQueue'])
+def test_many_producers_many_consumers_count_checksum_and_order(ctx, kind):
+    q = getattr(ctx, kind)()
+    out = ctx.Queue()
+    n, producers, consumers = 3000, 3, 2
+    total = n * producers
+    per = [total // consumers + (i < total % consumers) for i in range(consumers)]
+    procs = [ctx.Process(target=_produce_tagged, args=(q, t, n)) for t in range(producers)]
+    procs += [ctx.Process(target=_consume_n, args=(q, k, out)) for k in per]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in range(consumers)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    flat = [x for part in got for x in part]
+    assert len(flat) == total
+    assert sorted(flat) == sorted((t, i) for t in range(producers) for i in range(n))
+    # Each consumer sees each producer's items in the order they were put.
+    for part in got:
+        for t in range(producers):
+            seq = [i for (tag, i) in part if tag == t]
+            assert seq == sorted(seq)
+    assert q.empty()
+
+
+# --- large and empty messages --------------------------------------------------
+
+@pytest.mark.parametrize('kind', ['Queue', 'SimpleQueue'])
+def test_64mib_bytes_from_a_child(ctx, kind):
+    q = getattr(ctx, kind)()
+    p = ctx.Process(target=_put_big, args=(q, 7))
+    p.start()
+    got = q.get()
+    assert len(got) == BIG and got == _payload(7)
+    assert q.get() == 'after-big'
+    p.join(30)
+    assert p.exitcode == 0
+
+
+def test_64mib_numpy_array_from_a_child(ctx):
+    q = ctx.Queue()
+    p = ctx.Process(target=_put_array, args=(q,))
+    p.start()
+    a = q.get()
+    p.join(30)
+    assert a.dtype == numpy.int64 and a.shape == (BIG // 8,)
+    assert a[0] == 0 and a[-1] == BIG // 8 - 1 and int(a.sum()) == (BIG // 8) * (BIG // 8 - 1) // 2
+    a[0] = 5  # writable, as the stdlib's is
+    assert p.exitcode == 0
+
+
+@pytest.mark.parametrize('obj', [b'', '', (), None, 0, b'x' * 65535, b'y' * 65536,
+                                 b'w' * (2 << 20) + b'!'])
+@pytest.mark.parametrize('mod', [ferromp, multiprocessing])
+def test_message_boundaries_match_the_stdlib(mod, obj):
+    # The stdlib's SimpleQueue cannot hold more than a pipe's worth in one process.
+    kinds = (mod.Queue(), mod.SimpleQueue()) if mod is ferromp else (mod.Queue(),)
+    for q in kinds:
+        q.put(obj)
+        q.put('next')
+        assert q.get() == obj
+        assert q.get() == 'next'
+
+
+def test_ring_wraps_around_many_times_in_one_process():
+    # Queue, not SimpleQueue: 5 MiB put in a row exceed the ring, and only Queue's
+    # feeder thread lets one process put more than the ring holds before it reads.
+    q = ferromp.Queue()
+    sizes = [1, 100, 4000, 70000, 300000, 1 << 20, 3 << 20]
+    for rnd in range(40):
+        for s in sizes:
+            q.put(bytes([rnd % 251]) * s)
+        for s in sizes:
+            got = q.get()
+            assert len(got) == s and got[:1] == bytes([rnd % 251])
+
+
+# --- maxsize, qsize, Full / Empty against the stdlib ----------------------------
+
+@pytest.mark.parametrize('mod', [ferromp, multiprocessing])
+def test_maxsize_qsize_full_empty(mod):
+    q = mod.Queue(maxsize=3)
+    assert q.empty() and not q.full() and q.qsize() == 0
+    for i in range(3):
+        q.put(i, timeout=1)
+    assert q.full() and q.qsize() == 3
+    t0 = time.monotonic()
+    with pytest.raises(queue.Full):
+        q.put(3, timeout=0.2)
+    assert 0.15 < time.monotonic() - t0 < 2
+    with pytest.raises(queue.Full):
+        q.put_nowait(3)
+    assert [q.get(timeout=5) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.1)
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    assert q.qsize() == 0 and not q.full()
+    q.close()
+    q.join_thread()
+
+
+def test_bounded_put_blocks_until_a_consumer_takes(ctx):
+    q = ctx.Queue(maxsize=1)
+    out = ctx.Queue()
+    q.put('first')
+    p = ctx.Process(target=_get_one, args=(q, out))
+    p.start()
+    q.put('second', timeout=30)  # unblocks once the child took 'first'
+    assert out.get(timeout=30) == 'first'
+    assert q.get(timeout=5) == 'second'
+    p.join(10)
+
+
+# --- processes killed mid-operation -------------------------------------------
+
+def test_killed_producer_in_the_middle_of_a_large_put(ctx):
+    # The child dies while streaming a message larger than the ring: its message is
+    # dropped, the queue keeps working for everyone else.
+    q = ctx.Queue()
+    p = ctx.Process(target=_put_forever_big, args=(q,))
+    p.start()
+    deadline = time.monotonic() + 30
+    while q.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    p.kill()
+    p.join(10)
+    q.put('survivor')
+    assert q.get(timeout=30) == 'survivor'
+    q.put('again')
+    assert q.get(timeout=10) == 'again'
+    assert q.qsize() == 0
+
+
+def test_killed_consumer_waiting_in_get(ctx):
+    # A consumer killed while it waits in get() holds the read side; the next consumer
+    # takes over from the dead one instead of waiting forever.
+    q = ctx.Queue()
+    out = ctx.Queue()
+    p = ctx.Process(target=_get_one, args=(q, out))
+    p.start()
+    time.sleep(0.5)
+    p.kill()
+    p.join(10)
+    q.put('for-the-living')
+    assert q.get(timeout=10) == 'for-the-living'
+    assert out.empty()
+
+
+def test_killed_producer_leaves_nothing_half_written(ctx):
+    # Kill producers at random points; every message that arrives is whole.
+    q = ctx.SimpleQueue()
+    for _ in range(3):
+        p = ctx.Process(target=_produce_tagged, args=(q, 'x', 10 ** 6))
+        p.start()
+        time.sleep(0.3)
+        p.kill()
+        p.join(10)
+    got = []
+    while not q.empty():
+        got.append(q.get())
+    assert got and all(tag == 'x' and isinstance(i, int) for tag, i in got)
+
+
+# --- waiting on the reader, Ctrl-C ------------------------------------------------
+
+@pytest.mark.parametrize('wait', [ferromp.connection.wait, multiprocessing.connection.wait])
+def test_simple_queue_reader_is_waitable(ctx, wait):
+    q = ctx.SimpleQueue()
+    assert wait([q._reader], 0.05) == []
+    p = ctx.Process(target=_put_later, args=(q, 0.2, 'ring'))
+    p.start()
+    assert wait([q._reader], 30) == [q._reader]
+    assert q._reader.poll()
+    assert q._reader.recv() == 'ring'
+    assert wait([q._reader], 0.05) == []
+    assert not q._reader.poll(0.01)
+    p.join(10)
+
+
+def test_blocking_get_wakes_on_a_signal_and_the_queue_stays_usable():
+    q = ferromp.Queue()
+
+    class Stop(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stop
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        t0 = time.monotonic()
+        with pytest.raises(Stop):
+            q.get()
+        assert time.monotonic() - t0 < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    q.put('still works')
+    assert q.get(timeout=5) == 'still works'
+
+
+# --- exit semantics -------------------------------------------------------------
+
+def test_joinable_queue_join_waits_for_every_task_done(ctx):
+    q = ctx.JoinableQueue()
+    out = ctx.Queue()
+    for i in range(5):
+        q.put(i)
+    p = ctx.Process(target=_consume_and_mark_done, args=(q, 5, out))
+    p.start()
+    q.join()
+    assert out.get(timeout=10) == list(range(5))
+    p.join(10)
+
+
+def _consume_and_mark_done(q, n, out):
+    got = []
+    for _ in range(n):
+        got.append(q.get())
+        time.sleep(0.01)
+        q.task_done()
+    out.put(got)
+
+
+def test_a_producer_can_be_joined_before_its_items_are_drained(ctx):
+    # cpython#73983: with the stdlib a process that put large items cannot be joined
+    # until someone reads them (its feeder thread blocks on a full pipe).
+    q = ctx.Queue()
+    p = ctx.Process(target=_produce_tagged, args=(q, 'p', 2000))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert [q.get(timeout=5) for _ in range(2000)] == [('p', i) for i in range(2000)]
+
+
+# --- the stdlib's ProcessPoolExecutor on a ferromp context ----------------------
+
+def test_stdlib_process_pool_executor_on_a_ferromp_context(ctx):
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as ex:
+        assert list(ex.map(_square, range(50))) == [x * x for x in range(50)]
+        fut = ex.submit(_square, 12)
+        assert fut.result(timeout=30) == 144
+
+
+def test_ring_capacity_is_shared_memory_not_a_pipe():
+    q = ferromp.Queue()
+    assert q._ring.capacity >= 1 << 20
+    r, w = q._ring.bell_fds
+    assert os.get_blocking(r) is False
