@@ -74,7 +74,7 @@
 use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -173,6 +173,10 @@ pub struct Ring {
     bell_lock: RawSemaphore,
     bell_r: OwnedFd,
     bell_w: OwnedFd,
+    /// Set when this process gave up reading (`Queue._reader.close()`): nobody may
+    /// ever drain the ring again, so writes waiting for room stop with EPIPE, as a
+    /// write to a pipe without readers does.
+    abandoned: AtomicBool,
 }
 
 // SAFETY: the shared header is only touched through atomics and the semaphores (which
@@ -277,6 +281,7 @@ impl Ring {
             bell_lock,
             bell_r,
             bell_w,
+            abandoned: AtomicBool::new(false),
         })
     }
 
@@ -574,8 +579,28 @@ impl Ring {
 
     fn wait_space(&self, need: u64, intr: Intr) -> Result<()> {
         let mut ready = || self.free_space() >= need;
-        self.wait_on(&self.h().space.0, None, intr, &mut ready, &mut || Ok(()))?;
+        let mut check = || self.check_abandoned();
+        self.wait_on(&self.h().space.0, None, intr, &mut ready, &mut check)?;
         Ok(())
+    }
+
+    fn check_abandoned(&self) -> Result<()> {
+        if self.abandoned.load(Ordering::Relaxed) {
+            Err(Error::Os(Errno::EPIPE))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// This process will not read any more and expects nobody else to: writes of this
+    /// handle that wait for room give up with EPIPE (within [`OWNER_CHECK_PERIOD`]).
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`abandon`](Self::abandon) was called on this handle.
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
     }
 
     /// Copies one record (header + the concatenation of `parts`) at `head` and

@@ -93,6 +93,10 @@ class Queue(object):
         # feeder removes one only after writing it, so while this is non-empty a new
         # put must queue behind it (a thread's puts stay in order).
         self._buffer = collections.deque()
+        # Stand-ins for the stdlib's pipe ends, for code that closes them (the stdlib
+        # ProcessPoolExecutor closes _reader when its workers died).
+        self._reader = _QueueReader(self._ring)
+        self._writer = _RingEnd(self._ring)
         self._thread = None
         self._jointhread = None
         self._joincancelled = False
@@ -244,6 +248,9 @@ class Queue(object):
                 try:
                     write(data)
                 except Exception as e:
+                    if isinstance(e, BrokenPipeError):
+                        # This process closed the reading end: nobody will read.
+                        return
                     if util.is_exiting():
                         util.info('error in queue thread: %s', e)
                         return
@@ -331,6 +338,17 @@ class _RingEnd(object):
             raise OSError("handle is closed")
 
     def close(self):
+        self._ring = None
+
+
+class _QueueReader(_RingEnd):
+    """``Queue._reader``: closing it means this process will not read again and
+    expects nobody to (the other readers are dead), so a feeder thread waiting for
+    room gives up instead of blocking the process's exit."""
+
+    def close(self):
+        if self._ring is not None:
+            self._ring.abandon()
         self._ring = None
 
 

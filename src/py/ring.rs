@@ -285,6 +285,9 @@ impl Ring {
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let r = &self.inner;
+        if r.is_abandoned() {
+            return Err(pyo3::exceptions::PyOSError::new_err("handle is closed"));
+        }
         let fast = r.try_get(&mut |n| self.landing(py, n))?;
         let got = match fast {
             Some(l) => Some(l),
@@ -320,6 +323,12 @@ impl Ring {
                 out
             }
         }
+    }
+
+    /// This process stops reading: a write waiting for room gives up with EPIPE and
+    /// later gets raise OSError, as with a closed pipe end.
+    fn abandon(&self) {
+        self.inner.abandon();
     }
 
     /// Messages put and not yet taken.
