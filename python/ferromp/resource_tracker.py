@@ -27,6 +27,13 @@ Differences from the stdlib, invisible to callers:
 * ``register`` / ``unregister`` write the message straight away and only look at
   the tracker's health when that write fails (EPIPE: the tracker died); the stdlib
   first writes a probe every time. One write per message instead of two.
+* The tracker reads its pipe in batches: after each read it naps for
+  ``_BATCH_DELAY`` before reading again. A write into a pipe whose reader sleeps in
+  ``read()`` pays for waking that process (about 8 us on this VM, most of a
+  ``SharedMemory()``); a write while the reader naps is a plain copy (under 1 us). The
+  pipe holds at least 64 KiB (1 MiB where the system allows), over a thousand
+  messages, far more than a program sends in one nap, so writers do not block; EOF
+  is seen at most one nap late.
 * ferromp's semaphores live in memfds and have no name (``synchronize``), so there
   is no ``'semaphore'`` resource type to clean up.
 """
@@ -35,6 +42,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 
 from . import _core
@@ -54,6 +62,10 @@ _CLEANUP_FUNCS = {
 # POSIX makes writes of up to PIPE_BUF (>= 512) bytes to a pipe atomic.
 _MAX_MSG = 512
 _PROBE = b'PROBE:0:noop\n'
+
+# The tracker's nap between two reads of its pipe (see the module docstring).
+_BATCH_DELAY = 0.005
+_PIPE_SIZE = 1 << 20
 
 
 class ResourceTracker(object):
@@ -199,21 +211,43 @@ def main(fd):
         except Exception:
             pass
 
+    try:
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except (ImportError, AttributeError, OSError):
+        pass  # the default 64 KiB is plenty too
+
     registered = {rtype: set() for rtype in _CLEANUP_FUNCS}
     try:
-        with open(fd, 'rb') as pipe:
-            for line in pipe:
-                try:
-                    _handle(line, registered)
-                except Exception:
-                    try:
-                        sys.excepthook(*sys.exc_info())
-                    except BaseException:
-                        pass
+        pending = b''
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            # Each message is one atomic write ending in a newline; a read may still
+            # stop in the middle of one, which then waits for the next read.
+            *lines, pending = (pending + chunk).split(b'\n')
+            for line in lines:
+                _handle_reporting(line, registered)
+            time.sleep(_BATCH_DELAY)
+        if pending:
+            _handle_reporting(pending, registered)
+        os.close(fd)
     finally:
         # EOF: every process of the program has exited. What is still registered
         # was leaked (its owner died or never unlinked it).
         _cleanup(registered)
+
+
+def _handle_reporting(line, registered):
+    # A bad message is reported on stderr and skipped; the tracker carries on.
+    try:
+        _handle(line, registered)
+    except Exception:
+        try:
+            sys.excepthook(*sys.exc_info())
+        except BaseException:
+            pass
 
 
 def _handle(line, registered):
