@@ -75,7 +75,8 @@ def sl_report(conn, name):
 
 def tracker_view(conn, parent_tracker_pid):
     """Whether this child uses its parent's tracker (same pid or none known, and the
-    pipe is alive), after ensure_running()."""
+    pipe is alive), after ensure_running(); and the inode of its tracker pipe."""
     rt = resource_tracker._resource_tracker
     rt.ensure_running()
-    conn.send((rt._pid in (None, parent_tracker_pid), rt._check_alive(), os.getpid()))
+    conn.send((rt._pid in (None, parent_tracker_pid), rt._check_alive(),
+               os.fstat(rt._fd).st_ino))

@@ -460,9 +460,12 @@ def test_children_share_the_tracker(start_method):
     r, w = start_method.Pipe(duplex=False)
     p = start_method.Process(target=_shm_helpers.tracker_view, args=(w, pid))
     p.start()
-    reused, alive, _ = r.recv()
+    reused, alive, inode = r.recv()
     p.join(START)
     assert reused and alive
+    # The very same pipe: no second tracker anywhere (under forkserver the fd came
+    # through the server).
+    assert inode == os.fstat(resource_tracker._resource_tracker._fd).st_ino
     assert resource_tracker._resource_tracker._pid == pid
 
 
@@ -615,3 +618,44 @@ def test_no_segment_outlives_a_busy_program(start_method):
     after = set(os.listdir('/dev/shm'))
     assert not (after - before) & set(made)
     assert not after & set(made)
+
+
+PRELOAD_SCRIPT = textwrap.dedent('''\
+    import os
+    import ferromp
+    from ferromp import forkserver
+
+    ctx = ferromp.get_context('forkserver')
+    lock = ctx.Lock()   # also made in the server, which preloads this module
+
+    def trackers(parents):
+        found = []
+        for pid in filter(str.isdigit, os.listdir('/proc')):
+            try:
+                with open('/proc/%s/cmdline' % pid, 'rb') as f:
+                    cmd = f.read()
+                with open('/proc/%s/stat' % pid) as f:
+                    ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+            except OSError:
+                continue
+            if b'ferromp.resource_tracker import main' in cmd and ppid in parents:
+                found.append(int(pid))
+        return found
+
+    if __name__ == '__main__':
+        p = ctx.Process(target=os.getpid)
+        p.start()
+        p.join()
+        assert p.exitcode == 0
+        print(len(trackers({os.getpid(), forkserver._forkserver._forkserver_pid})))
+''')
+
+
+def test_forkserver_preloading_main_uses_the_parents_tracker(tmp_path):
+    script = tmp_path / 'preload_main.py'
+    script.write_text(PRELOAD_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=child_env(), cwd=str(tmp_path), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ['1'], proc.stderr
+    assert proc.stderr == ''

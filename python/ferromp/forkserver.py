@@ -141,13 +141,16 @@ class ForkServer(object):
                     # means to do this but passes the wrong key and never does).
                     data.update(main_path=prep['init_main_from_path'],
                                 sys_argv=prep['sys_argv'], dir=prep['dir'])
+            # The server itself uses the parent's tracker too (a preloaded main
+            # module may create a SharedMemory or a spawn-context lock).
+            data['tracker_fd'] = tracker_fd = resource_tracker.getfd()
             ours, theirs = _core.socketpair()
             alive_r, alive_w = os.pipe()
             try:
                 exe = spawn.get_executable()
                 args = [exe] + util._args_from_interpreter_flags()
                 args += ['-c', cmd % (theirs, alive_r, self._preload_modules, data)]
-                pid = util.spawnv_passfds(exe, args, [theirs, alive_r])
+                pid = util.spawnv_passfds(exe, args, [theirs, alive_r, tracker_fd])
             except BaseException:
                 os.close(ours)
                 os.close(alive_w)
@@ -171,8 +174,10 @@ def _read_exact(fd, n):
 
 
 def main(ctl_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None,
-         dir=None):
+         dir=None, tracker_fd=None):
     """The server's loop: fork a child per request, report exit codes."""
+    server_tracker_fd = tracker_fd
+    resource_tracker._resource_tracker._fd = tracker_fd
     if preload:
         if sys_path is not None:
             sys.path[:] = sys_path
@@ -240,6 +245,8 @@ def main(ctl_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None,
                     for fd in (ctl_fd, alive_r, sig_r, sig_w, status_w,
                                *status_fds.values()):
                         os.close(fd)
+                    if server_tracker_fd is not None:
+                        os.close(server_tracker_fd)
                     _forkserver._inherited_fds = inherited
                     resource_tracker._resource_tracker._fd = tracker_fd
                     code = spawn._main(data_r, os.dup(data_r))
