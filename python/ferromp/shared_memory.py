@@ -176,11 +176,6 @@ class SharedMemory:
 _encoding = 'utf8'
 
 
-def _slot_size(nbytes):
-    # A str/bytes item gets the next multiple of 8 strictly above its length.
-    return ShareableList._alignment * (nbytes // ShareableList._alignment + 1)
-
-
 class ShareableList:
     """A list of fixed length whose items (int, float, bool, str, bytes, None) live
     in a shared memory block, readable and writable from every process that
@@ -230,11 +225,13 @@ class ShareableList:
             if isinstance(item, (str, bytes)):
                 # The stdlib's slot (from the length in characters), unless the
                 # UTF-8 bytes do not fit it.
-                slot = _slot_size(len(item))
+                slot = self._slot_size(len(item))
                 if len(value) > slot:
-                    slot = _slot_size(len(value))
+                    slot = self._slot_size(len(value))
                 fmt %= slot
             formats.append(fmt)
+        # Each format is stored in 8 bytes (an item of 100 MB would not fit).
+        assert all(len(fmt) <= 8 for fmt in formats), 'item too large for its format'
         self._list_len = len(formats)
         offsets = [0]
         for fmt in formats:
@@ -255,6 +252,10 @@ class ShareableList:
         struct.pack_into(self._format_back_transform_codes, buf,
                          self._offset_back_transform_codes,
                          *(self._extract_recreation_code(item) for item in items))
+
+    def _slot_size(self, nbytes):
+        # A str/bytes item gets the next multiple of 8 strictly above its length.
+        return self._alignment * (nbytes // self._alignment + 1)
 
     def _get_packing_format(self, position):
         "Gets the packing format for a single value stored in the list."
