@@ -230,10 +230,30 @@ def array_item(mp, n):
     return (time.perf_counter() - t) / n
 
 
+def _shm_cycle(SharedMemory):
+    shm = SharedMemory(create=True, size=4096)
+    other = SharedMemory(shm.name)
+    other.close()
+    shm.close()
+    shm.unlink()
+
+
+def shm_create_attach(mp, n):
+    """SharedMemory(create=True, size=4096) + attach by name + close both + unlink,
+    s per cycle (includes the resource tracker messages)."""
+    lib = type(mp).__module__.split('.')[0]
+    SharedMemory = importlib.import_module(lib + '.shared_memory').SharedMemory
+    _shm_cycle(SharedMemory)  # warm up: starts the resource tracker
+    t = time.perf_counter()
+    for _ in range(n):
+        _shm_cycle(SharedMemory)
+    return (time.perf_counter() - t) / n
+
+
 # Workloads whose cost does not depend on the start method run under the first only.
 ANY_METHOD = {'lock acquire+release, uncontended', 'Value(get_lock) += 1, 1 process',
               'Value.value read', 'Value.value write', 'RawValue.value read',
-              'Array[i] read'}
+              'Array[i] read', 'SharedMemory create+attach+unlink'}
 
 # name, function, kind ('time' or 'rate'), n for full run, n for --quick
 WORKLOADS = [
@@ -250,6 +270,7 @@ WORKLOADS = [
     ('Value.value write', value_write, 'time', 200000, 50000),
     ('RawValue.value read', rawvalue_read, 'time', 200000, 50000),
     ('Array[i] read', array_item, 'time', 200000, 50000),
+    ('SharedMemory create+attach+unlink', shm_create_attach, 'time', 5000, 1000),
 ]
 
 

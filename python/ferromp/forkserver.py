@@ -5,8 +5,9 @@ interpreter that has imported ferromp and the preload modules) and keeps a socke
 to it. To start a child, the parent sends the server, in one SCM_RIGHTS message, the
 read end of a data pipe, the write end of a status pipe and the fds the child must
 inherit; the server forks, answers with the pid, and when it reaps the child writes
-its exit code to the status pipe. The parent then writes the preparation data and the
-pickled Process into the data pipe.
+its exit code to the status pipe. The message also carries the resource tracker's
+fd, which the child keeps as its own (``resource_tracker``). The parent then writes
+the preparation data and the pickled Process into the data pipe.
 
 Differences from the stdlib, for speed: one persistent channel instead of a new unix
 socket connection per child, and a per-child status pipe as the child's sentinel.
@@ -20,6 +21,7 @@ import threading
 
 from . import _core
 from . import process
+from . import resource_tracker
 from . import spawn
 from . import util
 
@@ -87,15 +89,19 @@ class ForkServer(object):
 
         Returns ``(pid, status_r, data_w)``: the child's pid, the fd that turns
         readable with its exit code, and the pipe to write its start data into."""
-        if len(fds) + 2 >= MAXFDS_TO_SEND:
+        if len(fds) + 3 >= MAXFDS_TO_SEND:
             raise ValueError('too many fds')
         for attempt in (0, 1):
             self.ensure_running()
+            # Each child gets the current tracker's fd (a dead tracker is replaced
+            # between two children), as the stdlib passes it with every request.
+            tracker_fd = resource_tracker.getfd()
             data_r, data_w = os.pipe()
             status_r, status_w = os.pipe()
             try:
                 with self._lock:
-                    _core.sendfds(self._ctl_fd, b'F', [data_r, status_w] + list(fds))
+                    _core.sendfds(self._ctl_fd, b'F',
+                                  [data_r, status_w, tracker_fd] + list(fds))
                     pid = SIGNED_STRUCT.unpack(_read_exact(self._ctl_fd, 8))[0]
             except (OSError, EOFError):
                 os.close(data_w)
@@ -135,13 +141,16 @@ class ForkServer(object):
                     # means to do this but passes the wrong key and never does).
                     data.update(main_path=prep['init_main_from_path'],
                                 sys_argv=prep['sys_argv'], dir=prep['dir'])
+            # The server itself uses the parent's tracker too (a preloaded main
+            # module may create a SharedMemory or a spawn-context lock).
+            data['tracker_fd'] = tracker_fd = resource_tracker.getfd()
             ours, theirs = _core.socketpair()
             alive_r, alive_w = os.pipe()
             try:
                 exe = spawn.get_executable()
                 args = [exe] + util._args_from_interpreter_flags()
                 args += ['-c', cmd % (theirs, alive_r, self._preload_modules, data)]
-                pid = util.spawnv_passfds(exe, args, [theirs, alive_r])
+                pid = util.spawnv_passfds(exe, args, [theirs, alive_r, tracker_fd])
             except BaseException:
                 os.close(ours)
                 os.close(alive_w)
@@ -165,8 +174,10 @@ def _read_exact(fd, n):
 
 
 def main(ctl_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None,
-         dir=None):
+         dir=None, tracker_fd=None):
     """The server's loop: fork a child per request, report exit codes."""
+    server_tracker_fd = tracker_fd
+    resource_tracker._resource_tracker._fd = tracker_fd
     if preload:
         if sys_path is not None:
             sys.path[:] = sys_path
@@ -219,11 +230,11 @@ def main(ctl_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None,
                 msg, fds = _core.recvfds(ctl_fd, 16)
             except EOFError:
                 sys.exit(0)
-            if msg != b'F' or len(fds) < 2:
+            if msg != b'F' or len(fds) < 3:
                 for fd in fds:
                     os.close(fd)
                 continue
-            data_r, status_w, inherited = fds[0], fds[1], fds[2:]
+            data_r, status_w, tracker_fd, inherited = fds[0], fds[1], fds[2], fds[3:]
             pid = _core.fork()
             if pid == 0:
                 code = 1
@@ -234,7 +245,10 @@ def main(ctl_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None,
                     for fd in (ctl_fd, alive_r, sig_r, sig_w, status_w,
                                *status_fds.values()):
                         os.close(fd)
+                    if server_tracker_fd is not None:
+                        os.close(server_tracker_fd)
                     _forkserver._inherited_fds = inherited
+                    resource_tracker._resource_tracker._fd = tracker_fd
                     code = spawn._main(data_r, os.dup(data_r))
                 except Exception:
                     # E.g. the RuntimeError of a main module that starts a process
@@ -245,6 +259,7 @@ def main(ctl_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None,
                     util._flush_std_streams()
                     os._exit(code)
             os.close(data_r)
+            os.close(tracker_fd)
             for fd in inherited:
                 os.close(fd)
             status_fds[pid] = status_w

@@ -9,8 +9,10 @@ Every primitive rests on ``_core.SemLock``, a futex-based semaphore in a memfd
 Differences from the stdlib, all invisible to code written for it:
 
 * The semaphores have no name: nothing is registered with the resource tracker and
-  nothing can leak when a process is killed. A SemLock travels to a child being started
-  as its memfd (``reduction.DupFd``), under every start method.
+  nothing can leak when a process is killed (a spawn or forkserver context still
+  starts the tracker when it makes one, as the stdlib's registration does). A
+  SemLock travels to a child being started as its memfd (``reduction.DupFd``), under
+  every start method.
 * A ``Lock`` or ``RLock`` whose holder process died (SIGKILL, ``os._exit`` while
   holding it) is taken over by the next process that waits for it, instead of
   blocking forever. ``BoundedSemaphore(1)`` keeps the stdlib's behaviour, because a
@@ -68,6 +70,13 @@ class SemLock(object):
         # (its named semaphore is already unlinked then). Ours would work, but code
         # must not come to rely on that, so the same RuntimeError is raised.
         self._is_fork_ctx = ctx.get_start_method() == 'fork'
+        if not self._is_fork_ctx:
+            # The stdlib registers a spawn/forkserver-context semaphore with the
+            # resource tracker, which starts the tracker (or relaunches a dead one,
+            # with its warning). Ours has no name to register, but the children it
+            # is meant for get the tracker all the same, so start it now too.
+            from . import resource_tracker
+            resource_tracker.ensure_running()
         # Unnamed (name None, unlink True): a memfd needs no name to be shared.
         sl = self._semlock = _core.SemLock(kind, value, maxvalue, None, True,
                                            recover=self._recover)

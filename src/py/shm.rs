@@ -1,4 +1,7 @@
-//! Bindings for `shm`: `ferromp._core.Segment`, the memfd behind `heap.Arena`.
+//! Bindings for `shm`: `ferromp._core.Segment`, the memfd behind `heap.Arena`, and the
+//! named-segment functions behind `shared_memory.SharedMemory` (`shm_open`,
+//! `shm_open_sized`, `shm_unlink`, with the signatures and errors of CPython's
+//! `_posixshmem`).
 //!
 //! # Design
 //!
@@ -29,16 +32,32 @@
 //! cell calls the lock's own `acquire()` / `release()`, exactly as the stdlib's
 //! wrappers do. The value itself is read and written through the ctypes object, so
 //! conversions and errors are ctypes' own.
+//!
+//! # Named segments
+//!
+//! `shm_open` / `shm_unlink` take the name as a `str` and raise `OSError(errno,
+//! strerror, name)`, which CPython turns into `FileExistsError` / `FileNotFoundError`
+//! with `.errno` and `.filename` set, as `_posixshmem` does. One difference: a name
+//! with an embedded NUL raises `ValueError`, where `_posixshmem` silently cuts the name
+//! at the NUL and opens another object. The mapping is not made here: the buffer
+//! users see must be Python's `mmap.mmap` (see above), and a second, core-side
+//! mapping would only double the cost of every `SharedMemory()`. None of these calls
+//! releases the GIL: opening a tmpfs file does not block, and detaching would cost
+//! more than the call.
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::OnceLock;
 
 use memmap2::{MmapMut, MmapOptions};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyString, PyTuple};
 
+use crate::error::Error;
 use crate::shm::Segment;
 use crate::sync::{RawSemaphore, STATE_SIZE};
 
@@ -243,7 +262,73 @@ impl PySharedCell {
     }
 }
 
+/// The name as a C string; `ValueError` for an embedded NUL (as `os.open` does).
+fn shm_name(path: &Bound<'_, PyString>) -> PyResult<CString> {
+    CString::new(path.to_cow()?.into_owned())
+        .map_err(|_| PyValueError::new_err("embedded null character"))
+}
+
+/// A core error of a call on `path`: an OS error carries the name, as `_posixshmem`'s.
+fn named_err(e: Error, path: &Bound<'_, PyString>) -> PyErr {
+    match e {
+        Error::Os(errno) => PyOSError::new_err((
+            errno as i32,
+            errno.desc().to_string(),
+            path.clone().unbind(),
+        )),
+        other => other.into(),
+    }
+}
+
+/// `shm_open(path, flags, mode=0o777)`: opens the POSIX shared-memory object `path`
+/// and returns the new fd (close-on-exec), as `_posixshmem.shm_open`.
+#[pyfunction]
+#[pyo3(signature = (path, flags, mode = 0o777))]
+fn shm_open(path: &Bound<'_, PyString>, flags: i32, mode: u32) -> PyResult<i32> {
+    let name = shm_name(path)?;
+    let fd = crate::shm::shm_open(
+        &name,
+        OFlag::from_bits_retain(flags),
+        Mode::from_bits_truncate(mode),
+    )
+    .map_err(|e| named_err(e, path))?;
+    Ok(fd.into_raw_fd())
+}
+
+/// `shm_open_sized(path, flags, mode=0o600, size=0)`: `shm_open`, then `ftruncate` to
+/// `size` unless it is 0, then `fstat`; returns `(fd, size)`. A failure after creating
+/// the object with `O_CREAT | O_EXCL` unlinks it again.
+#[pyfunction]
+#[pyo3(signature = (path, flags, mode = 0o600, size = 0))]
+fn shm_open_sized(
+    path: &Bound<'_, PyString>,
+    flags: i32,
+    mode: u32,
+    size: usize,
+) -> PyResult<(i32, usize)> {
+    let name = shm_name(path)?;
+    let (fd, len) = crate::shm::open_sized(
+        &name,
+        OFlag::from_bits_retain(flags),
+        Mode::from_bits_truncate(mode),
+        size,
+    )
+    .map_err(|e| named_err(e, path))?;
+    Ok((fd.into_raw_fd(), len))
+}
+
+/// `shm_unlink(path)`: removes the name of a POSIX shared-memory object, as
+/// `_posixshmem.shm_unlink`.
+#[pyfunction]
+fn shm_unlink(path: &Bound<'_, PyString>) -> PyResult<()> {
+    let name = shm_name(path)?;
+    crate::shm::shm_unlink(&name).map_err(|e| named_err(e, path))
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySegment>()?;
-    m.add_class::<PySharedCell>()
+    m.add_class::<PySharedCell>()?;
+    m.add_function(wrap_pyfunction!(shm_open, m)?)?;
+    m.add_function(wrap_pyfunction!(shm_open_sized, m)?)?;
+    m.add_function(wrap_pyfunction!(shm_unlink, m)?)
 }
