@@ -253,9 +253,104 @@ def shm_create_attach(mp, n):
 # Workloads whose cost does not depend on the start method run under the first only.
 ANY_METHOD = {'lock acquire+release, uncontended', 'Value(get_lock) += 1, 1 process',
               'Value.value read', 'Value.value write', 'RawValue.value read',
-              'Array[i] read', 'SharedMemory create+attach+unlink'}
+              'Array[i] read', 'SharedMemory create+attach+unlink',
+              'Queue put+get, same process', 'SimpleQueue put+get, same process'}
 
-# name, function, kind ('time' or 'rate'), n for full run, n for --quick
+
+def _queue_producer(q, n, payload, ready):
+    q.put('warm')
+    ready.wait()
+    for i in range(n):
+        q.put(i if payload is None else payload)
+
+
+def _queue_throughput(mp, kind, producers, n, payload=None):
+    """Messages (or bytes) per second from child producers to the parent."""
+    q = getattr(mp, kind)()
+    ready = mp.Event()
+    per = n // producers
+    procs = [mp.Process(target=_queue_producer, args=(q, per, payload, ready))
+             for _ in range(producers)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        q.get()
+    t = time.perf_counter()
+    ready.set()
+    get = q.get
+    for _ in range(per * producers):
+        get()
+    dt = time.perf_counter() - t
+    for p in procs:
+        p.join()
+    unit = 1 if payload is None else len(payload)
+    return per * producers * unit / dt
+
+
+def queue_1p(mp, n):
+    """Queue, 1 producer -> 1 consumer, small ints, messages/s."""
+    return _queue_throughput(mp, 'Queue', 1, n)
+
+
+def queue_4p(mp, n):
+    """Queue, 4 producers -> 1 consumer, small ints, messages/s."""
+    return _queue_throughput(mp, 'Queue', 4, n)
+
+
+def queue_1m(mp, n):
+    """Queue, 1 MiB bytes messages, bytes/s."""
+    return _queue_throughput(mp, 'Queue', 1, n, b'\x5a' * (1 << 20))
+
+
+def queue_64m(mp, n):
+    """Queue, 64 MiB bytes messages, bytes/s."""
+    return _queue_throughput(mp, 'Queue', 1, n, b'\x5a' * (64 << 20))
+
+
+def simple_1p(mp, n):
+    """SimpleQueue, 1 producer -> 1 consumer, small ints, messages/s."""
+    return _queue_throughput(mp, 'SimpleQueue', 1, n)
+
+
+def simple_4p(mp, n):
+    """SimpleQueue, 4 producers -> 1 consumer, small ints, messages/s."""
+    return _queue_throughput(mp, 'SimpleQueue', 4, n)
+
+
+def simple_1m(mp, n):
+    """SimpleQueue, 1 MiB bytes messages, bytes/s."""
+    return _queue_throughput(mp, 'SimpleQueue', 1, n, b'\x5a' * (1 << 20))
+
+
+def simple_64m(mp, n):
+    """SimpleQueue, 64 MiB bytes messages, bytes/s."""
+    return _queue_throughput(mp, 'SimpleQueue', 1, n, b'\x5a' * (64 << 20))
+
+
+def _put_get_latency(mp, kind, n):
+    q = getattr(mp, kind)()
+    for i in range(200):
+        q.put(i)
+        q.get()
+    t = time.perf_counter()
+    for i in range(n):
+        q.put(i)
+        q.get()
+    return (time.perf_counter() - t) / n
+
+
+def queue_latency(mp, n):
+    """Queue put + get in one process, seconds per pair."""
+    return _put_get_latency(mp, 'Queue', n)
+
+
+def simple_latency(mp, n):
+    """SimpleQueue put + get in one process, seconds per pair."""
+    return _put_get_latency(mp, 'SimpleQueue', n)
+
+
+# name, function, kind ('time', 'rate' in bytes/s or 'msgs' per s), n for full run,
+# n for --quick
 WORKLOADS = [
     ('process start+join', start_join, 'time', 30, 6),
     ('pipe round trip, small object', pipe_rt_obj, 'time', 20000, 3000),
@@ -271,6 +366,16 @@ WORKLOADS = [
     ('RawValue.value read', rawvalue_read, 'time', 200000, 50000),
     ('Array[i] read', array_item, 'time', 200000, 50000),
     ('SharedMemory create+attach+unlink', shm_create_attach, 'time', 5000, 1000),
+    ('Queue 1->1 small ints', queue_1p, 'msgs', 200000, 40000),
+    ('Queue 4->1 small ints', queue_4p, 'msgs', 200000, 40000),
+    ('Queue 1 MiB messages', queue_1m, 'rate', 1000, 200),
+    ('Queue 64 MiB messages', queue_64m, 'rate', 10, 3),
+    ('Queue put+get, same process', queue_latency, 'time', 100000, 20000),
+    ('SimpleQueue 1->1 small ints', simple_1p, 'msgs', 200000, 40000),
+    ('SimpleQueue 4->1 small ints', simple_4p, 'msgs', 200000, 40000),
+    ('SimpleQueue 1 MiB messages', simple_1m, 'rate', 1000, 200),
+    ('SimpleQueue 64 MiB messages', simple_64m, 'rate', 10, 3),
+    ('SimpleQueue put+get, same process', simple_latency, 'time', 100000, 20000),
 ]
 
 
@@ -281,6 +386,8 @@ def fmt(kind, v):
         if v < 1e-3:
             return '%.1f us' % (v * 1e6)
         return '%.2f ms' % (v * 1e3)
+    if kind == 'msgs':
+        return '%.0f k msg/s' % (v / 1e3)
     return '%.0f MB/s' % (v / 1e6)
 
 
