@@ -349,6 +349,84 @@ def simple_latency(mp, n):
     return _put_get_latency(mp, 'SimpleQueue', n)
 
 
+def _tiny(x):
+    return x + 1
+
+
+def _ident(x):
+    return x
+
+
+def pool_map_tiny(mp, n):
+    """Pool(2).map of n tiny tasks, default chunksize, seconds per map."""
+    with mp.Pool(2) as pool:
+        pool.map(_tiny, range(1000))
+        t = time.perf_counter()
+        pool.map(_tiny, range(n))
+        return time.perf_counter() - t
+
+
+def _pool_per_task(mp, n, how):
+    with mp.Pool(2) as pool:
+        pool.map(_tiny, range(100), chunksize=1)
+        t = time.perf_counter()
+        if how == 'map':
+            pool.map(_tiny, range(n), chunksize=1)
+        elif how == 'imap':
+            for _ in pool.imap(_tiny, range(n), chunksize=1):
+                pass
+        elif how == 'imap_unordered':
+            for _ in pool.imap_unordered(_tiny, range(n), chunksize=1):
+                pass
+        else:
+            for i in range(n):
+                pool.apply_async(_tiny, (i,)).get()
+        return (time.perf_counter() - t) / n
+
+
+def pool_map_c1(mp, n):
+    """Pool(2).map, chunksize=1, seconds per task."""
+    return _pool_per_task(mp, n, 'map')
+
+
+def pool_imap_c1(mp, n):
+    """Pool(2).imap, chunksize=1, seconds per task."""
+    return _pool_per_task(mp, n, 'imap')
+
+
+def pool_imap_unordered_c1(mp, n):
+    """Pool(2).imap_unordered, chunksize=1, seconds per task."""
+    return _pool_per_task(mp, n, 'imap_unordered')
+
+
+def pool_apply_rt(mp, n):
+    """Sequential apply_async(f).get() round trip, seconds per call."""
+    return _pool_per_task(mp, n, 'apply')
+
+
+def pool_start(mp, n):
+    """Pool(2) create + map of 10 tasks + close + join, seconds each."""
+    t = time.perf_counter()
+    for _ in range(n):
+        pool = mp.Pool(2)
+        pool.map(_tiny, range(10))
+        pool.close()
+        pool.join()
+    return (time.perf_counter() - t) / n
+
+
+def pool_numpy_rt(mp, n):
+    """Pool(2).apply of a 100 MB numpy array returned as is, seconds per round trip."""
+    import numpy
+    a = numpy.ones(100 * 10 ** 6 // 8)
+    with mp.Pool(2) as pool:
+        pool.apply(_ident, (a[:10],))
+        t = time.perf_counter()
+        for _ in range(n):
+            pool.apply(_ident, (a,))
+        return (time.perf_counter() - t) / n
+
+
 # name, function, kind ('time', 'rate' in bytes/s or 'msgs' per s), n for full run,
 # n for --quick
 WORKLOADS = [
@@ -376,6 +454,13 @@ WORKLOADS = [
     ('SimpleQueue 1 MiB messages', simple_1m, 'rate', 1000, 200),
     ('SimpleQueue 64 MiB messages', simple_64m, 'rate', 10, 3),
     ('SimpleQueue put+get, same process', simple_latency, 'time', 100000, 20000),
+    ('Pool map, 200k tiny tasks', pool_map_tiny, 'time', 200000, 50000),
+    ('Pool map, chunksize=1', pool_map_c1, 'time', 20000, 3000),
+    ('Pool imap, chunksize=1', pool_imap_c1, 'time', 20000, 3000),
+    ('Pool imap_unordered, chunksize=1', pool_imap_unordered_c1, 'time', 20000, 3000),
+    ('Pool apply_async().get()', pool_apply_rt, 'time', 2000, 500),
+    ('Pool start+map+close+join', pool_start, 'time', 10, 3),
+    ('Pool apply, 100 MB numpy round trip', pool_numpy_rt, 'time', 5, 2),
 ]
 
 
