@@ -641,12 +641,13 @@ def test_initializer_state(method):
 
 # --- robustness ----------------------------------------------------------------------------
 
-@pytest.mark.timeout(90)
-def test_worker_killed_mid_task_fails_only_that_task_20_runs(ctx):
+@pytest.mark.timeout(120)
+def test_worker_killed_mid_task_fails_only_that_task_100_runs(ctx):
+    # Issue 5: killing a worker mid-task never hangs the pool, 100 runs out of 100.
     start = time.monotonic()
     p = ctx.Pool(2)
     try:
-        for i in range(20):
+        for i in range(100):
             doomed = p.apply_async(kill_self)
             other = p.apply_async(sqr, (i,))
             err = error_of(doomed.get, 30)
@@ -661,7 +662,7 @@ def test_worker_killed_mid_task_fails_only_that_task_20_runs(ctx):
     finally:
         p.terminate()
         p.join()
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 100
 
 
 @pytest.mark.timeout(60)
