@@ -20,9 +20,11 @@
 //!
 //! # Records
 //!
-//! The stream holds records, each an 8-byte header (`u32` length, `u32` kind) and its
-//! payload padded to 8 bytes, so a header never straddles the end of the buffer (a
-//! payload may: it is copied in two pieces).
+//! The stream holds records, each an 8-byte header (`u32` length, `u16` kind, `u16`
+//! format) and its payload padded to 8 bytes, so a header never straddles the end of
+//! the buffer (a payload may: it is copied in two pieces). The format is the message's,
+//! given by the producer and handed to the consumer's allocator ([`Msg`], [`Alloc`]);
+//! the ring itself only reads it to find a message header (format != 0) at the start.
 //!
 //! * `WHOLE`: a complete message.
 //! * `FIRST` + `MORE`...: a message too large to sit in the buffer at once. The first
@@ -87,10 +89,10 @@ use crate::sync::{RawSemaphore, Recovery, SemKind, SyncError, OWNER_CHECK_PERIOD
 
 const MAGIC: u32 = u32::from_be_bytes(*b"fmR1");
 const REC_HDR: u64 = 8;
-const WHOLE: u32 = 1;
-const FIRST: u32 = 2;
-const MORE: u32 = 3;
-const ABORT: u32 = 4;
+const WHOLE: u16 = 1;
+const FIRST: u16 = 2;
+const MORE: u16 = 3;
+const ABORT: u16 = 4;
 /// Smallest data area; smaller requests are rounded up.
 pub const MIN_CAPACITY: usize = 4096;
 /// Largest data area (a record length is a `u32`).
@@ -148,6 +150,99 @@ struct Header {
 
 const HEADER: usize = std::mem::size_of::<Header>();
 const _: () = assert!(STATE_SIZE <= 64 && HEADER % 64 == 0);
+
+/// A message to put: the concatenation of `parts`, tagged with a format number that
+/// the consumer's allocator gets (0: plain; any other: the message starts with a
+/// header whose first 4 bytes, little endian, give its length).
+#[derive(Clone, Copy, Debug)]
+pub struct Msg<'a> {
+    pub parts: &'a [&'a [u8]],
+    pub fmt: u16,
+}
+
+impl<'a> Msg<'a> {
+    /// A plain message in one piece.
+    pub fn plain(parts: &'a [&'a [u8]]) -> Msg<'a> {
+        Msg { parts, fmt: 0 }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.len()).sum()
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The buffers a consumer's allocator gives for a message, filled in order.
+pub enum Dest {
+    /// One buffer (the common case, without a heap allocation).
+    One((*mut u8, usize)),
+    /// Several.
+    Many(Vec<(*mut u8, usize)>),
+}
+
+impl Dest {
+    fn segs(&self) -> &[(*mut u8, usize)] {
+        match self {
+            Dest::One(pair) => std::slice::from_ref(pair),
+            Dest::Many(v) => v,
+        }
+    }
+}
+
+/// The consumer's allocator: `(format, length after the header, header)` to the value
+/// to return and the buffers to fill, in order; see [`Ring::get`].
+pub type Alloc<'a, B> = &'a mut dyn FnMut(u16, usize, &[u8]) -> Result<(B, Dest)>;
+
+/// Walks a sequence of byte slices as one stream.
+struct Cursor<'a> {
+    parts: &'a [&'a [u8]],
+    i: usize,
+    off: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(parts: &'a [&'a [u8]]) -> Self {
+        Cursor {
+            parts,
+            i: 0,
+            off: 0,
+        }
+    }
+
+    /// Appends to `out` the slices covering the next `n` bytes.
+    fn take(&mut self, mut n: usize, out: &mut Vec<&'a [u8]>) {
+        while n > 0 && self.i < self.parts.len() {
+            let p = self.parts[self.i];
+            let k = (p.len() - self.off).min(n);
+            if k > 0 {
+                out.push(&p[self.off..self.off + k]);
+            }
+            self.off += k;
+            n -= k;
+            if self.off == p.len() {
+                self.i += 1;
+                self.off = 0;
+            }
+        }
+    }
+}
+
+/// Where a consumer is within the message it copies out.
+struct MsgReader {
+    /// Stream position of the next byte.
+    pos: u64,
+    /// Bytes of the current record not yet copied.
+    in_rec: usize,
+    /// The current record's payload length.
+    rec_len: u32,
+    /// The message's length.
+    total: usize,
+}
 
 /// How a [`Ring::offer`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -404,7 +499,7 @@ impl Ring {
     /// writes `msg` when that needs no waiting for space.
     pub fn offer(
         &self,
-        msg: &[u8],
+        msg: Msg<'_>,
         deadline: Option<Instant>,
         write: bool,
         intr: Intr,
@@ -467,14 +562,15 @@ impl Ring {
 
     /// Writes `msg` (a slot already reserved) if the write lock is free and there is
     /// room right now; never waits.
-    pub fn try_write(&self, msg: &[u8]) -> bool {
-        if !self.whole_fits(msg.len()) || self.wlock.try_acquire().is_err() {
+    pub fn try_write(&self, msg: Msg<'_>) -> bool {
+        let len = msg.len();
+        if !self.whole_fits(len) || self.wlock.try_acquire().is_err() {
             return false;
         }
         let done = self.h().prod.0.open.load(Ordering::Relaxed) == 0
-            && self.free_space() >= REC_HDR + pad8(msg.len() as u64);
+            && self.free_space() >= REC_HDR + pad8(len as u64);
         if done {
-            self.put_record(WHOLE, &[msg]);
+            self.put_record(WHOLE, msg.fmt, msg.parts);
         }
         let _ = self.wlock.release();
         if done {
@@ -486,14 +582,15 @@ impl Ring {
     /// Writes `msg` (a slot already reserved) as one record if that can be done by
     /// `deadline`; false (nothing written, the slot still reserved) otherwise, and
     /// always for a message that needs chunks.
-    pub fn write_until(&self, msg: &[u8], deadline: Instant, intr: Intr) -> Result<bool> {
-        if !self.whole_fits(msg.len()) {
+    pub fn write_until(&self, msg: Msg<'_>, deadline: Instant, intr: Intr) -> Result<bool> {
+        let len = msg.len();
+        if !self.whole_fits(len) {
             return Ok(false);
         }
         if !self.lock(&self.wlock, Some(deadline), intr)? {
             return Ok(false);
         }
-        let need = REC_HDR + pad8(msg.len() as u64);
+        let need = REC_HDR + pad8(len as u64);
         let h = self.h();
         let mut ready = || self.free_space() >= need;
         let r = if h.prod.0.open.load(Ordering::Relaxed) != 0 {
@@ -502,7 +599,7 @@ impl Ring {
             self.wait_on(&h.space.0, Some(deadline), intr, &mut ready, &mut || Ok(()))
         };
         if let Ok(true) = r {
-            self.put_record(WHOLE, &[msg]);
+            self.put_record(WHOLE, msg.fmt, msg.parts);
         }
         let _ = self.wlock.release();
         if let Ok(true) = r {
@@ -514,7 +611,7 @@ impl Ring {
     /// Writes `msg` (a slot already reserved), waiting for the write lock and for room.
     /// A message larger than half the buffer is streamed in chunks while a consumer
     /// copies it out. If `intr` stops it in the middle, the message is aborted.
-    pub fn write(&self, msg: &[u8], intr: Intr) -> Result<()> {
+    pub fn write(&self, msg: Msg<'_>, intr: Intr) -> Result<()> {
         self.lock(&self.wlock, None, intr)?;
         let r = self.write_locked(msg, intr);
         let _ = self.wlock.release();
@@ -522,7 +619,7 @@ impl Ring {
         r
     }
 
-    fn write_locked(&self, msg: &[u8], intr: Intr) -> Result<()> {
+    fn write_locked(&self, msg: Msg<'_>, intr: Intr) -> Result<()> {
         let h = self.h();
         if h.prod.0.open.load(Ordering::Relaxed) != 0 {
             // A previous writer left a chunked message open: close it first.
@@ -530,26 +627,30 @@ impl Ring {
                 .inspect_err(|_| self.release_slot())?;
             self.abort_open();
         }
-        if self.whole_fits(msg.len()) {
+        let len = msg.len();
+        if self.whole_fits(len) {
             // Interrupted before anything is published: the slot goes back.
-            self.wait_space(REC_HDR + pad8(msg.len() as u64), intr)
+            self.wait_space(REC_HDR + pad8(len as u64), intr)
                 .inspect_err(|_| self.release_slot())?;
-            self.put_record(WHOLE, &[msg]);
+            self.put_record(WHOLE, msg.fmt, msg.parts);
             return Ok(());
         }
         // Chunked: chunks of at least an eighth of the buffer, so the consumer copies
         // big pieces, and at most half, so both sides work at once.
-        let total = (msg.len() as u64).to_le_bytes();
+        let total = (len as u64).to_le_bytes();
         let chunk_max = (self.cap / 2 - REC_HDR) as usize;
-        let first = chunk_max - 8;
-        let mut off = msg.len().min(first);
+        let mut src = Cursor::new(msg.parts);
+        let mut pieces: Vec<&[u8]> = Vec::with_capacity(4);
+        let mut off = len.min(chunk_max - 8);
         self.wait_space(REC_HDR + 8 + pad8(off as u64), intr)
             .inspect_err(|_| self.release_slot())?;
         h.prod.0.open.store(1, Ordering::Relaxed);
-        self.put_record(FIRST, &[&total, &msg[..off]]);
+        pieces.push(&total);
+        src.take(off, &mut pieces);
+        self.put_record(FIRST, msg.fmt, &pieces);
         let min_chunk = (self.cap / 8) as usize;
-        while off < msg.len() {
-            let left = msg.len() - off;
+        while off < len {
+            let left = len - off;
             let want = left.min(min_chunk);
             if let Err(e) = self.wait_space(REC_HDR + pad8(want as u64), intr) {
                 // Interrupted: abort now if there is room, else leave the message open
@@ -562,7 +663,9 @@ impl Ring {
             }
             let room = (self.free_space() - REC_HDR) as usize & !7;
             let n = left.min(room).min(chunk_max);
-            self.put_record(MORE, &[&msg[off..off + n]]);
+            pieces.clear();
+            src.take(n, &mut pieces);
+            self.put_record(MORE, msg.fmt, &pieces);
             off += n;
         }
         h.prod.0.open.store(0, Ordering::Relaxed);
@@ -572,7 +675,7 @@ impl Ring {
     /// Writes an ABORT record for the open chunked message (the write lock is held and
     /// there are at least REC_HDR free bytes) and gives its slot back.
     fn abort_open(&self) {
-        self.put_record(ABORT, &[]);
+        self.put_record(ABORT, 0, &[]);
         self.h().prod.0.open.store(0, Ordering::Relaxed);
         self.release_slot();
     }
@@ -605,13 +708,14 @@ impl Ring {
 
     /// Copies one record (header + the concatenation of `parts`) at `head` and
     /// publishes it. The write lock is held and the space was checked.
-    fn put_record(&self, kind: u32, parts: &[&[u8]]) {
+    fn put_record(&self, kind: u16, fmt: u16, parts: &[&[u8]]) {
         let h = self.h();
         let head = h.prod.0.pos.load(Ordering::Relaxed);
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut hdr = [0u8; 8];
         hdr[..4].copy_from_slice(&(len as u32).to_le_bytes());
-        hdr[4..].copy_from_slice(&kind.to_le_bytes());
+        hdr[4..6].copy_from_slice(&kind.to_le_bytes());
+        hdr[6..].copy_from_slice(&fmt.to_le_bytes());
         self.copy_in(head, &hdr);
         let mut at = head + REC_HDR;
         for p in parts {
@@ -660,12 +764,14 @@ impl Ring {
 
     // ----- consuming -----------------------------------------------------------------
 
-    fn record_at(&self, tail: u64) -> (u32, u32) {
+    /// The record header at `tail`: (payload length, kind, format).
+    fn record_at(&self, tail: u64) -> (u32, u16, u16) {
         let mut hdr = [0u8; 8];
         self.copy_out(tail, hdr.as_mut_ptr(), 8);
         let len = u32::from_le_bytes(hdr[..4].try_into().unwrap());
-        let kind = u32::from_le_bytes(hdr[4..].try_into().unwrap());
-        (len, kind)
+        let kind = u16::from_le_bytes(hdr[4..6].try_into().unwrap());
+        let fmt = u16::from_le_bytes(hdr[6..].try_into().unwrap());
+        (len, kind, fmt)
     }
 
     fn has_data(&self) -> bool {
@@ -681,52 +787,42 @@ impl Ring {
     }
 
     /// Takes the next message without waiting if the read lock is free and a whole
-    /// message is there: `alloc(len)` gives the destination buffer. `None`: nothing
-    /// ready right now (or the read lock is busy).
-    pub fn try_get<B>(
-        &self,
-        alloc: &mut dyn FnMut(usize) -> Result<(B, *mut u8)>,
-    ) -> Result<Option<B>> {
+    /// message is there (see [`get`](Self::get) for `alloc`). `None`: nothing ready
+    /// right now (or the read lock is busy, or the next message comes in chunks).
+    pub fn try_get<B>(&self, alloc: Alloc<'_, B>) -> Result<Option<B>> {
         if !self.has_data() || self.rlock.try_acquire().is_err() {
             return Ok(None);
         }
         let h = self.h();
-        let mut out = None;
+        let mut out = Ok(None);
         if h.cons.0.open.load(Ordering::Relaxed) == 0 && self.has_data() {
             let tail = h.cons.0.pos.load(Ordering::Relaxed);
-            let (len, kind) = self.record_at(tail);
+            let (len, kind, fmt) = self.record_at(tail);
             if kind == WHOLE {
-                match alloc(len as usize) {
-                    Ok((b, ptr)) => {
-                        self.copy_out(tail + REC_HDR, ptr, len as usize);
-                        self.advance(REC_HDR + pad8(len as u64));
-                        out = Some(b);
-                    }
-                    Err(e) => {
-                        let _ = self.rlock.release();
-                        return Err(e);
-                    }
-                }
+                out = self.read_message(tail, len, kind, fmt, alloc, None);
             }
         }
         let _ = self.rlock.release();
-        if out.is_some() {
+        if matches!(out, Ok(Some(_))) {
             self.after_get();
         }
-        Ok(out)
+        out
     }
 
     /// Takes the next message, waiting until `deadline` (forever if `None`); `None` when
     /// the deadline passed with nothing to take.
     ///
-    /// `alloc(len)` is called, without the caller's other locks, to get the buffer
-    /// for a message of `len` bytes (the pointer must stay valid until the result is
-    /// returned). The deadline covers waiting for a message to start; once a chunked
-    /// message has started, the call waits for its end (or its abort).
+    /// `alloc(fmt, len, head)` gives the destination of a message of format `fmt`
+    /// (as given to the put): buffers whose lengths add up to `len`, plus the value to
+    /// return. For a format other than 0 the message starts with a header whose first
+    /// 4 bytes (little endian) give its length; `head` is that header, and `len`
+    /// counts what follows it. The buffers must stay valid until the value is returned.
+    /// The deadline covers waiting for a message to start; once a chunked message has
+    /// started, the call waits for its end (or its abort).
     pub fn get<B>(
         &self,
         deadline: Option<Instant>,
-        alloc: &mut dyn FnMut(usize) -> Result<(B, *mut u8)>,
+        alloc: Alloc<'_, B>,
         intr: Intr,
     ) -> Result<Option<B>> {
         if !self.lock(&self.rlock, deadline, intr)? {
@@ -750,7 +846,7 @@ impl Ring {
     fn get_locked<B>(
         &self,
         deadline: Option<Instant>,
-        alloc: &mut dyn FnMut(usize) -> Result<(B, *mut u8)>,
+        alloc: Alloc<'_, B>,
         intr: Intr,
     ) -> Result<Option<B>> {
         let h = self.h();
@@ -762,62 +858,132 @@ impl Ring {
                 return Ok(None);
             }
             let tail = h.cons.0.pos.load(Ordering::Relaxed);
-            let (len, kind) = self.record_at(tail);
-            match kind {
-                WHOLE => {
-                    let (b, ptr) = alloc(len as usize)?;
-                    self.copy_out(tail + REC_HDR, ptr, len as usize);
-                    self.advance(REC_HDR + pad8(len as u64));
+            let (len, kind, fmt) = self.record_at(tail);
+            if kind == WHOLE || kind == FIRST {
+                if let Some(b) = self.read_message(tail, len, kind, fmt, alloc, Some(intr))? {
                     return Ok(Some(b));
                 }
-                FIRST => {
-                    let mut total = [0u8; 8];
-                    self.copy_out(tail + REC_HDR, total.as_mut_ptr(), 8);
-                    let total = u64::from_le_bytes(total) as usize;
-                    let first = len as usize - 8;
-                    let (b, ptr) = alloc(total)?;
-                    self.copy_out(tail + REC_HDR + 8, ptr, first);
-                    h.cons
-                        .0
-                        .open
-                        .store((total - first) as u64, Ordering::Relaxed);
-                    self.advance(REC_HDR + pad8(len as u64));
-                    if self.read_rest(ptr, first, total, intr)? {
-                        return Ok(Some(b));
-                    }
-                    // Aborted by its producer: wait for the next message.
-                }
-                _ => {
-                    // ABORT of a message we never started, or a stray MORE: drop it.
-                    self.advance(REC_HDR + pad8(len as u64));
-                }
+                // Aborted by its producer: wait for the next message.
+            } else {
+                // ABORT of a message we never started, or a stray MORE: drop it.
+                self.advance(REC_HDR + pad8(len as u64));
             }
         }
     }
 
-    /// Copies the chunks of an open message into `ptr[at..total]`; false if it was
-    /// aborted. `read_open` tracks what is left, so an interrupted read leaves the
-    /// stream for the next consumer to skip.
-    fn read_rest(&self, ptr: *mut u8, mut at: usize, total: usize, intr: Intr) -> Result<bool> {
+    /// Copies the message whose first record (WHOLE or FIRST) is at `tail` into the
+    /// buffers `alloc` gives, and moves past it. `Ok(None)` if it was aborted. Chunks
+    /// are only waited for with an `intr`; `try_get` passes none and only WHOLE.
+    fn read_message<B>(
+        &self,
+        tail: u64,
+        len: u32,
+        kind: u16,
+        fmt: u16,
+        alloc: Alloc<'_, B>,
+        intr: Option<Intr>,
+    ) -> Result<Option<B>> {
         let h = self.h();
-        while at < total {
-            self.wait_chunk(intr)?;
-            let tail = h.cons.0.pos.load(Ordering::Relaxed);
-            let (len, kind) = self.record_at(tail);
-            if kind != MORE {
-                h.cons.0.open.store(0, Ordering::Relaxed);
-                if kind == ABORT {
-                    self.advance(REC_HDR);
-                }
-                return Ok(false);
+        let mut rd = if kind == WHOLE {
+            MsgReader {
+                pos: tail + REC_HDR,
+                in_rec: len as usize,
+                rec_len: len,
+                total: len as usize,
             }
-            let n = (len as usize).min(total - at);
-            // SAFETY: at + n <= total, the length of the caller's buffer.
-            self.copy_out(tail + REC_HDR, unsafe { ptr.add(at) }, n);
-            at += n;
-            h.cons.0.open.store((total - at) as u64, Ordering::Relaxed);
-            self.advance(REC_HDR + pad8(len as u64));
+        } else {
+            let mut total = [0u8; 8];
+            self.copy_out(tail + REC_HDR, total.as_mut_ptr(), 8);
+            let total = u64::from_le_bytes(total) as usize;
+            if (len as usize) < 8 || total < len as usize - 8 {
+                return Err(Error::BadLength(total as i64));
+            }
+            MsgReader {
+                pos: tail + REC_HDR + 8,
+                in_rec: len as usize - 8,
+                rec_len: len,
+                total,
+            }
+        };
+        let mut head = Vec::new();
+        if fmt != 0 {
+            // The envelope header sits in the first record (its writer makes sure).
+            let mut n = [0u8; 4];
+            if rd.in_rec < 4 {
+                return Err(Error::BadLength(rd.in_rec as i64));
+            }
+            self.copy_out(rd.pos, n.as_mut_ptr(), 4);
+            let hlen = u32::from_le_bytes(n) as usize;
+            if !(4..=rd.in_rec).contains(&hlen) {
+                return Err(Error::BadLength(hlen as i64));
+            }
+            head.resize(hlen, 0);
+            self.copy_out(rd.pos, head.as_mut_ptr(), hlen);
+            rd.pos += hlen as u64;
+            rd.in_rec -= hlen;
         }
+        let body = rd.total - head.len();
+        let (b, dest) = alloc(fmt, body, &head)?;
+        let segs = dest.segs();
+        if segs.iter().map(|s| s.1).sum::<usize>() != body {
+            return Err(Error::BadLength(body as i64));
+        }
+        if kind == FIRST {
+            h.cons.0.open.store(
+                (rd.total - (rd.rec_len as usize - 8)) as u64,
+                Ordering::Relaxed,
+            );
+        }
+        let mut intr = intr;
+        for &(ptr, n) in segs {
+            let mut at = 0;
+            while at < n {
+                if rd.in_rec == 0 {
+                    let Some(intr) = intr.as_deref_mut() else {
+                        return Err(Error::BadLength(body as i64));
+                    };
+                    if !self.next_chunk(&mut rd, intr)? {
+                        return Ok(None);
+                    }
+                }
+                let k = rd.in_rec.min(n - at);
+                // SAFETY: at + k <= n, the length of this destination buffer.
+                self.copy_out(rd.pos, unsafe { ptr.add(at) }, k);
+                rd.pos += k as u64;
+                rd.in_rec -= k;
+                at += k;
+            }
+        }
+        self.advance(REC_HDR + pad8(rd.rec_len as u64));
+        if kind == FIRST {
+            h.cons.0.open.store(0, Ordering::Relaxed);
+        }
+        Ok(Some(b))
+    }
+
+    /// Moves past the current record of a chunked message and waits for the next one.
+    /// False if the message was aborted (the ABORT record is consumed).
+    fn next_chunk(&self, rd: &mut MsgReader, intr: Intr) -> Result<bool> {
+        let h = self.h();
+        self.advance(REC_HDR + pad8(rd.rec_len as u64));
+        self.wait_chunk(intr)?;
+        let tail = h.cons.0.pos.load(Ordering::Relaxed);
+        let (len, kind, _) = self.record_at(tail);
+        if kind != MORE {
+            h.cons.0.open.store(0, Ordering::Relaxed);
+            if kind == ABORT {
+                self.advance(REC_HDR);
+            }
+            return Ok(false);
+        }
+        let open = h.cons.0.open.load(Ordering::Relaxed);
+        h.cons
+            .0
+            .open
+            .store(open.saturating_sub(len as u64), Ordering::Relaxed);
+        rd.pos = tail + REC_HDR;
+        rd.in_rec = len as usize;
+        rd.rec_len = len;
         Ok(true)
     }
 
@@ -831,7 +997,7 @@ impl Ring {
             }
             self.wait_chunk(intr)?;
             let tail = h.cons.0.pos.load(Ordering::Relaxed);
-            let (len, kind) = self.record_at(tail);
+            let (len, kind, _) = self.record_at(tail);
             match kind {
                 MORE => {
                     self.advance(REC_HDR + pad8(len as u64));

@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferromp::error::Result;
-use ferromp::ring::{Offer, Ring};
+use ferromp::ring::{Dest, Msg, Offer, Ring};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
@@ -47,6 +47,11 @@ fn no_intr() -> Result<()> {
 }
 
 fn put(r: &Ring, msg: &[u8]) {
+    put_parts(r, &[msg], 0);
+}
+
+fn put_parts(r: &Ring, parts: &[&[u8]], fmt: u16) {
+    let msg = Msg { parts, fmt };
     assert!(r.reserve(None, &mut no_intr).unwrap());
     if !r.try_write(msg) {
         r.write(msg, &mut no_intr).unwrap();
@@ -54,14 +59,20 @@ fn put(r: &Ring, msg: &[u8]) {
 }
 
 fn get(r: &Ring, deadline: Option<Instant>) -> Option<Vec<u8>> {
-    let mut alloc = |n: usize| -> Result<(Box<Vec<u8>>, *mut u8)> {
+    get_full(r, deadline).map(|(_, _, body)| body)
+}
+
+/// The next message as (format, header, body).
+fn get_full(r: &Ring, deadline: Option<Instant>) -> Option<(u16, Vec<u8>, Vec<u8>)> {
+    type Out = (u16, Vec<u8>, Box<Vec<u8>>);
+    let mut alloc = |fmt: u16, n: usize, head: &[u8]| -> Result<(Out, Dest)> {
         let mut v = Box::new(vec![0u8; n]);
         let p = v.as_mut_ptr();
-        Ok((v, p))
+        Ok(((fmt, head.to_vec(), v), Dest::One((p, n))))
     };
     r.get(deadline, &mut alloc, &mut no_intr)
         .unwrap()
-        .map(|b| *b)
+        .map(|(f, h, b)| (f, h, *b))
 }
 
 fn msg(tag: u8, i: u32, len: usize) -> Vec<u8> {
@@ -167,22 +178,33 @@ fn message_larger_than_the_ring_streams_through() {
 fn maxsize_blocks_and_times_out() {
     let r = Ring::new(1 << 16, 2).unwrap();
     assert_eq!(
-        r.offer(b"a", None, true, &mut no_intr).unwrap(),
+        r.offer(Msg::plain(&[b"a"]), None, true, &mut no_intr)
+            .unwrap(),
         Offer::Written
     );
     assert_eq!(
-        r.offer(b"b", None, true, &mut no_intr).unwrap(),
+        r.offer(Msg::plain(&[b"b"]), None, true, &mut no_intr)
+            .unwrap(),
         Offer::Written
     );
     assert!(r.is_full());
     let t0 = Instant::now();
     let dl = Some(t0 + Duration::from_millis(100));
-    assert_eq!(r.offer(b"c", dl, true, &mut no_intr).unwrap(), Offer::Full);
+    assert_eq!(
+        r.offer(Msg::plain(&[b"c"]), dl, true, &mut no_intr)
+            .unwrap(),
+        Offer::Full
+    );
     assert!(t0.elapsed() >= Duration::from_millis(90));
     assert_eq!(get(&r, None).unwrap(), b"a");
     assert_eq!(
-        r.offer(b"c", Some(Instant::now()), true, &mut no_intr)
-            .unwrap(),
+        r.offer(
+            Msg::plain(&[b"c"]),
+            Some(Instant::now()),
+            true,
+            &mut no_intr
+        )
+        .unwrap(),
         Offer::Written
     );
     let t0 = Instant::now();
@@ -264,4 +286,32 @@ fn consumer_killed_in_the_middle_of_a_chunked_message() {
         assert_eq!(get(&r, None).unwrap(), b"next");
     }
     assert_eq!(join(producer), 0);
+}
+
+#[test]
+fn formats_and_headers_travel_whole_and_chunked() {
+    let _g = fork_lock();
+    let r = Ring::new(1 << 16, 0).unwrap();
+    let head: Vec<u8> = {
+        let mut h = 12u32.to_le_bytes().to_vec();
+        h.extend_from_slice(b"envelope");
+        h
+    };
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let pid = spawn(|| {
+        put_parts(&r, &[&head, b"small", b"-body"], 1);
+        put_parts(&r, &[&head, &big[..1000], &big[1000..]], 1);
+        put_parts(&r, &[b"plain"], 0);
+        0
+    });
+    let (fmt, h, body) = get_full(&r, None).unwrap();
+    assert_eq!(
+        (fmt, h.as_slice(), body.as_slice()),
+        (1, head.as_slice(), &b"small-body"[..])
+    );
+    let (fmt, h, body) = get_full(&r, None).unwrap();
+    assert_eq!((fmt, h), (1, head.clone()));
+    assert!(body == big);
+    assert_eq!(get_full(&r, None).unwrap(), (0, vec![], b"plain".to_vec()));
+    assert_eq!(join(pid), 0);
 }

@@ -328,3 +328,47 @@ def test_ring_capacity_is_shared_memory_not_a_pipe():
     assert q._ring.capacity >= 1 << 20
     r, w = q._ring.bell_fds
     assert os.get_blocking(r) is False
+
+
+# --- large payloads travel out of band -------------------------------------------
+
+def _echo_back(q_in, q_out):
+    q_out.put(q_in.get())
+
+
+@pytest.mark.parametrize('kind', ['Queue', 'SimpleQueue'])
+def test_out_of_band_payloads_keep_their_types_and_identity(ctx, kind):
+    big = b'b' * 100000
+    arr = numpy.arange(50000, dtype=numpy.float64).reshape(250, 200)
+    obj = {
+        'bytes': big,
+        'again': big,  # the same object twice: one payload, shared on arrival
+        'bytearray': bytearray(b'a' * 70000),
+        'array': arr,
+        'many': [bytes([i]) * 65536 for i in range(70)],  # more than an envelope holds
+        'small': b'tiny',
+    }
+    q_in, q_out = getattr(ctx, kind)(), getattr(ctx, kind)()
+    p = ctx.Process(target=_echo_back, args=(q_in, q_out))
+    p.start()
+    q_in.put(obj)
+    got = q_out.get()
+    p.join(30)
+    assert got['bytes'] == big and type(got['bytes']) is bytes
+    assert got['again'] is got['bytes']
+    assert type(got['bytearray']) is bytearray and got['bytearray'] == obj['bytearray']
+    assert got['array'].shape == (250, 200) and (got['array'] == arr).all()
+    got['array'][0, 0] = -1.0  # writable, as with the stdlib
+    assert got['many'] == obj['many'] and got['small'] == b'tiny'
+    assert p.exitcode == 0
+
+
+def test_out_of_band_envelope_pickle_is_the_stdlib_pickle():
+    import pickle
+    from ferromp import queues
+    obj = [b'x' * 70000, bytearray(b'y' * 80000), 'text']
+    env = queues._dumps_for_ring(obj)
+    assert isinstance(env, tuple) and len(env) == 4
+    head, body, p1, p2 = env
+    assert (p1, p2) == (obj[0], bytes(obj[1]))
+    assert pickle.loads(body, buffers=[p1, bytearray(p2)]) == obj

@@ -23,6 +23,7 @@ __all__ = ['Queue', 'SimpleQueue', 'JoinableQueue']
 
 import collections
 import os
+import struct
 import threading
 import types
 import weakref
@@ -33,8 +34,12 @@ from . import context
 from . import reduction
 from . import util
 
-_dumps = reduction._dumps_bytes
 _loads = reduction.ForkingPickler.loads
+_plain_dumps = reduction._plain_dumps
+_SCALAR_TYPES = reduction._SCALAR_TYPES
+_STRING_TYPES = reduction._STRING_TYPES
+_PLAIN_MAX = reduction._PLAIN_MAX
+_PROTOCOL = reduction._PROTOCOL
 
 _SEM_VALUE_MAX = 2 ** 31 - 1
 # Bytes in each queue's ring. Messages up to half of it are written whole; larger ones
@@ -42,6 +47,71 @@ _SEM_VALUE_MAX = 2 ** 31 - 1
 _RING_BYTES = 4 << 20
 # Tells the feeder thread to stop.
 _sentinel = object()
+
+
+class _Collector(object):
+    """A write-only file for the pickler that keeps what it is given instead of
+    copying it: the pickler hands a large ``bytes``/``bytearray`` payload to
+    ``write`` as the object itself, right after the opcode that announces it."""
+
+    __slots__ = ('parts',)
+
+    def __init__(self):
+        self.parts = []
+
+    def write(self, b):
+        self.parts.append(b)
+
+
+# Opcodes of protocol 5 that announce a payload written right after them, with the
+# length of their length field and what the payload becomes when unpickled.
+_PAYLOAD_HEADERS = {
+    0x42: (4, 0),   # BINBYTES: bytes
+    0x8e: (8, 0),   # BINBYTES8: bytes
+    0x96: (8, 1),   # BYTEARRAY8: bytearray
+}
+_NEXT_BUFFER = b'\x97'
+_OOB_MIN = 1 << 16
+_MAX_PAYLOADS = 60
+
+
+def _dumps_for_ring(obj):
+    """Pickle ``obj`` for a ring: a bytes object, or an envelope tuple whose large
+    payloads travel out of band (see ``src/py/ring.rs``), so that each is copied once
+    into the ring and once out of it. The pickle is exactly ForkingPickler's, with
+    each large payload's opcode replaced by NEXT_BUFFER."""
+    t = type(obj)
+    if t in _SCALAR_TYPES or (t in _STRING_TYPES and len(obj) < _PLAIN_MAX):
+        return _plain_dumps(obj, _PROTOCOL)
+    reduction._refresh_table()
+    c = _Collector()
+    reduction._FastPickler(c, _PROTOCOL).dump(obj)
+    parts = c.parts
+    if len(parts) == 1:
+        return parts[0]
+    inband = []
+    payloads = []
+    for part in parts:
+        n = len(part) if type(part) is bytes else memoryview(part).nbytes
+        if n >= _OOB_MIN and inband and len(payloads) < _MAX_PAYLOADS:
+            prev = inband[-1]
+            for op, (width, kind) in _PAYLOAD_HEADERS.items():
+                at = len(prev) - 1 - width
+                if (at >= 0 and prev[at] == op
+                        and int.from_bytes(prev[at + 1:], 'little') == n):
+                    inband[-1] = prev[:at] + _NEXT_BUFFER
+                    payloads.append((kind, part if type(part) is bytes else bytes(part)))
+                    break
+            else:
+                inband.append(part)
+            continue
+        inband.append(part)
+    if not payloads:
+        return b''.join(inband)
+    body = b''.join(inband)
+    head = [struct.pack('<IIQ', 16 + 16 * len(payloads), len(payloads), len(body))]
+    head += [struct.pack('<QQ', kind, len(p)) for kind, p in payloads]
+    return (b''.join(head), body) + tuple(p for _, p in payloads)
 
 
 def _ring_state(ring):
@@ -115,7 +185,7 @@ class Queue(object):
 
     def _pickle_for_put(self, obj):
         try:
-            return _dumps(obj)
+            return _dumps_for_ring(obj)
         except Exception as e:
             return self._unpicklable(e, obj)
 
@@ -124,7 +194,7 @@ class Queue(object):
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         try:
-            data = _dumps(obj)
+            data = _dumps_for_ring(obj)
         except Exception as e:
             data = self._unpicklable(e, obj)
             if data is None:
@@ -372,8 +442,9 @@ class _RingReader(_RingEnd):
         return bool(wait([self], timeout))
 
     def recv_bytes(self, maxlength=None):
+        # The stdlib returns the message's pickle: give one of the object taken.
         self._check_closed()
-        return self._ring.get()
+        return reduction._dumps_bytes(self._ring.get_obj(_loads))
 
     def recv(self):
         self._check_closed()
@@ -391,7 +462,7 @@ class _RingWriter(_RingEnd):
 
     def send(self, obj):
         self._check_closed()
-        self._ring.put(_dumps(obj))
+        self._ring.put(_dumps_for_ring(obj))
 
 
 class SimpleQueue(object):
@@ -430,6 +501,6 @@ class SimpleQueue(object):
         return self._get(_loads)
 
     def put(self, obj):
-        self._put(_dumps(obj))
+        self._put(_dumps_for_ring(obj))
 
     __class_getitem__ = classmethod(types.GenericAlias)

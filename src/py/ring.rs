@@ -3,43 +3,55 @@
 //! Every operation first tries its fast path with the GIL held: a put that finds room
 //! and a get that finds a whole message cost one call, two lock CASes and one copy,
 //! without releasing the GIL. Only when it must wait does a call detach (through
-//! [`blocking`]); a message taken then is copied straight into a fresh bytes object,
+//! [`blocking`]); a message taken then is copied straight into fresh Python objects,
 //! allocated with the GIL taken back for just that moment.
+//!
+//! A message is either a `bytes` object (format 0: a pickle) or a tuple of `bytes`
+//! (format 1: an *envelope*, made by `queues._dumps_for_ring`): a header, the in-band
+//! pickle, then the out-of-band payloads of its large `bytes` / `bytearray` objects.
+//! The header is `u32 header length, u32 count, u64 in-band length`, then per payload
+//! `u64 kind (0 bytes, 1 bytearray), u64 length`, all little endian. The consumer
+//! copies each payload straight into a new object of its kind and unpickles with
+//! `loads(inband, buffers=payloads)`, so a large payload is copied once on each side.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PySlice, PyType};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PySlice, PyTuple, PyType};
 
 use crate::error::{Error, Result};
 use crate::py::{blocking, deadline};
-use crate::ring;
+use crate::ring::{self, Dest, Msg};
 use crate::shm::Segment;
 
 /// A process's handle on a shared-memory message ring.
 #[pyclass(module = "ferromp._core", frozen)]
 pub(crate) struct Ring {
     inner: ring::Ring,
-    /// A buffer that large messages are copied into before unpickling, kept between
-    /// calls: a fresh multi-MiB allocation per message costs more in page faults than
-    /// the copy itself. Taken out while in use, so threads never share it.
+    /// A buffer that large plain messages are copied into before unpickling, kept
+    /// between calls: a fresh multi-MiB allocation per message costs more in page
+    /// faults than the copy itself. Taken out while in use, so threads never share it.
     scratch: Mutex<Option<Py<PyByteArray>>>,
 }
 
 /// How long `offer` waits for room before leaving the message to the caller's feeder.
-const SHORT_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
-/// Messages from this size up are unpickled from the scratch buffer.
+const SHORT_WAIT: Duration = Duration::from_millis(2);
+/// Plain messages from this size up are unpickled from the scratch buffer.
 const BIG: usize = 1 << 16;
 /// Scratch buffers up to this size are kept for the next message.
 const SCRATCH_KEEP: usize = 1 << 26;
+/// Most payloads an envelope may carry (its header then fits any first chunk).
+const MAX_PAYLOADS: usize = 60;
 
-/// Where `get_obj` copied a message.
+/// Where a message was copied.
 enum Landing {
     Bytes(Py<PyBytes>),
     Scratch(Py<PyByteArray>, usize),
+    Envelope(Py<PyBytes>, Vec<Py<PyAny>>),
 }
 
 fn empty_exc(py: Python<'_>) -> PyResult<PyErr> {
@@ -73,44 +85,143 @@ fn new_bytes(py: Python<'_>, n: usize) -> Result<(Py<PyBytes>, *mut u8)> {
     Ok((obj, ptr))
 }
 
-impl Ring {
-    /// The buffer for a message of `n` bytes: a fresh bytes object for a small one,
-    /// the scratch buffer (taken out of its slot, grown as needed) for a large one.
-    fn landing(&self, py: Python<'_>, n: usize) -> Result<(Landing, *mut u8)> {
-        if n < BIG {
-            let (b, p) = new_bytes(py, n)?;
-            return Ok((Landing::Bytes(b), p));
+/// A new, uninitialised bytearray of `n` bytes and its buffer.
+fn new_bytearray(py: Python<'_>, n: usize) -> Result<(Py<PyByteArray>, *mut u8)> {
+    // SAFETY: a NULL source asks for an uninitialised bytearray of n bytes, which the
+    // ring fills before Python sees it.
+    let raw = unsafe {
+        pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), n as pyo3::ffi::Py_ssize_t)
+    };
+    if raw.is_null() {
+        let _ = PyErr::take(py);
+        return Err(Error::Os(Errno::ENOMEM));
+    }
+    // SAFETY: raw is a new, owned reference to a bytearray.
+    let ba =
+        unsafe { Bound::from_owned_ptr(py, raw).cast_into_unchecked::<PyByteArray>() }.unbind();
+    // SAFETY: ba is a bytearray of n bytes that only this call holds; nothing resizes
+    // it until it is handed to Python after the copy.
+    let p = unsafe { pyo3::ffi::PyByteArray_AsString(ba.as_ptr()) } as *mut u8;
+    Ok((ba, p))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Result<u64> {
+    b.get(at..at + 8)
+        .map(|s| u64::from_le_bytes(s.try_into().unwrap()))
+        .ok_or(Error::BadLength(at as i64))
+}
+
+/// The parts of a message given from Python: a bytes object, or a tuple of them (an
+/// envelope, format 1).
+enum Parts<'a> {
+    One([&'a [u8]; 1]),
+    Many(Vec<&'a [u8]>),
+}
+
+impl<'a> Parts<'a> {
+    fn of(data: &'a Bound<'_, PyAny>) -> PyResult<Self> {
+        if let Ok(b) = data.cast::<PyBytes>() {
+            return Ok(Parts::One([b.as_bytes()]));
         }
-        let kept = self
-            .scratch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let ba = match kept {
-            Some(ba) if ba.bind(py).len() >= n => ba,
-            _ => {
-                // SAFETY: a NULL source asks for an uninitialised bytearray of n bytes;
-                // the ring fills the first n bytes before Python sees them.
-                let raw = unsafe {
-                    pyo3::ffi::PyByteArray_FromStringAndSize(
-                        std::ptr::null(),
-                        n as pyo3::ffi::Py_ssize_t,
-                    )
-                };
-                if raw.is_null() {
-                    let _ = PyErr::take(py);
-                    return Err(Error::Os(Errno::ENOMEM));
-                }
-                // SAFETY: raw is a new, owned reference to a bytearray.
-                unsafe { Bound::from_owned_ptr(py, raw).cast_into_unchecked::<PyByteArray>() }
-                    .unbind()
+        let t = data.cast::<PyTuple>()?;
+        let mut parts = Vec::with_capacity(t.len());
+        for item in t.iter() {
+            let b = item.cast_into::<PyBytes>()?;
+            // SAFETY: the tuple holds a reference to each bytes object for as long as
+            // `data` is borrowed, and bytes are immutable, so the slice stays valid.
+            parts.push(unsafe { std::slice::from_raw_parts(b.as_bytes().as_ptr(), b.len()?) });
+        }
+        Ok(Parts::Many(parts))
+    }
+
+    fn msg(&self) -> Msg<'_> {
+        match self {
+            Parts::One(p) => Msg { parts: p, fmt: 0 },
+            Parts::Many(v) => Msg { parts: v, fmt: 1 },
+        }
+    }
+}
+
+impl Ring {
+    /// The destination of a message: see [`ring::Ring::get`].
+    fn landing(&self, py: Python<'_>, fmt: u16, n: usize, head: &[u8]) -> Result<(Landing, Dest)> {
+        match fmt {
+            0 if n < BIG => {
+                let (b, p) = new_bytes(py, n)?;
+                Ok((Landing::Bytes(b), Dest::One((p, n))))
             }
+            0 => {
+                let kept = self
+                    .scratch
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                let (ba, p) = match kept {
+                    Some(ba) if ba.bind(py).len() >= n => {
+                        // SAFETY: as in new_bytearray: taken out of the slot, so ours.
+                        let p = unsafe { pyo3::ffi::PyByteArray_AsString(ba.as_ptr()) };
+                        (ba, p as *mut u8)
+                    }
+                    _ => new_bytearray(py, n)?,
+                };
+                Ok((Landing::Scratch(ba, n), Dest::One((p, n))))
+            }
+            1 => {
+                let count = head
+                    .get(4..8)
+                    .map(|s| u32::from_le_bytes(s.try_into().unwrap()) as usize)
+                    .ok_or(Error::BadLength(head.len() as i64))?;
+                if count > MAX_PAYLOADS || head.len() != 16 + 16 * count {
+                    return Err(Error::BadLength(head.len() as i64));
+                }
+                let inband_len = u64_at(head, 8)? as usize;
+                let (inband, p) = new_bytes(py, inband_len)?;
+                let mut segs = vec![(p, inband_len)];
+                let mut objs = Vec::with_capacity(count);
+                for i in 0..count {
+                    let kind = u64_at(head, 16 + 16 * i)?;
+                    let len = u64_at(head, 24 + 16 * i)? as usize;
+                    let (obj, p) = if kind == 0 {
+                        let (b, p) = new_bytes(py, len)?;
+                        (b.into_any(), p)
+                    } else {
+                        let (b, p) = new_bytearray(py, len)?;
+                        (b.into_any(), p)
+                    };
+                    objs.push(obj);
+                    segs.push((p, len));
+                }
+                if segs.iter().map(|s| s.1).sum::<usize>() != n {
+                    return Err(Error::BadLength(n as i64));
+                }
+                Ok((Landing::Envelope(inband, objs), Dest::Many(segs)))
+            }
+            _ => Err(Error::BadLength(fmt as i64)),
+        }
+    }
+
+    /// Takes a message into a landing, waiting as `get_obj` describes.
+    fn take(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> PyResult<Option<Landing>> {
+        let r = &self.inner;
+        if r.is_abandoned() {
+            return Err(pyo3::exceptions::PyOSError::new_err("handle is closed"));
+        }
+        let fast = r.try_get(&mut |f, n, h| self.landing(py, f, n, h))?;
+        if fast.is_some() {
+            return Ok(fast);
+        }
+        let dl = if block {
+            deadline(timeout)?
+        } else {
+            Some(Instant::now())
         };
-        // SAFETY: ba is a bytearray of at least n bytes that only this call holds (it
-        // was taken out of the slot or just made); nothing resizes it until it is
-        // handed to Python after the copy.
-        let p = unsafe { pyo3::ffi::PyByteArray_AsString(ba.as_ptr()) } as *mut u8;
-        Ok((Landing::Scratch(ba, n), p))
+        blocking(py, |intr| {
+            r.get(
+                dl,
+                &mut |f, n, h| Python::attach(|py| self.landing(py, f, n, h)),
+                intr,
+            )
+        })
     }
 }
 
@@ -167,44 +278,49 @@ impl Ring {
         self.inner.maxsize()
     }
 
-    /// Puts `data` on an unbounded ring, waiting for room if needed.
-    fn put(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+    /// Puts `data` (bytes, or an envelope tuple) on an unbounded ring, waiting for
+    /// room if needed.
+    fn put(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let parts = Parts::of(data)?;
+        let msg = parts.msg();
         let r = &self.inner;
-        if !r.reserve(Some(std::time::Instant::now()), &mut || Ok(()))? {
+        if !r.reserve(Some(Instant::now()), &mut || Ok(()))? {
             return Err(pyo3::exceptions::PyValueError::new_err(
                 "put() without a timeout needs an unbounded ring",
             ));
         }
-        if r.try_write(data) {
+        if r.try_write(msg) {
             return Ok(());
         }
-        blocking(py, |intr| r.write(data, intr))
+        blocking(py, |intr| r.write(msg, intr))
     }
 
     /// Reserves a slot (waiting up to `timeout` while `maxsize` messages are queued)
-    /// and, if `write`, writes `data` when there is room right now. Returns 0 when the
-    /// ring stayed full, 1 when `data` is in the ring, 2 when a slot is reserved but
-    /// `data` still has to be written with `write()`.
+    /// and, if `write`, writes `data` when there is room right now (or within 2 ms).
+    /// Returns 0 when the ring stayed full, 1 when `data` is in the ring, 2 when a slot
+    /// is reserved but `data` still has to be written with `write()`.
     #[pyo3(signature = (data, block=true, timeout=None, write=true))]
     fn offer(
         &self,
         py: Python<'_>,
-        data: &[u8],
+        data: &Bound<'_, PyAny>,
         block: bool,
         timeout: Option<f64>,
         write: bool,
     ) -> PyResult<u8> {
+        let parts = Parts::of(data)?;
+        let msg = parts.msg();
         let r = &self.inner;
         let dl = if block {
             deadline(timeout)?
         } else {
-            Some(std::time::Instant::now())
+            Some(Instant::now())
         };
         // Fast path: a slot and room right now.
-        let first = r.offer(data, Some(std::time::Instant::now()), write, &mut || Ok(()))?;
+        let first = r.offer(msg, Some(Instant::now()), write, &mut || Ok(()))?;
         let outcome = match first {
-            ring::Offer::Full if dl.is_none_or(|d| d > std::time::Instant::now()) => {
-                blocking(py, |intr| r.offer(data, dl, write, intr))?
+            ring::Offer::Full if dl.is_none_or(|d| d > Instant::now()) => {
+                blocking(py, |intr| r.offer(msg, dl, write, intr))?
             }
             o => o,
         };
@@ -212,8 +328,8 @@ impl Ring {
             // No room right now: rather than hand the message to a feeder thread at
             // once, wait briefly (GIL released) for the consumer to make room.
             ring::Offer::Reserved if write => {
-                let until = std::time::Instant::now() + SHORT_WAIT;
-                if blocking(py, |intr| r.write_until(data, until, intr))? {
+                let until = Instant::now() + SHORT_WAIT;
+                if blocking(py, |intr| r.write_until(msg, until, intr))? {
                     ring::Offer::Written
                 } else {
                     ring::Offer::Reserved
@@ -229,17 +345,20 @@ impl Ring {
     }
 
     /// Writes `data` into a slot reserved by `offer()`, waiting for room.
-    fn write(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let parts = Parts::of(data)?;
+        let msg = parts.msg();
         let r = &self.inner;
-        if r.try_write(data) {
+        if r.try_write(msg) {
             return Ok(());
         }
-        blocking(py, |intr| r.write(data, intr))
+        blocking(py, |intr| r.write(msg, intr))
     }
 
     /// Writes `data` into a reserved slot if there is room right now; never waits.
-    fn try_write(&self, data: &[u8]) -> bool {
-        self.inner.try_write(data)
+    fn try_write(&self, data: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let parts = Parts::of(data)?;
+        Ok(self.inner.try_write(parts.msg()))
     }
 
     /// Gives back a slot reserved by `offer()` whose message will not be written.
@@ -247,35 +366,9 @@ impl Ring {
         self.inner.unreserve();
     }
 
-    /// Takes the next message: waits up to `timeout` (forever if None) when `block`,
-    /// else only takes what is there. None when nothing came.
-    #[pyo3(signature = (block=true, timeout=None))]
-    fn get<'py>(
-        &self,
-        py: Python<'py>,
-        block: bool,
-        timeout: Option<f64>,
-    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let r = &self.inner;
-        let fast = r.try_get(&mut |n| new_bytes(py, n))?;
-        if let Some(b) = fast {
-            return Ok(Some(b.into_bound(py)));
-        }
-        let dl = if block {
-            deadline(timeout)?
-        } else {
-            Some(std::time::Instant::now())
-        };
-        let got = blocking(py, |intr| {
-            r.get(dl, &mut |n| Python::attach(|py| new_bytes(py, n)), intr)
-        })?;
-        Ok(got.map(|b| b.into_bound(py)))
-    }
-
     /// Takes the next message and returns `loads(message)`: waits up to `timeout`
     /// (forever if None) when `block`, else only takes what is there; raises
-    /// queue.Empty when nothing came. Large messages are copied into a kept buffer
-    /// and unpickled from there.
+    /// queue.Empty when nothing came.
     #[pyo3(signature = (loads, block=true, timeout=None))]
     fn get_obj<'py>(
         &self,
@@ -284,27 +377,14 @@ impl Ring {
         block: bool,
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let r = &self.inner;
-        if r.is_abandoned() {
-            return Err(pyo3::exceptions::PyOSError::new_err("handle is closed"));
-        }
-        let fast = r.try_get(&mut |n| self.landing(py, n))?;
-        let got = match fast {
-            Some(l) => Some(l),
-            None => {
-                let dl = if block {
-                    deadline(timeout)?
-                } else {
-                    Some(std::time::Instant::now())
-                };
-                blocking(py, |intr| {
-                    r.get(dl, &mut |n| Python::attach(|py| self.landing(py, n)), intr)
-                })?
-            }
-        };
-        match got {
+        match self.take(py, block, timeout)? {
             None => Err(empty_exc(py)?),
             Some(Landing::Bytes(b)) => loads.call1((b,)),
+            Some(Landing::Envelope(inband, objs)) => {
+                let kw = PyDict::new(py);
+                kw.set_item("buffers", PyList::new(py, objs)?)?;
+                loads.call((inband,), Some(&kw))
+            }
             Some(Landing::Scratch(ba, n)) => {
                 let ba = ba.into_bound(py);
                 let whole = PyMemoryView::from(&ba)?;
