@@ -104,6 +104,17 @@
 //! CPython. "Mine" means `count > 0` and the last acquirer is the calling thread of the
 //! calling process; the pid half makes a forked child that never called
 //! [`RawSemaphore::after_fork`] still see its parent's `RLock` as not its own.
+//!
+//! The bookkeeping is updated with plain loads and stores, not read-modify-write
+//! atomics: a locked `xadd` costs as much as the compare-and-swap on the word itself,
+//! and an uncontended acquire + release would pay two of them for a counter nobody
+//! else reads. So updates to one handle's bookkeeping must not race: the threads that
+//! share a handle must serialise the calls that change it (`try_acquire`, `acquire`,
+//! `note_acquired`, `release`, `after_fork`). The Python bindings do: they hold the GIL
+//! for all of them, and sleep through [`RawSemaphore::acquire_word`] (which touches no
+//! bookkeeping) with the GIL released. An `RLock`'s count needs no such care: only its
+//! owner thread changes it while it is positive. A race can only make `count` wrong
+//! (memory safety never depends on it).
 
 mod futex;
 
@@ -411,7 +422,7 @@ impl RawSemaphore {
     #[inline]
     pub fn try_acquire(&self) -> Result<(), SyncError> {
         if self.kind == SemKind::RecursiveMutex && self.is_mine() {
-            self.count.fetch_add(1, Ordering::Relaxed);
+            self.add_count(1);
             return Ok(());
         }
         match self.try_take() {
@@ -434,13 +445,25 @@ impl RawSemaphore {
         match self.try_acquire() {
             Ok(()) => Ok(true),
             Err(_) => {
-                let got = self.acquire_slow(deadline)?;
+                let got = self.acquire_word(deadline)?;
                 if got {
                     self.note_acquired();
                 }
                 Ok(got)
             }
         }
+    }
+
+    /// The waiting half of [`acquire`](Self::acquire) without the bookkeeping: spin,
+    /// then sleep until the shared word is taken (`Ok(true)`) or `deadline` passes
+    /// (`Ok(false)`). On `Ok(true)` the caller must call
+    /// [`note_acquired`](Self::note_acquired), serialised with the other bookkeeping
+    /// updates of this handle (see the module docs); call it after a failed
+    /// [`try_acquire`](Self::try_acquire), which handles an `RLock`'s re-entry.
+    ///
+    /// Errors: as `acquire`.
+    pub fn acquire_word(&self, deadline: Option<Instant>) -> Result<bool, SyncError> {
+        self.acquire_slow(deadline)
     }
 
     /// Gives the semaphore back and wakes one sleeper if there is any.
@@ -455,13 +478,13 @@ impl RawSemaphore {
                 return Err(SyncError::NotOwner);
             }
             // Only the owner thread changes `count` while it is positive: no race here.
-            if self.count.fetch_sub(1, Ordering::Release) > 1 {
+            if self.add_count(-1) > 0 {
                 return Ok(());
             }
             return self.give();
         }
         self.give()?;
-        self.count.fetch_sub(1, Ordering::Release);
+        self.add_count(-1);
         Ok(())
     }
 
@@ -517,12 +540,25 @@ impl RawSemaphore {
         self.state().recoveries.load(Ordering::Relaxed)
     }
 
-    fn note_acquired(&self) {
+    /// Records an acquire made through [`acquire_word`](Self::acquire_word) in this
+    /// handle's bookkeeping (the calling thread becomes the last acquirer).
+    #[inline]
+    pub fn note_acquired(&self) {
         self.last_tid
             .store(futex::current_thread(), Ordering::Relaxed);
         self.last_pid.store(futex::current_pid(), Ordering::Relaxed);
+        self.add_count(1);
+    }
+
+    /// `count += delta`, returning the new count. A load and a store, not an atomic
+    /// read-modify-write: see "Per-process bookkeeping" in the module docs for why, and
+    /// why that is enough.
+    #[inline]
+    fn add_count(&self, delta: i32) -> i32 {
+        let new = self.count.load(Ordering::Relaxed).wrapping_add(delta);
         // Release: a thread that sees the new count also sees who it belongs to.
-        self.count.fetch_add(1, Ordering::Release);
+        self.count.store(new, Ordering::Release);
+        new
     }
 
     /// One attempt at the shared transition; on failure, the word that was seen (the
