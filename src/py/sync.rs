@@ -41,7 +41,7 @@ use crate::py::deadline;
 use crate::sync::{Recovery, SemKind, Semaphore, SyncError, SEM_VALUE_MAX};
 
 /// Maps a core semaphore error to the exception the stdlib raises for it.
-fn sync_err(e: SyncError) -> PyErr {
+pub(crate) fn sync_err(e: SyncError) -> PyErr {
     match e {
         // Both messages are the stdlib's, word for word (see SyncError's Display).
         SyncError::NotOwner => PyAssertionError::new_err(e.to_string()),
@@ -118,7 +118,7 @@ fn sem_key(name: &str) -> PyResult<String> {
 /// A process-shared semaphore or recursive mutex (`_multiprocessing.SemLock`).
 #[pyclass(name = "SemLock", module = "ferromp._core", subclass, frozen)]
 pub(crate) struct PySemLock {
-    sem: Semaphore,
+    pub(crate) sem: Semaphore,
     /// The name given at creation with `unlink=False`, or passed to `_rebuild`.
     name: Option<String>,
 }
@@ -298,7 +298,7 @@ impl PySemLock {
 impl PySemLock {
     /// The blocking part of acquire: without the GIL, running signal handlers on EINTR
     /// and resuming with the same deadline unless one of them raised.
-    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+    pub(crate) fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         // The stdlib treats a negative timeout as zero.
         let deadline = deadline(timeout.map(|t| if t < 0.0 { 0.0 } else { t }))?;
         loop {
@@ -415,12 +415,12 @@ unsafe fn new_ref(obj: *mut ffi::PyObject) -> *mut ffi::PyObject {
 
 /// Runs the non-fast part of a raw method in the ordinary pyo3 world: an error (or a
 /// panic) becomes the raised exception and NULL is returned, as CPython expects.
-fn slow(f: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>) -> *mut ffi::PyObject {
+pub(crate) fn slow(f: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>) -> *mut ffi::PyObject {
     // Python::attach with the GIL already held (it always is here) only bumps pyo3's
     // own counters; it makes pyo3's reference handling exact for what `f` does.
     Python::attach(|py| {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(py)))
-            .unwrap_or_else(|_| Err(PanicException::new_err("panic in ferromp._core.SemLock")));
+            .unwrap_or_else(|_| Err(PanicException::new_err("panic in ferromp._core")));
         match r {
             Ok(obj) => obj.into_ptr(),
             Err(e) => {
