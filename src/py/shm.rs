@@ -272,6 +272,36 @@ impl Scalar {
     }
 }
 
+impl Scalar {
+    /// The no-error part of [`convert`](Self::convert), on a raw object: `None` when
+    /// `convert` would not handle it or would raise (then no exception is left set).
+    ///
+    /// # Safety
+    ///
+    /// The GIL is held and `value` is a live object.
+    #[inline]
+    unsafe fn convert_raw(&self, value: *mut ffi::PyObject) -> Option<Bits> {
+        // SAFETY: per the caller's contract, for every call below.
+        unsafe {
+            let exact_int = ffi::PyLong_CheckExact(value) != 0;
+            if !self.kind.is_float() {
+                // Masking an exact int never fails.
+                return exact_int.then(|| Bits::UInt(ffi::PyLong_AsUnsignedLongLongMask(value)));
+            }
+            if !exact_int && ffi::PyFloat_CheckExact(value) == 0 {
+                return None;
+            }
+            let d = ffi::PyFloat_AsDouble(value);
+            if d == -1.0 && !ffi::PyErr_Occurred().is_null() {
+                // An int too large for a double: the checked path raises it again.
+                ffi::PyErr_Clear();
+                return None;
+            }
+            Some(Bits::Float(d))
+        }
+    }
+}
+
 fn bits_into_py(py: Python<'_>, bits: Bits) -> PyResult<Py<PyAny>> {
     Ok(match bits {
         Bits::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
@@ -518,6 +548,23 @@ unsafe extern "C" fn value_set(
 ) -> std::ffi::c_int {
     // SAFETY: called by CPython's getset descriptor on a SharedCell (see `cell_of`).
     let this = unsafe { cell_of(slf) };
+    // The fast path: an exact int or float, a native lock that is free (or this
+    // thread's RLock), a scalar stored directly. No Python object is made.
+    if let Some(cell) = this.cell.get().filter(|_| !value.is_null()) {
+        if let (Some(sem), Some(scalar)) = (&cell.sem, &cell.scalar) {
+            // SAFETY: the GIL is held and `value` is a live, non-null object.
+            if let Some(bits) = unsafe { scalar.convert_raw(value) } {
+                let sem = &sem.get().sem;
+                if sem.try_acquire().is_ok() {
+                    scalar.store(bits);
+                    // Cannot fail: taken by this thread just now, GIL held throughout.
+                    let released = sem.release();
+                    debug_assert!(released.is_ok());
+                    return 0;
+                }
+            }
+        }
+    }
     let r = slow(|py| {
         if value.is_null() {
             // SAFETY: `slf` is live.
