@@ -354,7 +354,7 @@ impl Cell {
         sem.try_acquire().ok()?;
         let bits = scalar.load();
         // Cannot fail: taken by this thread just now, and the GIL is held throughout.
-        let released = sem.release();
+        let released = sem.release_just_acquired();
         debug_assert!(released.is_ok());
         Some(bits)
     }
@@ -558,7 +558,7 @@ unsafe extern "C" fn value_set(
                 if sem.try_acquire().is_ok() {
                     scalar.store(bits);
                     // Cannot fail: taken by this thread just now, GIL held throughout.
-                    let released = sem.release();
+                    let released = sem.release_just_acquired();
                     debug_assert!(released.is_ok());
                     return 0;
                 }

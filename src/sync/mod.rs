@@ -488,6 +488,26 @@ impl RawSemaphore {
         Ok(())
     }
 
+    /// [`release`](Self::release) right after a successful
+    /// [`try_acquire`](Self::try_acquire) by the same thread, with nothing in between
+    /// that could have released it: skips the ownership check `release` makes for a
+    /// recursive mutex (the caller just became, or already was, its owner). For a
+    /// short critical section run in one call (the bindings' `Value.value`).
+    ///
+    /// Errors: as `release`.
+    #[inline]
+    pub fn release_just_acquired(&self) -> Result<(), SyncError> {
+        if self.kind == SemKind::RecursiveMutex {
+            if self.add_count(-1) > 0 {
+                return Ok(());
+            }
+            return self.give();
+        }
+        self.give()?;
+        self.add_count(-1);
+        Ok(())
+    }
+
     /// The current value (0 or 1 in mutex mode); the stdlib's `_get_value()`.
     pub fn get_value(&self) -> u32 {
         let word = self.state().word.load(Ordering::SeqCst);
