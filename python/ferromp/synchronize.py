@@ -129,7 +129,8 @@ def _value_for_repr(semlock):
 class Semaphore(SemLock):
     """``threading.Semaphore`` across processes."""
 
-    def __new__(cls, value=1, *, ctx):
+    def __new__(cls, value=1, *args, ctx=None, **kwargs):
+        # Extra arguments are for a subclass's __init__ (which checks its own).
         return SemLock.__new__(cls, SEMAPHORE, value, SEM_VALUE_MAX, ctx=ctx)
 
     def __init__(self, value=1, *, ctx):
@@ -146,7 +147,7 @@ class BoundedSemaphore(Semaphore):
     """``threading.BoundedSemaphore`` across processes: releasing above the initial
     value raises ValueError."""
 
-    def __new__(cls, value=1, *, ctx):
+    def __new__(cls, value=1, *args, ctx=None, **kwargs):
         return SemLock.__new__(cls, SEMAPHORE, value, value, ctx=ctx)
 
     def __init__(self, value=1, *, ctx):
@@ -186,7 +187,8 @@ class Lock(SemLock):
 
     _recover = True
 
-    def __new__(cls, *, ctx):
+    def __new__(cls, *args, ctx=None, **kwargs):
+        # Extra arguments are for a subclass's __init__ (which checks its own).
         return SemLock.__new__(cls, SEMAPHORE, 1, 1, ctx=ctx)
 
     def __init__(self, *, ctx):
@@ -205,7 +207,7 @@ class RLock(SemLock):
 
     _recover = True
 
-    def __new__(cls, *, ctx):
+    def __new__(cls, *args, ctx=None, **kwargs):
         return SemLock.__new__(cls, RECURSIVE_MUTEX, 1, 1, ctx=ctx)
 
     def __init__(self, *, ctx):
