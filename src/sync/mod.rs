@@ -900,6 +900,29 @@ mod tests {
     }
 
     #[test]
+    fn split_acquire_and_one_call_release_keep_the_bookkeeping() {
+        let r = Semaphore::new(SemKind::RecursiveMutex, 1, 1, Recovery::Never).unwrap();
+        // The bindings' blocking path: the word, then the bookkeeping.
+        r.try_acquire().unwrap();
+        r.release().unwrap();
+        assert!(r.acquire_word(None).unwrap());
+        assert_eq!(r.count(), 0);
+        r.note_acquired();
+        assert!(r.is_mine() && r.count() == 1);
+        // Re-entered and left in one call: count back to 1, still held.
+        r.try_acquire().unwrap();
+        r.release_just_acquired().unwrap();
+        assert!(r.is_mine() && r.count() == 1 && r.get_value() == 0);
+        r.release().unwrap();
+        assert_eq!((r.count(), r.get_value()), (0, 1));
+        let l = Semaphore::new(SemKind::Semaphore, 1, 1, Recovery::DeadOwner).unwrap();
+        l.try_acquire().unwrap();
+        l.release_just_acquired().unwrap();
+        assert_eq!((l.count(), l.get_value()), (0, 1));
+        assert_eq!(l.release_just_acquired(), Err(SyncError::OverRelease(1)));
+    }
+
+    #[test]
     fn rejects_bad_arguments() {
         let bad = Err(SyncError::Os(Errno::EINVAL));
         let r = Semaphore::new(
