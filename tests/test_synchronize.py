@@ -816,7 +816,8 @@ def _interrupt_main_after(delay):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize('what', ['lock', 'semaphore-timeout', 'condition', 'event'])
+@pytest.mark.parametrize('what', ['lock', 'lock-with', 'value', 'semaphore-timeout',
+                                  'condition', 'event'])
 def test_ctrl_c_interrupts_a_blocked_wait(what):
     ctx = ferromp.get_context('fork')
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -825,6 +826,20 @@ def test_ctrl_c_interrupts_a_blocked_wait(what):
             lock = ctx.Lock()
             lock.acquire()
             block = lock.acquire
+        elif what == 'lock-with':
+            lock = ctx.RLock()
+            # Held by another thread: `with` blocks in the native __enter__.
+            threading.Thread(target=lock.acquire).start()
+            while lock._get_value():
+                time.sleep(0.01)
+
+            def block():
+                with lock:
+                    pass
+        elif what == 'value':
+            v = ctx.Value('i', 0, lock=ctx.Lock())
+            v.get_lock().acquire()
+            block = lambda: v.value
         elif what == 'semaphore-timeout':
             block = lambda: ctx.Semaphore(0).acquire(timeout=30)
         elif what == 'condition':
