@@ -222,8 +222,13 @@ class SynchronizedBase(_core.SharedCell):
 class Synchronized(SynchronizedBase):
     """A shared ``ctypes`` scalar; ``value`` reads and writes it under the lock."""
 
-    # A getset descriptor of the native cell: lock, load or store, unlock in one call.
-    value = _core.SharedCell._value
+    # `value` (set below) is a getset descriptor of the native cell: lock, load or
+    # store, unlock in one call.
+
+
+# Made for this very class, so that CPython's isinstance check on each access is a
+# pointer comparison (`_core.SharedCell._value` would do, a little slower).
+Synchronized.value = _core.SharedCell._value_descriptor(Synchronized)
 
 
 class SynchronizedArray(SynchronizedBase):

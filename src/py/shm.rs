@@ -33,11 +33,11 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 
-use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyFloat, PyInt, PyTuple};
+use pyo3::types::{PyDict, PyFloat, PyInt, PyTuple, PyType};
 
 use super::sync::{slow, sync_err, PySemLock};
 use crate::shm::Segment;
@@ -346,17 +346,14 @@ impl Cell {
     }
 
     /// The scalar loaded under the lock, if both are native and the lock is free or
-    /// this thread's own `RLock` (no Python code runs, nothing is allocated).
+    /// this thread's own `RLock` (no Python code runs, nothing is allocated, and the
+    /// lock's bookkeeping is left alone: see `RawSemaphore::try_locked`).
     #[inline]
     fn fast_load(&self) -> Option<Bits> {
         let (sem, scalar) = (self.sem.as_ref()?, self.scalar.as_ref()?);
-        let sem = &sem.get().sem;
-        sem.try_acquire().ok()?;
-        let bits = scalar.load();
-        // Cannot fail: taken by this thread just now, and the GIL is held throughout.
-        let released = sem.release_just_acquired();
-        debug_assert!(released.is_ok());
-        Some(bits)
+        // The GIL is held and the load runs no Python code: `try_locked`'s contract.
+        // It cannot fail once taken (given back by this thread, right away).
+        sem.get().sem.try_locked(|| scalar.load()).ok()
     }
 }
 
@@ -463,6 +460,13 @@ impl PySharedCell {
             .map_err(|_| PyRuntimeError::new_err("synchronized wrapper already initialised"))
     }
 
+    /// `_value_descriptor(cls)`: the `value` descriptor (as `SharedCell._value`) made
+    /// for `cls`, so that its type check is exact for instances of `cls`.
+    #[staticmethod]
+    fn _value_descriptor<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+        value_descriptor(cls)
+    }
+
     /// The lock every access takes.
     fn get_lock(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         Ok(self.bound()?.lock.clone_ref(py))
@@ -500,6 +504,39 @@ impl PySharedCell {
 }
 
 // --- `SharedCell._value`: the raw `value` descriptor of `Synchronized` ---
+
+/// The getset definition behind every `value` descriptor (its address; leaked once).
+static VALUE_DEF: OnceLock<usize> = OnceLock::new();
+
+/// A `value` getset descriptor for `cls`, a `SharedCell` subclass (or itself).
+///
+/// CPython checks `isinstance(obj, cls)` before calling the functions of a descriptor
+/// made for `cls`; for an instance of exactly `cls` that is one pointer comparison,
+/// where a descriptor made for the base would walk the MRO on every access.
+fn value_descriptor<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+    if !cls.is_subclass_of::<PySharedCell>()? {
+        return Err(PyTypeError::new_err("expected a SharedCell subclass"));
+    }
+    let def = *VALUE_DEF.get_or_init(|| {
+        // The definition must outlive every descriptor: leaked, once per process.
+        Box::leak(Box::new(ffi::PyGetSetDef {
+            name: c"value".as_ptr(),
+            get: Some(value_get),
+            set: Some(value_set),
+            doc: c"The value, read and written under the lock.".as_ptr(),
+            closure: std::ptr::null_mut(),
+        })) as *mut ffi::PyGetSetDef as usize
+    });
+    // SAFETY: a live type object whose instances are SharedCells (checked above, which
+    // is what `value_get` / `value_set` rely on) and a definition that lives forever;
+    // the result is a new reference or NULL with an exception set (turned into Err).
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            cls.py(),
+            ffi::PyDescr_NewGetSet(cls.as_type_ptr(), def as *mut ffi::PyGetSetDef),
+        )
+    }
+}
 
 /// The cell behind `slf`.
 ///
@@ -554,12 +591,8 @@ unsafe extern "C" fn value_set(
         if let (Some(sem), Some(scalar)) = (&cell.sem, &cell.scalar) {
             // SAFETY: the GIL is held and `value` is a live, non-null object.
             if let Some(bits) = unsafe { scalar.convert_raw(value) } {
-                let sem = &sem.get().sem;
-                if sem.try_acquire().is_ok() {
-                    scalar.store(bits);
-                    // Cannot fail: taken by this thread just now, GIL held throughout.
-                    let released = sem.release_just_acquired();
-                    debug_assert!(released.is_ok());
+                // GIL held, the store runs no Python code: `try_locked`'s contract.
+                if sem.get().sem.try_locked(|| scalar.store(bits)).is_ok() {
                     return 0;
                 }
             }
@@ -594,18 +627,5 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // `sharedctypes.Synchronized` takes as its `value` attribute. Not `value` on the
     // base itself: arrays and structures must not grow a `value` attribute.
     let ty = m.py().get_type::<PySharedCell>();
-    // The definition must outlive the type: leaked once per process (module init).
-    let def = Box::leak(Box::new(ffi::PyGetSetDef {
-        name: c"value".as_ptr(),
-        get: Some(value_get),
-        set: Some(value_set),
-        doc: c"The value, read and written under the lock.".as_ptr(),
-        closure: std::ptr::null_mut(),
-    }));
-    // SAFETY: a live type object and a definition that lives forever; the result is a
-    // new reference or NULL with an exception set (turned into Err).
-    let descr = unsafe {
-        Bound::from_owned_ptr_or_err(m.py(), ffi::PyDescr_NewGetSet(ty.as_type_ptr(), def))?
-    };
-    ty.setattr("_value", descr)
+    ty.setattr("_value", value_descriptor(&ty)?)
 }

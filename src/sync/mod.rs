@@ -488,24 +488,27 @@ impl RawSemaphore {
         Ok(())
     }
 
-    /// [`release`](Self::release) right after a successful
-    /// [`try_acquire`](Self::try_acquire) by the same thread, with nothing in between
-    /// that could have released it: skips the ownership check `release` makes for a
-    /// recursive mutex (the caller just became, or already was, its owner). For a
-    /// short critical section run in one call (the bindings' `Value.value`).
+    /// Runs `f` with the semaphore held, if taking it needs no waiting (`WouldBlock`
+    /// otherwise, and `f` does not run): a whole critical section in one call, for the
+    /// bindings' `Value.value`. A recursive mutex that the calling thread already holds
+    /// is simply re-entered.
     ///
-    /// Errors: as `release`.
+    /// The bookkeeping (`count`, last acquirer) is not touched: it would be changed and
+    /// changed back, and the caller promises that nothing can look at it meanwhile
+    /// (`f` does not use this handle, and no other thread uses its bookkeeping during
+    /// the call: the bindings hold the GIL and `f` runs no Python code). So only the
+    /// word is taken and given back: two compare-and-swaps, or none when re-entering.
+    ///
+    /// Errors: `WouldBlock`; from giving it back, as `release` (then `f` has run).
     #[inline]
-    pub fn release_just_acquired(&self) -> Result<(), SyncError> {
-        if self.kind == SemKind::RecursiveMutex {
-            if self.add_count(-1) > 0 {
-                return Ok(());
-            }
-            return self.give();
+    pub fn try_locked<T>(&self, f: impl FnOnce() -> T) -> Result<T, SyncError> {
+        if self.kind == SemKind::RecursiveMutex && self.is_mine() {
+            return Ok(f());
         }
+        self.try_take().map_err(|_| SyncError::WouldBlock)?;
+        let r = f();
         self.give()?;
-        self.add_count(-1);
-        Ok(())
+        Ok(r)
     }
 
     /// The current value (0 or 1 in mutex mode); the stdlib's `_get_value()`.
@@ -900,7 +903,7 @@ mod tests {
     }
 
     #[test]
-    fn split_acquire_and_one_call_release_keep_the_bookkeeping() {
+    fn split_acquire_and_one_call_critical_sections_keep_the_bookkeeping() {
         let r = Semaphore::new(SemKind::RecursiveMutex, 1, 1, Recovery::Never).unwrap();
         // The bindings' blocking path: the word, then the bookkeeping.
         r.try_acquire().unwrap();
@@ -909,17 +912,21 @@ mod tests {
         assert_eq!(r.count(), 0);
         r.note_acquired();
         assert!(r.is_mine() && r.count() == 1);
-        // Re-entered and left in one call: count back to 1, still held.
-        r.try_acquire().unwrap();
-        r.release_just_acquired().unwrap();
+        // Re-entered for one call: nothing changes.
+        assert_eq!(r.try_locked(|| (r.count(), r.get_value())), Ok((1, 0)));
         assert!(r.is_mine() && r.count() == 1 && r.get_value() == 0);
         r.release().unwrap();
         assert_eq!((r.count(), r.get_value()), (0, 1));
+        // Free: held during `f` (by the word only), free again after.
+        assert_eq!(r.try_locked(|| (r.count(), r.get_value())), Ok((0, 0)));
+        assert_eq!((r.count(), r.get_value()), (0, 1));
         let l = Semaphore::new(SemKind::Semaphore, 1, 1, Recovery::DeadOwner).unwrap();
         l.try_acquire().unwrap();
-        l.release_just_acquired().unwrap();
+        // A Lock held, even by the caller, is not re-entered.
+        assert_eq!(l.try_locked(|| ()), Err(SyncError::WouldBlock));
+        l.release().unwrap();
+        assert_eq!(l.try_locked(|| l.get_value()), Ok(0));
         assert_eq!((l.count(), l.get_value()), (0, 1));
-        assert_eq!(l.release_just_acquired(), Err(SyncError::OverRelease(1)));
     }
 
     #[test]
