@@ -815,6 +815,35 @@ def _interrupt_main_after(delay):
     return t
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize('kind', ['Lock', 'RLock', 'Semaphore'])
+def test_ctrl_c_that_misses_the_sleep_is_still_seen(kind):
+    # A signal that arrives while the waiter is not inside the futex call (here: one
+    # delivered to another thread) only sets Python's flag; the wait must still notice
+    # it (at the end of its current sleep slice) instead of sleeping on forever.
+    ctx = ferromp.get_context('fork')
+    lock = getattr(ctx, kind)(0) if kind == 'Semaphore' else getattr(ctx, kind)()
+    if kind != 'Semaphore':
+        threading.Thread(target=lock.acquire).start()
+        while lock._get_value():
+            time.sleep(0.01)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def fire():
+        time.sleep(0.3)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    try:
+        t = threading.Thread(target=fire)
+        t.start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire()
+        assert time.monotonic() - t0 < 5
+        t.join()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize('what', ['lock', 'lock-with', 'value', 'semaphore-timeout',
                                   'condition', 'event'])

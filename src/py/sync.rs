@@ -28,6 +28,7 @@
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyValueError};
@@ -39,6 +40,11 @@ use pyo3::types::{PyBool, PyDict, PyTuple, PyType};
 
 use crate::py::deadline;
 use crate::sync::{Recovery, SemKind, Semaphore, SyncError, SEM_VALUE_MAX};
+
+/// The longest a blocked acquire sleeps before it runs Python's signal handlers (see
+/// [`PySemLock::wait`]): the worst-case Ctrl-C latency when the signal misses the
+/// futex call. The same period as the dead-owner check, whose wake-ups it shares.
+const SIGNAL_SLICE: Duration = crate::sync::OWNER_CHECK_PERIOD;
 
 /// Maps a core semaphore error to the exception the stdlib raises for it.
 pub(crate) fn sync_err(e: SyncError) -> PyErr {
@@ -298,19 +304,28 @@ impl PySemLock {
 impl PySemLock {
     /// The blocking part of acquire: without the GIL, running signal handlers on EINTR
     /// and resuming with the same deadline unless one of them raised.
+    ///
+    /// The sleep is cut into slices of at most [`SIGNAL_SLICE`], and Python's signal
+    /// handlers run between two slices too. A signal only interrupts the futex call if
+    /// it arrives during it; one that lands in between (while spinning, or while a
+    /// robust waiter checks its holder every 100 ms) only sets Python's flag, and the
+    /// stdlib's semaphore would then sleep on, deaf to Ctrl-C. Here it is seen at the
+    /// end of the slice at the latest.
     pub(crate) fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         // The stdlib treats a negative timeout as zero.
         let deadline = deadline(timeout.map(|t| if t < 0.0 { 0.0 } else { t }))?;
         loop {
+            let slice_end = Instant::now() + SIGNAL_SLICE;
+            let until = deadline.map_or(slice_end, |d| d.min(slice_end));
             // The bookkeeping is updated here, with the GIL: see `crate::sync`.
-            match py.detach(|| self.sem.acquire_word(deadline)) {
-                Ok(got) => {
-                    if got {
-                        self.sem.note_acquired();
-                    }
-                    return Ok(got);
+            match py.detach(|| self.sem.acquire_word(Some(until))) {
+                Ok(true) => {
+                    self.sem.note_acquired();
+                    return Ok(true);
                 }
-                Err(SyncError::Interrupted) => py.check_signals()?,
+                Ok(false) if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(false),
+                // The end of a slice: a signal may have come between two sleeps.
+                Ok(false) | Err(SyncError::Interrupted) => py.check_signals()?,
                 Err(e) => return Err(sync_err(e)),
             }
         }
