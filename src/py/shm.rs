@@ -21,14 +21,20 @@
 //! `SharedCell` is the native base of `sharedctypes.SynchronizedBase`. It holds the
 //! wrapped ctypes object and the lock, and does "take the lock, get or set the value
 //! or item, release the lock" in one native call, so `Value.value` and `Array[i]` run
-//! no Python frame. When the lock is one of ferromp's `SemLock`s, the cell maps that
-//! semaphore's memfd itself and keeps a handle of its own on it
-//! ([`RawSemaphore::attach`]): an uncontended access is then two compare-and-swaps.
-//! When that fails (the lock is held, possibly by this very thread through the
-//! `RLock`: `with v.get_lock(): v.value += 1`), or the lock is of another kind, the
-//! cell calls the lock's own `acquire()` / `release()`, exactly as the stdlib's
-//! wrappers do. The value itself is read and written through the ctypes object, so
-//! conversions and errors are ctypes' own.
+//! no Python frame.
+//!
+//! * When the lock is one of ferromp's `SemLock`s (whose hot methods are not
+//!   overridden), the cell holds that `PySemLock` and takes it through the lock's own
+//!   handle, bookkeeping included: `with v.get_lock(): v.value += 1` re-enters the
+//!   held `RLock`. Otherwise it calls the lock's `acquire()` / `release()`, as the
+//!   stdlib's wrappers do.
+//! * The scalar of an integer or float `Value` is loaded and stored by the cell
+//!   ([`Scalar`]); anything else goes through the ctypes object, so conversions and
+//!   errors are ctypes' own.
+//! * `Synchronized.value` is a raw getset descriptor ([`value_get`], [`value_set`]):
+//!   the uncontended case is lock word, load or store, lock word
+//!   ([`RawSemaphore::try_locked`](crate::sync::RawSemaphore::try_locked)), with no
+//!   pyo3 trampoline; everything else goes through the ordinary pyo3 methods.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
