@@ -398,3 +398,88 @@ def test_errors_inside_the_lock_release_it():
         with pytest.raises(TypeError) as info:
             obj.value = 'x'
     assert 'int' in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_scalar_stores_convert_as_ctypes_does():
+    # Integer and float scalars are read and written by the native cell, not ctypes:
+    # wrap-around, rounding to float32, bool, __index__ and the errors must still be
+    # ctypes' own.
+    class Idx:
+        def __index__(self):
+            return 7
+
+    values = [0, 5, -3, 2 ** 31, 2 ** 40 + 7, 2 ** 63, -2 ** 63, 2 ** 70 + 1, -1,
+              True, Idx(), 1.1, 1e300, 10 ** 400, 'x', None, b'1']
+    for code in 'bBhHiIlLqQfd':
+        fm, std = sharedctypes.Value(code, 0), std_sct.Value(code, 0)
+        for x in values:
+            seen = []
+            for v in (fm, std):
+                try:
+                    v.value = x
+                    seen.append((type(v.value), v.value))
+                except Exception as e:
+                    seen.append((type(e), str(e)))
+            assert seen[0] == seen[1], (code, x, seen)
+    # Other scalar types go through ctypes, under the lock.
+    for t, x in ((ctypes.c_bool, 5), (ctypes.c_char, b'z'), (ctypes.c_wchar, 'w')):
+        v = sharedctypes.Value(t)
+        v.value = x
+        assert v.value == std_sct.Value(t, x).value
+    v = sharedctypes.Value('i', 3)
+    with pytest.raises(AttributeError, match='no deleter'):
+        del v.value
+    assert v.value == 3
+    # Arrays and structures do not grow a `value` attribute.
+    assert not hasattr(sharedctypes.Array('i', 2), 'value')
+
+
+@pytest.mark.timeout(60)
+def test_held_rlock_is_reentered_by_the_cell():
+    # `with v.get_lock(): v.value += 1` re-enters the RLock through the lock's own
+    # bookkeeping: the count goes back to what it was, the lock ends up free.
+    v = sharedctypes.Value('d', 0.5)
+    lock = v.get_lock()
+    with lock:
+        v.value += 1
+        assert lock._count() == 1 and lock._is_mine()
+        a = sharedctypes.Array('i', 3, lock=lock)
+        a[1] = 4
+        assert a[1] == 4 and lock._count() == 1
+    assert lock._count() == 0 and not lock._is_mine()
+    assert v.value == 1.5
+    # A plain Lock held by this thread is not re-entrant: an access from another
+    # thread waits for it, as in the stdlib.
+    import threading
+    import time
+    v = sharedctypes.Value('i', 0, lock=ferromp.Lock())
+    got = []
+    with v.get_lock():
+        t = threading.Thread(target=lambda: got.append(v.value))
+        t.start()
+        time.sleep(0.2)
+        assert got == []
+        v.get_obj().value = 9
+    t.join(START)
+    assert got == [9]
+
+
+@pytest.mark.timeout(60)
+def test_lock_subclass_overriding_acquire_is_called():
+    calls = []
+
+    class Counting(type(ferromp.RLock())):
+        def acquire(self, *args):
+            calls.append('acquire')
+            return super().acquire(*args)
+
+        def release(self):
+            calls.append('release')
+            super().release()
+
+    lock = Counting(ctx=ferromp.get_context())
+    v = sharedctypes.Value('i', 1, lock=lock)
+    v.value = 2
+    assert v.value == 2
+    assert calls == ['acquire', 'release'] * 2

@@ -9,6 +9,7 @@ Children report through exit codes or a one-way Pipe; none is daemonic.
 """
 
 import errno
+import inspect
 import mmap
 import multiprocessing
 import multiprocessing.synchronize as std_sync
@@ -450,9 +451,46 @@ def test_timeouts(mp_ctx):
 
 @pytest.mark.timeout(30)
 def test_lock_fast_path_is_native():
+    # Lock and RLock are _core.SemLock subclasses: `with lock:` and `lock.acquire()`
+    # run the native methods themselves, no Python frame.
+    from ferromp import _core
+    for lock in (ferromp.Lock(), ferromp.RLock(), ferromp.Semaphore(2),
+                 ferromp.BoundedSemaphore(2)):
+        assert lock._semlock is lock
+        assert lock.acquire.__self__ is lock._semlock
+        assert lock.release.__self__ is lock._semlock
+        for name in ('acquire', 'release', '__enter__', '__exit__'):
+            assert getattr(type(lock), name) is getattr(_core.SemLock, name), name
+    assert str(inspect.signature(_core.SemLock.acquire)) == \
+        '(self, /, block=True, timeout=None)'
+
+
+@pytest.mark.timeout(30)
+def test_acquire_arguments_past_the_fast_path():
+    # The native acquire handles (), (True) and (False) itself; everything else goes
+    # to the argument-checked path, with the same results.
     lock = ferromp.Lock()
-    assert lock.acquire.__self__ is lock._semlock
-    assert lock.release.__self__ is lock._semlock
+    assert lock.acquire(block=True) is True
+    for args, kw in (((False,), {}), ((0,), {}), ((), {'block': False}),
+                     ((True, 0.05), {}), ((), {'timeout': 0}), ((1,), {'timeout': -1})):
+        assert lock.acquire(*args, **kw) is False, (args, kw)
+    for args, kw in (((1, 2, 3), {}), ((), {'foo': 1}), ((None,), {}),
+                     ((True, 'x'), {})):
+        with pytest.raises(TypeError):
+            lock.acquire(*args, **kw)
+    lock.release()
+    with pytest.raises(ValueError, match='released too many times'):
+        lock.release()
+    with pytest.raises(ValueError):
+        lock.__exit__(None, None, None)
+    rlock = ferromp.RLock()
+    with pytest.raises(AssertionError, match='not owned'):
+        rlock.release()
+    assert rlock.__enter__() is True and rlock.acquire(timeout=1)
+    assert rlock._count() == 2
+    rlock.__exit__()
+    rlock.release()
+    assert rlock._count() == 0 and rlock._get_value() == 1
 
 
 #
@@ -777,8 +815,38 @@ def _interrupt_main_after(delay):
     return t
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize('kind', ['Lock', 'RLock', 'Semaphore'])
+def test_ctrl_c_that_misses_the_sleep_is_still_seen(kind):
+    # A signal that arrives while the waiter is not inside the futex call (here: one
+    # delivered to another thread) only sets Python's flag; the wait must still notice
+    # it (at the end of its current sleep slice) instead of sleeping on forever.
+    ctx = ferromp.get_context('fork')
+    lock = getattr(ctx, kind)(0) if kind == 'Semaphore' else getattr(ctx, kind)()
+    if kind != 'Semaphore':
+        threading.Thread(target=lock.acquire).start()
+        while lock._get_value():
+            time.sleep(0.01)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def fire():
+        time.sleep(0.3)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    try:
+        t = threading.Thread(target=fire)
+        t.start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire()
+        assert time.monotonic() - t0 < 5
+        t.join()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize('what', ['lock', 'semaphore-timeout', 'condition', 'event'])
+@pytest.mark.parametrize('what', ['lock', 'lock-with', 'value', 'semaphore-timeout',
+                                  'condition', 'event'])
 def test_ctrl_c_interrupts_a_blocked_wait(what):
     ctx = ferromp.get_context('fork')
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -787,6 +855,20 @@ def test_ctrl_c_interrupts_a_blocked_wait(what):
             lock = ctx.Lock()
             lock.acquire()
             block = lock.acquire
+        elif what == 'lock-with':
+            lock = ctx.RLock()
+            # Held by another thread: `with` blocks in the native __enter__.
+            threading.Thread(target=lock.acquire).start()
+            while lock._get_value():
+                time.sleep(0.01)
+
+            def block():
+                with lock:
+                    pass
+        elif what == 'value':
+            v = ctx.Value('i', 0, lock=ctx.Lock())
+            v.get_lock().acquire()
+            block = lambda: v.value
         elif what == 'semaphore-timeout':
             block = lambda: ctx.Semaphore(0).acquire(timeout=30)
         elif what == 'condition':

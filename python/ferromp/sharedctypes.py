@@ -8,12 +8,15 @@ over the same shared memory (its block travels as the arena's fd).
 
 Same API, type codes, defaults and error messages as the stdlib. The difference is the
 hot path. The stdlib's ``value`` property and ``__getitem__`` are Python functions
-that call the lock's ``acquire`` and ``release``. Here they are the native methods of
+that call the lock's ``acquire`` and ``release``. Here they are native, on
 ``_core.SharedCell``, the base of every wrapper (``src/py/shm.rs``): one call takes
-the lock, reads or writes through the ctypes object and releases. When the lock is
-one of ferromp's own, an uncontended access takes it with two compare-and-swaps on the
-semaphore word; a held lock (``with v.get_lock(): v.value += 1``), or a lock object of
-another kind, goes through the lock's ``acquire`` / ``release`` as in the stdlib.
+the lock, reads or writes, and releases. When the lock is one of ferromp's own (a
+``_core.SemLock``), the cell takes it directly, through the same per-process handle
+the lock's own methods use, so ``with v.get_lock(): v.value += 1`` re-enters the
+held ``RLock`` without a Python call; an uncontended access is two compare-and-swaps
+on the semaphore word. The scalar of a ``Value`` of an integer or float type is read
+and written by the cell itself, not through ctypes. A lock of another kind goes
+through its ``acquire`` / ``release``, as in the stdlib.
 """
 
 import ctypes
@@ -152,27 +155,32 @@ def rebuild_ctype(type_, wrapper, length):
 # Synchronized wrappers
 #
 
-def _guard_for(lock):
-    # The cheapest context manager that takes `lock` exactly as `with lock:` would,
-    # and the SemLock handle the native cell may use (-1: none). ferromp's Lock / RLock
-    # enter and exit through their _core.SemLock, unless a subclass changed that.
-    from . import synchronize
-    if isinstance(lock, synchronize.SemLock) and \
-            type(lock).__enter__ is synchronize.SemLock.__enter__ and \
-            type(lock).__exit__ is synchronize.SemLock.__exit__ and \
-            type(lock).__dict__.get('acquire') is None and \
-            type(lock).__dict__.get('release') is None:
-        return lock._semlock, lock._semlock.handle
-    return lock, -1
+def _is_native(lock):
+    # Whether `lock` is one of ferromp's SemLocks taken by the native methods (the cell
+    # then takes it directly); a subclass that overrides one of them is called instead.
+    return isinstance(lock, _core.SemLock) and all(
+        getattr(type(lock), name) is getattr(_core.SemLock, name)
+        for name in ('acquire', 'release', '__enter__', '__exit__'))
+
+
+# The ctypes scalars whose bytes the native cell reads and writes itself.
+_DIRECT_TYPES = frozenset(typecode_to_type.values()) - {ctypes.c_char, ctypes.c_wchar}
+
+
+def _scalar_layout(obj):
+    # (address, _type_ code, size) of a ctypes integer or float, or (0, '', 0).
+    if type(obj) in _DIRECT_TYPES:
+        return ctypes.addressof(obj), type(obj)._type_, ctypes.sizeof(obj)
+    return 0, '', 0
 
 
 def _field_property(name):
     def get(self):
-        with self._guard:
+        with self._lock:
             return getattr(self._obj, name)
 
     def set(self, value):
-        with self._guard:
+        with self._lock:
             setattr(self._obj, name, value)
 
     return property(get, set, doc='The field %r, read and written under the lock.' % name)
@@ -190,10 +198,10 @@ class SynchronizedBase(_core.SharedCell):
             self._lock = lock
         else:
             self._lock = (ctx or _get_context()).RLock()
-        self._guard, handle = _guard_for(self._lock)
         self.acquire = self._lock.acquire
         self.release = self._lock.release
-        self._bind(obj, self.acquire, self.release, handle)
+        self._bind(obj, self._lock, self.acquire, self.release,
+                   _is_native(self._lock), *_scalar_layout(obj))
 
     def __enter__(self):
         return self._lock.__enter__()
@@ -205,13 +213,7 @@ class SynchronizedBase(_core.SharedCell):
         assert_spawning(self)
         return synchronized, (self._obj, self._lock)
 
-    def get_obj(self):
-        """The wrapped ctypes object (no locking)."""
-        return self._obj
-
-    def get_lock(self):
-        """The lock every access takes."""
-        return self._lock
+    # get_obj() and get_lock() are the native cell's.
 
     def __repr__(self):
         return '<%s wrapper for %s>' % (type(self).__name__, self._obj)
@@ -220,8 +222,13 @@ class SynchronizedBase(_core.SharedCell):
 class Synchronized(SynchronizedBase):
     """A shared ``ctypes`` scalar; ``value`` reads and writes it under the lock."""
 
-    value = property(_core.SharedCell._get, _core.SharedCell._set,
-                     doc='The value, read and written under the lock.')
+    # `value` (set below) is a getset descriptor of the native cell: lock, load or
+    # store, unlock in one call.
+
+
+# Made for this very class, so that CPython's isinstance check on each access is a
+# pointer comparison (`_core.SharedCell._value` would do, a little slower).
+Synchronized.value = _core.SharedCell._value_descriptor(Synchronized)
 
 
 class SynchronizedArray(SynchronizedBase):
@@ -235,11 +242,11 @@ class SynchronizedArray(SynchronizedBase):
     __setitem__ = _core.SharedCell._setitem
 
     def __getslice__(self, start, stop):
-        with self._guard:
+        with self._lock:
             return self._obj[start:stop]
 
     def __setslice__(self, start, stop, values):
-        with self._guard:
+        with self._lock:
             self._obj[start:stop] = values
 
 
@@ -248,20 +255,20 @@ class SynchronizedString(SynchronizedArray):
 
     @property
     def value(self):
-        with self._guard:
+        with self._lock:
             return self._obj.value
 
     @value.setter
     def value(self, value):
-        with self._guard:
+        with self._lock:
             self._obj.value = value
 
     @property
     def raw(self):
-        with self._guard:
+        with self._lock:
             return self._obj.raw
 
     @raw.setter
     def raw(self, value):
-        with self._guard:
+        with self._lock:
             self._obj.raw = value

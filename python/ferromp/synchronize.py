@@ -2,8 +2,9 @@
 stdlib's ``multiprocessing.synchronize``.
 
 Every primitive rests on ``_core.SemLock``, a futex-based semaphore in a memfd
-(``src/sync/``), exactly as the stdlib composes them on ``_multiprocessing.SemLock``:
-``Lock``, ``RLock``, ``Semaphore`` and ``BoundedSemaphore`` wrap one SemLock each;
+(``src/sync/``), as the stdlib composes them on ``_multiprocessing.SemLock``:
+``Lock``, ``RLock``, ``Semaphore`` and ``BoundedSemaphore`` are one SemLock each (here
+subclasses of it, so that their hot methods are native: see ``SemLock``);
 ``Condition``, ``Event`` and ``Barrier`` are built from those in Python.
 
 Differences from the stdlib, all invisible to code written for it:
@@ -53,15 +54,29 @@ _FORK_CTX_MSG = (
 
 def _reset_after_fork(obj):
     # A forked child holds nothing, whatever its parent held when it forked.
-    obj._semlock._after_fork()
+    obj._after_fork()
 
 
-class SemLock(object):
-    """Base of the semaphore-backed primitives: owns one ``_core.SemLock``."""
+class SemLock(_core.SemLock):
+    """Base of the semaphore-backed primitives: a ``_core.SemLock`` itself.
+
+    The stdlib's SemLock holds a C ``_multiprocessing.SemLock`` in ``_semlock`` and
+    re-exports its methods; its ``__enter__`` / ``__exit__`` are Python functions that
+    call the C ones. Here the class derives from ``_core.SemLock``, so ``acquire``,
+    ``release``, ``__enter__`` and ``__exit__`` are the native methods themselves and
+    ``with lock:`` runs no Python frame. ``_semlock`` is the object itself, for code
+    written against the stdlib's layout (``lock._semlock._is_mine()``).
+    """
 
     # Whether waiters take the lock over from a dead holder process. Only meaningful
     # for one-unit locks; see the module docstring for why not every one gets it.
     _recover = False
+
+    def __new__(cls, kind, value, maxvalue, *, ctx):
+        # Unnamed (name None, unlink True): a memfd needs no name to be shared. The
+        # semaphore is made here because the native object cannot exist without one.
+        return _core.SemLock.__new__(cls, kind, value, maxvalue, None, True,
+                                     recover=cls._recover)
 
     def __init__(self, kind, value, maxvalue, *, ctx):
         if ctx is None:
@@ -77,41 +92,36 @@ class SemLock(object):
             # is meant for get the tracker all the same, so start it now too.
             from . import resource_tracker
             resource_tracker.ensure_running()
-        # Unnamed (name None, unlink True): a memfd needs no name to be shared.
-        sl = self._semlock = _core.SemLock(kind, value, maxvalue, None, True,
-                                           recover=self._recover)
-        util.debug('created semlock with handle %s', sl.handle)
-        self._make_methods()
+        util.debug('created semlock with handle %s', self.handle)
         util.register_after_fork(self, _reset_after_fork)
 
-    def _make_methods(self):
-        # The hot path: lock.acquire() / lock.release() call the Rust methods directly.
-        self.acquire = self._semlock.acquire
-        self.release = self._semlock.release
-
-    def __enter__(self):
-        return self._semlock.__enter__()
-
-    def __exit__(self, *args):
-        return self._semlock.__exit__(*args)
+    @property
+    def _semlock(self):
+        return self
 
     def __getstate__(self):
         context.assert_spawning(self)
         if self._is_fork_ctx:
             raise RuntimeError(_FORK_CTX_MSG)
-        sl = self._semlock
         # The memfd goes with the child being started (same number under fork and
         # spawn, an index into the passed fds under forkserver).
-        return (reduction.DupFd(sl.handle), sl.kind, sl.maxvalue, sl.name)
+        return (reduction.DupFd(self.handle), self.kind, self.maxvalue, self.name)
 
-    def __setstate__(self, state):
-        dupfd, kind, maxvalue, name = state
-        self._semlock = _core.SemLock._rebuild(dupfd.detach(), kind, maxvalue, name)
-        util.debug('recreated blocker with handle %r', self._semlock.handle)
-        self._make_methods()
-        # A rebuilt SemLock may be passed on again, to any kind of child (gh-108520).
-        self._is_fork_ctx = False
-        util.register_after_fork(self, _reset_after_fork)
+    def __reduce__(self):
+        # Not object's default (it would call __new__ without arguments): the child
+        # maps the same semaphore again, in an object of the same class.
+        return _rebuild_semlock, (type(self), self.__getstate__())
+
+
+def _rebuild_semlock(cls, state):
+    dupfd, kind, maxvalue, name = state
+    # _core.SemLock._rebuild makes an instance of `cls` without running its __init__.
+    self = cls._rebuild(dupfd.detach(), kind, maxvalue, name)
+    util.debug('recreated blocker with handle %r', self.handle)
+    # A rebuilt SemLock may be passed on again, to any kind of child (gh-108520).
+    self._is_fork_ctx = False
+    util.register_after_fork(self, _reset_after_fork)
+    return self
 
 
 #
@@ -128,6 +138,10 @@ def _value_for_repr(semlock):
 class Semaphore(SemLock):
     """``threading.Semaphore`` across processes."""
 
+    def __new__(cls, value=1, *args, ctx=None, **kwargs):
+        # Extra arguments are for a subclass's __init__ (which checks its own).
+        return SemLock.__new__(cls, SEMAPHORE, value, SEM_VALUE_MAX, ctx=ctx)
+
     def __init__(self, value=1, *, ctx):
         SemLock.__init__(self, SEMAPHORE, value, SEM_VALUE_MAX, ctx=ctx)
 
@@ -141,6 +155,9 @@ class Semaphore(SemLock):
 class BoundedSemaphore(Semaphore):
     """``threading.BoundedSemaphore`` across processes: releasing above the initial
     value raises ValueError."""
+
+    def __new__(cls, value=1, *args, ctx=None, **kwargs):
+        return SemLock.__new__(cls, SEMAPHORE, value, value, ctx=ctx)
 
     def __init__(self, value=1, *, ctx):
         SemLock.__init__(self, SEMAPHORE, value, value, ctx=ctx)
@@ -179,6 +196,10 @@ class Lock(SemLock):
 
     _recover = True
 
+    def __new__(cls, *args, ctx=None, **kwargs):
+        # Extra arguments are for a subclass's __init__ (which checks its own).
+        return SemLock.__new__(cls, SEMAPHORE, 1, 1, ctx=ctx)
+
     def __init__(self, *, ctx):
         SemLock.__init__(self, SEMAPHORE, 1, 1, ctx=ctx)
 
@@ -194,6 +215,9 @@ class RLock(SemLock):
     """``threading.RLock`` across processes: re-entrant, released only by its owner."""
 
     _recover = True
+
+    def __new__(cls, *args, ctx=None, **kwargs):
+        return SemLock.__new__(cls, RECURSIVE_MUTEX, 1, 1, ctx=ctx)
 
     def __init__(self, *, ctx):
         SemLock.__init__(self, RECURSIVE_MUTEX, 1, 1, ctx=ctx)

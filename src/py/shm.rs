@@ -24,14 +24,20 @@
 //! `SharedCell` is the native base of `sharedctypes.SynchronizedBase`. It holds the
 //! wrapped ctypes object and the lock, and does "take the lock, get or set the value
 //! or item, release the lock" in one native call, so `Value.value` and `Array[i]` run
-//! no Python frame. When the lock is one of ferromp's `SemLock`s, the cell maps that
-//! semaphore's memfd itself and keeps a handle of its own on it
-//! ([`RawSemaphore::attach`]): an uncontended access is then two compare-and-swaps.
-//! When that fails (the lock is held, possibly by this very thread through the
-//! `RLock`: `with v.get_lock(): v.value += 1`), or the lock is of another kind, the
-//! cell calls the lock's own `acquire()` / `release()`, exactly as the stdlib's
-//! wrappers do. The value itself is read and written through the ctypes object, so
-//! conversions and errors are ctypes' own.
+//! no Python frame.
+//!
+//! * When the lock is one of ferromp's `SemLock`s (whose hot methods are not
+//!   overridden), the cell holds that `PySemLock` and takes it through the lock's own
+//!   handle, bookkeeping included: `with v.get_lock(): v.value += 1` re-enters the
+//!   held `RLock`. Otherwise it calls the lock's `acquire()` / `release()`, as the
+//!   stdlib's wrappers do.
+//! * The scalar of an integer or float `Value` is loaded and stored by the cell
+//!   ([`Scalar`]); anything else goes through the ctypes object, so conversions and
+//!   errors are ctypes' own.
+//! * `Synchronized.value` is a raw getset descriptor ([`value_get`], [`value_set`]):
+//!   the uncontended case is lock word, load or store, lock word
+//!   ([`RawSemaphore::try_locked`](crate::sync::RawSemaphore::try_locked)), with no
+//!   pyo3 trampoline; everything else goes through the ordinary pyo3 methods.
 //!
 //! # Named segments
 //!
@@ -46,20 +52,21 @@
 //! more than the call.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::OnceLock;
 
-use memmap2::{MmapMut, MmapOptions};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+
+use pyo3::exceptions::{PyAttributeError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString, PyTuple};
+use pyo3::types::{PyDict, PyFloat, PyInt, PyString, PyTuple, PyType};
 
+use super::sync::{slow, sync_err, PySemLock};
 use crate::error::Error;
 use crate::shm::Segment;
-use crate::sync::{RawSemaphore, STATE_SIZE};
 
 /// A fixed-size anonymous shared-memory segment (a close-on-exec memfd).
 #[pyclass(name = "Segment", module = "ferromp._core", frozen)]
@@ -127,43 +134,253 @@ impl PySegment {
     }
 }
 
-/// Our own handle on a SemLock's shared state. `raw` points into `_map`; declared
-/// first so that it is dropped before the mapping.
-struct FastLock {
-    raw: RawSemaphore,
-    _map: MmapMut,
+/// How a scalar's bytes are read and written directly (see [`Scalar`]).
+#[derive(Clone, Copy)]
+enum ScalarKind {
+    I8,
+    U8,
+    I16,
+    U16,
+    I32,
+    U32,
+    I64,
+    U64,
+    F32,
+    F64,
 }
 
-impl FastLock {
-    /// Maps the semaphore state in `fd` (a `SemLock.handle`); `None` if that fails or
-    /// the file holds no semaphore, and the caller then uses the slow path only.
-    fn attach(fd: i32) -> Option<FastLock> {
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: the fd is the handle of a live SemLock, open for this call (the
-        // caller holds the lock object); it is only borrowed for fstat and mmap.
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        let size = nix::sys::stat::fstat(fd).ok()?.st_size;
-        if !usize::try_from(size).is_ok_and(|s| s >= STATE_SIZE) {
-            return None;
-        }
-        // SAFETY: a MAP_SHARED mapping of the first STATE_SIZE bytes of a memfd that
-        // no one truncates (crate::sync sizes it once); its bytes are only accessed
-        // through the atomics of `RawSemaphore`, as every other handle does.
-        let mut map = unsafe { MmapOptions::new().len(STATE_SIZE).map_mut(fd.as_raw_fd()) }.ok()?;
-        // SAFETY: page aligned, STATE_SIZE long, lives as long as the handle (same
-        // struct, dropped after it); `attach` checks the magic of the state.
-        let raw = unsafe { RawSemaphore::attach(map.as_mut_ptr(), map.len()) }.ok()?;
-        Some(FastLock { raw, _map: map })
+impl ScalarKind {
+    /// The kind for a ctypes simple type's `_type_` code and size, if it is one of the
+    /// integer or floating-point types whose `value` is a plain load / store.
+    fn from_ctype(code: &str, size: usize) -> Option<ScalarKind> {
+        use ScalarKind::*;
+        let signed = match code {
+            "b" | "h" | "i" | "l" | "q" => true,
+            "B" | "H" | "I" | "L" | "Q" => false,
+            "f" if size == 4 => return Some(F32),
+            "d" if size == 8 => return Some(F64),
+            _ => return None,
+        };
+        Some(match (size, signed) {
+            (1, true) => I8,
+            (1, false) => U8,
+            (2, true) => I16,
+            (2, false) => U16,
+            (4, true) => I32,
+            (4, false) => U32,
+            (8, true) => I64,
+            (8, false) => U64,
+            _ => return None,
+        })
     }
+
+    fn size(self) -> usize {
+        use ScalarKind::*;
+        match self {
+            I8 | U8 => 1,
+            I16 | U16 => 2,
+            I32 | U32 | F32 => 4,
+            I64 | U64 | F64 => 8,
+        }
+    }
+
+    fn is_float(self) -> bool {
+        matches!(self, ScalarKind::F32 | ScalarKind::F64)
+    }
+}
+
+/// A value as loaded from, or about to be stored to, a [`Scalar`].
+#[derive(Clone, Copy)]
+enum Bits {
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+}
+
+/// The bytes of a ctypes integer or float scalar, read and written without ctypes
+/// (which would build a Python object for its field descriptor and go through its
+/// generic getter): `Value('i').value` is then a load under the lock.
+///
+/// The accesses are relaxed atomics of the scalar's size: the same single `mov` as
+/// ctypes' plain access, and well-defined even if another process writes at the same
+/// time (a `RawValue`, or a writer that ignores the lock).
+struct Scalar {
+    /// Address of the ctypes object's buffer: aligned to `kind.size()` (checked), and
+    /// kept mapped by `Cell::obj` (a ctypes object over a shared block holds an export
+    /// of the block's mmap, so the mapping cannot be closed while it lives).
+    addr: usize,
+    kind: ScalarKind,
+}
+
+impl Scalar {
+    fn new(addr: usize, code: &str, size: usize) -> Option<Scalar> {
+        let kind = ScalarKind::from_ctype(code, size)?;
+        (addr != 0 && addr % kind.size() == 0).then_some(Scalar { addr, kind })
+    }
+
+    fn load(&self) -> Bits {
+        use std::sync::atomic::*;
+        use ScalarKind::*;
+        let p = self.addr;
+        let r = Ordering::Relaxed;
+        // SAFETY: (every arm) `addr` is aligned for the type and points into a live
+        // shared mapping of at least `size` bytes (see the field docs); it is only ever
+        // accessed as this one type, through atomics here and plain accesses by ctypes.
+        unsafe {
+            match self.kind {
+                I8 => Bits::Int(AtomicI8::from_ptr(p as *mut i8).load(r).into()),
+                U8 => Bits::UInt(AtomicU8::from_ptr(p as *mut u8).load(r).into()),
+                I16 => Bits::Int(AtomicI16::from_ptr(p as *mut i16).load(r).into()),
+                U16 => Bits::UInt(AtomicU16::from_ptr(p as *mut u16).load(r).into()),
+                I32 => Bits::Int(AtomicI32::from_ptr(p as *mut i32).load(r).into()),
+                U32 => Bits::UInt(AtomicU32::from_ptr(p as *mut u32).load(r).into()),
+                I64 => Bits::Int(AtomicI64::from_ptr(p as *mut i64).load(r)),
+                U64 => Bits::UInt(AtomicU64::from_ptr(p as *mut u64).load(r)),
+                F32 => {
+                    Bits::Float(f32::from_bits(AtomicU32::from_ptr(p as *mut u32).load(r)).into())
+                }
+                F64 => Bits::Float(f64::from_bits(AtomicU64::from_ptr(p as *mut u64).load(r))),
+            }
+        }
+    }
+
+    /// Stores `bits` (`UInt` for every integer kind: the low bytes, as ctypes' masking
+    /// setters do; `Float` for the float kinds).
+    fn store(&self, bits: Bits) {
+        use std::sync::atomic::*;
+        use ScalarKind::*;
+        let p = self.addr;
+        let r = Ordering::Relaxed;
+        let (u, f) = match bits {
+            Bits::UInt(u) => (u, 0.0),
+            Bits::Int(i) => (i as u64, 0.0),
+            Bits::Float(f) => (0, f),
+        };
+        // SAFETY: (every arm) as in `load`. The truncating casts are the C conversions
+        // ctypes applies (`(int)masked`, `(float)double`).
+        unsafe {
+            match self.kind {
+                I8 | U8 => AtomicU8::from_ptr(p as *mut u8).store(u as u8, r),
+                I16 | U16 => AtomicU16::from_ptr(p as *mut u16).store(u as u16, r),
+                I32 | U32 => AtomicU32::from_ptr(p as *mut u32).store(u as u32, r),
+                I64 | U64 => AtomicU64::from_ptr(p as *mut u64).store(u, r),
+                F32 => AtomicU32::from_ptr(p as *mut u32).store((f as f32).to_bits(), r),
+                F64 => AtomicU64::from_ptr(p as *mut u64).store(f.to_bits(), r),
+            }
+        }
+    }
+
+    /// `value` converted as ctypes' setter would, when that needs no Python code: an
+    /// exact `int` for an integer kind (masked to 64 bits), an exact `int` or `float`
+    /// for a float kind. `Ok(None)`: let ctypes do it (other types, `bool`, objects
+    /// with `__index__`...). Errors are the C API's, as ctypes raises them.
+    fn convert(&self, value: &Bound<'_, PyAny>) -> PyResult<Option<Bits>> {
+        let exact_int = value.is_exact_instance_of::<PyInt>();
+        if self.kind.is_float() {
+            if !exact_int && !value.is_exact_instance_of::<PyFloat>() {
+                return Ok(None);
+            }
+            // SAFETY: a live int or float object, GIL held.
+            let d = unsafe { ffi::PyFloat_AsDouble(value.as_ptr()) };
+            if d == -1.0 {
+                if let Some(e) = PyErr::take(value.py()) {
+                    return Err(e);
+                }
+            }
+            return Ok(Some(Bits::Float(d)));
+        }
+        if !exact_int {
+            return Ok(None);
+        }
+        // SAFETY: a live int object, GIL held; masking never fails for an int.
+        let u = unsafe { ffi::PyLong_AsUnsignedLongLongMask(value.as_ptr()) };
+        Ok(Some(Bits::UInt(u)))
+    }
+}
+
+impl Scalar {
+    /// The no-error part of [`convert`](Self::convert), on a raw object: `None` when
+    /// `convert` would not handle it or would raise (then no exception is left set).
+    ///
+    /// # Safety
+    ///
+    /// The GIL is held and `value` is a live object.
+    #[inline]
+    unsafe fn convert_raw(&self, value: *mut ffi::PyObject) -> Option<Bits> {
+        // SAFETY: per the caller's contract, for every call below.
+        unsafe {
+            let exact_int = ffi::PyLong_CheckExact(value) != 0;
+            if !self.kind.is_float() {
+                // Masking an exact int never fails.
+                return exact_int.then(|| Bits::UInt(ffi::PyLong_AsUnsignedLongLongMask(value)));
+            }
+            if !exact_int && ffi::PyFloat_CheckExact(value) == 0 {
+                return None;
+            }
+            let d = ffi::PyFloat_AsDouble(value);
+            if d == -1.0 && !ffi::PyErr_Occurred().is_null() {
+                // An int too large for a double: the checked path raises it again.
+                ffi::PyErr_Clear();
+                return None;
+            }
+            Some(Bits::Float(d))
+        }
+    }
+}
+
+fn bits_into_py(py: Python<'_>, bits: Bits) -> PyResult<Py<PyAny>> {
+    Ok(match bits {
+        Bits::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
+        Bits::UInt(u) => u.into_pyobject(py)?.into_any().unbind(),
+        Bits::Float(f) => f.into_pyobject(py)?.into_any().unbind(),
+    })
 }
 
 struct Cell {
     obj: Py<PyAny>,
+    lock: Py<PyAny>,
     acquire: Py<PyAny>,
     release: Py<PyAny>,
-    fast: Option<FastLock>,
+    /// The lock, when it is a ferromp SemLock whose methods are the native ones.
+    sem: Option<Py<PySemLock>>,
+    /// The scalar's bytes, when `obj` is a ctypes integer or float.
+    scalar: Option<Scalar>,
+}
+
+impl Cell {
+    /// Takes the lock (blocking, as `with lock:` does).
+    fn lock(&self, py: Python<'_>) -> PyResult<()> {
+        match &self.sem {
+            Some(sem) => {
+                let sem = sem.get();
+                if sem.sem.try_acquire().is_err() {
+                    sem.wait(py, None)?;
+                }
+            }
+            None => {
+                self.acquire.call0(py)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn unlock(&self, py: Python<'_>) -> PyResult<()> {
+        match &self.sem {
+            Some(sem) => sem.get().sem.release().map_err(sync_err),
+            None => self.release.call0(py).map(drop),
+        }
+    }
+
+    /// The scalar loaded under the lock, if both are native and the lock is free or
+    /// this thread's own `RLock` (no Python code runs, nothing is allocated, and the
+    /// lock's bookkeeping is left alone: see `RawSemaphore::try_locked`).
+    #[inline]
+    fn fast_load(&self) -> Option<Bits> {
+        let (sem, scalar) = (self.sem.as_ref()?, self.scalar.as_ref()?);
+        // The GIL is held and the load runs no Python code: `try_locked`'s contract.
+        // It cannot fail once taken (given back by this thread, right away).
+        sem.get().sem.try_locked(|| scalar.load()).ok()
+    }
 }
 
 /// Native base of `sharedctypes.SynchronizedBase`: a ctypes object and its lock; see
@@ -187,22 +404,39 @@ impl PySharedCell {
         f: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<T>,
     ) -> PyResult<T> {
         let cell = self.bound()?;
-        let obj = cell.obj.bind(py);
-        if let Some(fast) = &cell.fast {
-            if fast.raw.try_acquire().is_ok() {
-                let r = f(obj);
-                // Cannot fail: this handle holds it, in this thread, right now (the GIL
-                // is held throughout, so no other thread of ours ran in between).
-                let released = fast.raw.release();
-                debug_assert!(released.is_ok());
-                return r;
+        cell.lock(py)?;
+        let r = f(cell.obj.bind(py));
+        // As a `finally:` clause: an error from release() wins.
+        cell.unlock(py)?;
+        r
+    }
+
+    fn get_value(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let cell = self.bound()?;
+        if let Some(bits) = cell.fast_load() {
+            return bits_into_py(py, bits);
+        }
+        match &cell.scalar {
+            Some(scalar) => self
+                .locked(py, |_| Ok(scalar.load()))
+                .and_then(|b| bits_into_py(py, b)),
+            None => self.locked(py, |o| o.getattr(intern!(py, "value")).map(Bound::unbind)),
+        }
+    }
+
+    fn set_value(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let cell = self.bound()?;
+        if let Some(scalar) = &cell.scalar {
+            // Converted before the lock is taken: no Python code runs for these types,
+            // so that is indistinguishable from converting under it.
+            if let Some(bits) = scalar.convert(value)? {
+                return self.locked(py, |_| {
+                    scalar.store(bits);
+                    Ok(())
+                });
             }
         }
-        cell.acquire.call0(py)?;
-        let r = f(obj);
-        // As a `finally:` clause: an error from release() wins.
-        cell.release.call0(py)?;
-        r
+        self.locked(py, |o| o.setattr(intern!(py, "value"), value))
     }
 }
 
@@ -216,34 +450,67 @@ impl PySharedCell {
         }
     }
 
-    /// `_bind(obj, acquire, release, handle)`: the ctypes object, the lock's methods,
-    /// and the lock's `SemLock.handle` (or -1 when it is not a ferromp SemLock).
+    /// `_bind(obj, lock, acquire, release, native, address, code, size)`: the ctypes
+    /// object, its lock and the lock's methods; `native` says the lock is a ferromp
+    /// SemLock whose hot methods are the native ones (then it is taken directly);
+    /// `address`, `code` and `size` describe a ctypes integer or float scalar (`code`
+    /// its `_type_`, empty for anything else) whose bytes are then accessed directly.
+    #[allow(clippy::too_many_arguments)]
     fn _bind(
         &self,
+        py: Python<'_>,
         obj: Py<PyAny>,
+        lock: Py<PyAny>,
         acquire: Py<PyAny>,
         release: Py<PyAny>,
-        handle: i32,
+        native: bool,
+        address: usize,
+        code: &str,
+        size: usize,
     ) -> PyResult<()> {
+        let sem = if native {
+            Some(lock.bind(py).cast::<PySemLock>()?.clone().unbind())
+        } else {
+            None
+        };
         let cell = Cell {
             obj,
+            lock,
             acquire,
             release,
-            fast: FastLock::attach(handle),
+            sem,
+            scalar: Scalar::new(address, code, size),
         };
         self.cell
             .set(cell)
             .map_err(|_| PyRuntimeError::new_err("synchronized wrapper already initialised"))
     }
 
-    /// `obj.value` under the lock.
+    /// `_value_descriptor(cls)`: the `value` descriptor (as `SharedCell._value`) made
+    /// for `cls`, so that its type check is exact for instances of `cls`.
+    #[staticmethod]
+    fn _value_descriptor<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+        value_descriptor(cls)
+    }
+
+    /// The lock every access takes.
+    fn get_lock(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(self.bound()?.lock.clone_ref(py))
+    }
+
+    /// The wrapped ctypes object (no locking).
+    fn get_obj(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(self.bound()?.obj.clone_ref(py))
+    }
+
+    /// `obj.value` under the lock (the raw `_value` descriptor's slow path).
     fn _get(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.locked(py, |o| o.getattr(intern!(py, "value")).map(Bound::unbind))
+        self.get_value(py)
     }
 
     /// `obj.value = value` under the lock.
     fn _set(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.locked(py, |o| o.setattr(intern!(py, "value"), value))
+        self.set_value(py, value)
     }
 
     /// `obj[key]` under the lock.
@@ -260,6 +527,123 @@ impl PySharedCell {
     ) -> PyResult<()> {
         self.locked(py, |o| o.set_item(key, value))
     }
+}
+
+// --- `SharedCell._value`: the raw `value` descriptor of `Synchronized` ---
+
+/// The getset definition behind every `value` descriptor (its address; leaked once).
+static VALUE_DEF: OnceLock<usize> = OnceLock::new();
+
+/// A `value` getset descriptor for `cls`, a `SharedCell` subclass (or itself).
+///
+/// CPython checks `isinstance(obj, cls)` before calling the functions of a descriptor
+/// made for `cls`; for an instance of exactly `cls` that is one pointer comparison,
+/// where a descriptor made for the base would walk the MRO on every access.
+fn value_descriptor<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+    if !cls.is_subclass_of::<PySharedCell>()? {
+        return Err(PyTypeError::new_err("expected a SharedCell subclass"));
+    }
+    let def = *VALUE_DEF.get_or_init(|| {
+        // The definition must outlive every descriptor: leaked, once per process.
+        Box::leak(Box::new(ffi::PyGetSetDef {
+            name: c"value".as_ptr(),
+            get: Some(value_get),
+            set: Some(value_set),
+            doc: c"The value, read and written under the lock.".as_ptr(),
+            closure: std::ptr::null_mut(),
+        })) as *mut ffi::PyGetSetDef as usize
+    });
+    // SAFETY: a live type object whose instances are SharedCells (checked above, which
+    // is what `value_get` / `value_set` rely on) and a definition that lives forever;
+    // the result is a new reference or NULL with an exception set (turned into Err).
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            cls.py(),
+            ffi::PyDescr_NewGetSet(cls.as_type_ptr(), def as *mut ffi::PyGetSetDef),
+        )
+    }
+}
+
+/// The cell behind `slf`.
+///
+/// # Safety
+///
+/// The GIL is held and `slf` is a live `SharedCell` (or subclass) instance: CPython's
+/// getset descriptors check that before calling their functions.
+unsafe fn cell_of<'a>(slf: *mut ffi::PyObject) -> &'a PySharedCell {
+    // SAFETY: the GIL is held (all `assume_attached` asks)...
+    let py = unsafe { Python::assume_attached() };
+    // SAFETY: ...and `slf` is a live SharedCell borrowed for the call.
+    unsafe {
+        Borrowed::from_ptr(py, slf)
+            .cast_unchecked::<PySharedCell>()
+            .get()
+    }
+}
+
+/// `value` getter: lock, load, unlock, box. Installed as a raw getset (no pyo3
+/// trampoline) because it is the whole cost of `v.value`.
+unsafe extern "C" fn value_get(
+    slf: *mut ffi::PyObject,
+    _closure: *mut std::ffi::c_void,
+) -> *mut ffi::PyObject {
+    // SAFETY: called by CPython's getset descriptor on a SharedCell (see `cell_of`).
+    let this = unsafe { cell_of(slf) };
+    if let Some(bits) = this.cell.get().and_then(Cell::fast_load) {
+        // SAFETY: the GIL is held; each returns a new reference, or NULL with an
+        // exception (MemoryError) set, which is what a getter returns too.
+        return unsafe {
+            match bits {
+                Bits::Int(i) => ffi::PyLong_FromLongLong(i),
+                Bits::UInt(u) => ffi::PyLong_FromUnsignedLongLong(u),
+                Bits::Float(f) => ffi::PyFloat_FromDouble(f),
+            }
+        };
+    }
+    slow(|py| this.get_value(py))
+}
+
+/// `value` setter.
+unsafe extern "C" fn value_set(
+    slf: *mut ffi::PyObject,
+    value: *mut ffi::PyObject,
+    _closure: *mut std::ffi::c_void,
+) -> std::ffi::c_int {
+    // SAFETY: called by CPython's getset descriptor on a SharedCell (see `cell_of`).
+    let this = unsafe { cell_of(slf) };
+    // The fast path: an exact int or float, a native lock that is free (or this
+    // thread's RLock), a scalar stored directly. No Python object is made.
+    if let Some(cell) = this.cell.get().filter(|_| !value.is_null()) {
+        if let (Some(sem), Some(scalar)) = (&cell.sem, &cell.scalar) {
+            // SAFETY: the GIL is held and `value` is a live, non-null object.
+            if let Some(bits) = unsafe { scalar.convert_raw(value) } {
+                // GIL held, the store runs no Python code: `try_locked`'s contract.
+                if sem.get().sem.try_locked(|| scalar.store(bits)).is_ok() {
+                    return 0;
+                }
+            }
+        }
+    }
+    let r = slow(|py| {
+        if value.is_null() {
+            // SAFETY: `slf` is live.
+            let slf = unsafe { Borrowed::from_ptr(py, slf) };
+            return Err(PyAttributeError::new_err(format!(
+                "property 'value' of '{}' object has no deleter",
+                slf.get_type().name()?
+            )));
+        }
+        // SAFETY: a live object, borrowed for the call.
+        let value = unsafe { Borrowed::from_ptr(py, value) };
+        this.set_value(py, &value)?;
+        Ok(py.None())
+    });
+    if r.is_null() {
+        return -1;
+    }
+    // SAFETY: `slow` returned a new reference (None); the GIL is held.
+    unsafe { ffi::Py_DecRef(r) };
+    0
 }
 
 /// The name as a C string; `ValueError` for an embedded NUL (as `os.open` does).
@@ -328,6 +712,11 @@ fn shm_unlink(path: &Bound<'_, PyString>) -> PyResult<()> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySegment>()?;
     m.add_class::<PySharedCell>()?;
+    // `SharedCell._value`: a getset descriptor named `value`, which
+    // `sharedctypes.Synchronized` takes as its `value` attribute. Not `value` on the
+    // base itself: arrays and structures must not grow a `value` attribute.
+    let ty = m.py().get_type::<PySharedCell>();
+    ty.setattr("_value", value_descriptor(&ty)?)?;
     m.add_function(wrap_pyfunction!(shm_open, m)?)?;
     m.add_function(wrap_pyfunction!(shm_open_sized, m)?)?;
     m.add_function(wrap_pyfunction!(shm_unlink, m)?)

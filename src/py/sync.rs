@@ -10,21 +10,44 @@
 //! `sem_unlink`. The table is per process: another process cannot unlink the name.
 //!
 //! The fd (`handle`) is what crosses to other processes; `_rebuild` maps it again.
+//!
+//! # The hot methods are raw C functions
+//!
+//! `acquire`, `release`, `__enter__` and `__exit__` are what every `with lock:` and
+//! `lock.acquire()` runs, and the stdlib's are C methods costing a few ns of call
+//! overhead. pyo3's generated methods cost more: under `abi3-py39` a method with
+//! arguments is `METH_VARARGS | METH_KEYWORDS` (a tuple per call), and its trampoline
+//! does per-call bookkeeping. So these four are plain `extern "C"` functions in the
+//! `METH_FASTCALL` / `METH_NOARGS` conventions, installed on the type by [`register`]
+//! (see [`FastMethod`]). They do only the uncontended case themselves (a
+//! compare-and-swap on the semaphore word, with the GIL held, no allocation); anything
+//! else (keywords, a timeout, a wait, an error) goes through [`Python::attach`] to the
+//! ordinary pyo3 code (pyo3's own `acquire` included), so argument errors, the GIL release while
+//! blocking and Ctrl-C handling are the same as before.
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyValueError};
+use pyo3::ffi;
+use pyo3::panic::PanicException;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyTuple, PyType};
 
 use crate::py::deadline;
 use crate::sync::{Recovery, SemKind, Semaphore, SyncError, SEM_VALUE_MAX};
 
+/// The longest a blocked acquire sleeps before it runs Python's signal handlers (see
+/// [`PySemLock::wait`]): the worst-case Ctrl-C latency when the signal misses the
+/// futex call. The same period as the dead-owner check, whose wake-ups it shares.
+const SIGNAL_SLICE: Duration = crate::sync::OWNER_CHECK_PERIOD;
+
 /// Maps a core semaphore error to the exception the stdlib raises for it.
-fn sync_err(e: SyncError) -> PyErr {
+pub(crate) fn sync_err(e: SyncError) -> PyErr {
     match e {
         // Both messages are the stdlib's, word for word (see SyncError's Display).
         SyncError::NotOwner => PyAssertionError::new_err(e.to_string()),
@@ -101,7 +124,7 @@ fn sem_key(name: &str) -> PyResult<String> {
 /// A process-shared semaphore or recursive mutex (`_multiprocessing.SemLock`).
 #[pyclass(name = "SemLock", module = "ferromp._core", subclass, frozen)]
 pub(crate) struct PySemLock {
-    sem: Semaphore,
+    pub(crate) sem: Semaphore,
     /// The name given at creation with `unlink=False`, or passed to `_rebuild`.
     name: Option<String>,
 }
@@ -200,8 +223,8 @@ impl PySemLock {
         new.call(args, Some(&kwargs))
     }
 
-    /// Acquire: returns True once acquired, False when `block` is false and it is not
-    /// available, or when `timeout` seconds passed first. Ctrl-C interrupts the wait.
+    /// The checked path of `acquire`: the same arguments, parsed by pyo3. `register`
+    /// keeps this method in [`CHECKED_ACQUIRE`] and installs the raw one in its place.
     #[pyo3(signature = (block=IntFlag(true), timeout=None),
            text_signature = "($self, /, block=True, timeout=None)")]
     fn acquire(&self, py: Python<'_>, block: IntFlag, timeout: Option<f64>) -> PyResult<bool> {
@@ -215,26 +238,6 @@ impl PySemLock {
             return Ok(false);
         }
         self.wait(py, timeout)
-    }
-
-    /// Release; raises ValueError when that would exceed `maxvalue`, AssertionError for
-    /// a recursive lock the calling thread does not own.
-    fn release(&self) -> PyResult<()> {
-        // No GIL release: at most one FUTEX_WAKE, which never blocks.
-        self.sem.release().map_err(sync_err)
-    }
-
-    fn __enter__(&self, py: Python<'_>) -> PyResult<bool> {
-        match self.sem.try_acquire() {
-            Ok(()) => Ok(true),
-            Err(SyncError::WouldBlock) => self.wait(py, None),
-            Err(e) => Err(sync_err(e)),
-        }
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> PyResult<()> {
-        self.release()
     }
 
     /// Acquires minus releases through this object in this process.
@@ -301,13 +304,28 @@ impl PySemLock {
 impl PySemLock {
     /// The blocking part of acquire: without the GIL, running signal handlers on EINTR
     /// and resuming with the same deadline unless one of them raised.
-    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+    ///
+    /// The sleep is cut into slices of at most [`SIGNAL_SLICE`], and Python's signal
+    /// handlers run between two slices too. A signal only interrupts the futex call if
+    /// it arrives during it; one that lands in between (while spinning, or while a
+    /// robust waiter checks its holder every 100 ms) only sets Python's flag, and the
+    /// stdlib's semaphore would then sleep on, deaf to Ctrl-C. Here it is seen at the
+    /// end of the slice at the latest.
+    pub(crate) fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         // The stdlib treats a negative timeout as zero.
         let deadline = deadline(timeout.map(|t| if t < 0.0 { 0.0 } else { t }))?;
         loop {
-            match py.detach(|| self.sem.acquire(deadline)) {
-                Ok(got) => return Ok(got),
-                Err(SyncError::Interrupted) => py.check_signals()?,
+            let slice_end = Instant::now() + SIGNAL_SLICE;
+            let until = deadline.map_or(slice_end, |d| d.min(slice_end));
+            // The bookkeeping is updated here, with the GIL: see `crate::sync`.
+            match py.detach(|| self.sem.acquire_word(Some(until))) {
+                Ok(true) => {
+                    self.sem.note_acquired();
+                    return Ok(true);
+                }
+                Ok(false) if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(false),
+                // The end of a slice: a signal may have come between two sleeps.
+                Ok(false) | Err(SyncError::Interrupted) => py.check_signals()?,
                 Err(e) => return Err(sync_err(e)),
             }
         }
@@ -351,8 +369,286 @@ fn sem_unlink(name: &str) -> PyResult<()> {
     }
 }
 
+// --- The raw hot methods (see the module docs) ---
+
+/// `METH_FASTCALL` (0x0080): the vectorcall convention, which CPython has used for its
+/// own builtins since 3.7 and which is stable since 3.8 (PEP 590). pyo3-ffi hides the
+/// constant under `abi3-py39` only because the limited API listed it from 3.10 on.
+const METH_FASTCALL: std::ffi::c_int = 0x0080;
+
+/// pyo3's own `acquire` method descriptor, which the raw one replaces on the type and
+/// calls for anything beyond its fast path (so pyo3 parses and rejects arguments).
+static CHECKED_ACQUIRE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The `METH_FASTCALL | METH_KEYWORDS` signature.
+type FastCallKw = unsafe extern "C" fn(
+    *mut ffi::PyObject,
+    *const *mut ffi::PyObject,
+    ffi::Py_ssize_t,
+    *mut ffi::PyObject,
+) -> *mut ffi::PyObject;
+
+/// The `METH_FASTCALL` signature.
+type FastCall = unsafe extern "C" fn(
+    *mut ffi::PyObject,
+    *const *mut ffi::PyObject,
+    ffi::Py_ssize_t,
+) -> *mut ffi::PyObject;
+
+/// The `METH_NOARGS` signature (the second argument is always NULL).
+type NoArgs = unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject) -> *mut ffi::PyObject;
+
+/// The `SemLock` behind `slf`.
+///
+/// # Safety
+///
+/// The GIL is held and `slf` is a live instance of `SemLock` or of a subclass: CPython
+/// checks that before it calls a method descriptor's function, so this holds for `slf`
+/// in every function installed by [`register`].
+unsafe fn this<'a>(slf: *mut ffi::PyObject) -> &'a PySemLock {
+    // SAFETY: the caller holds the GIL (which is all `assume_attached` asks)...
+    let py = unsafe { Python::assume_attached() };
+    // SAFETY: ...and `slf` is a live SemLock, borrowed for the call, so a reference to
+    // its (frozen, Sync) contents is valid for as long as the caller's borrow.
+    unsafe {
+        Borrowed::from_ptr(py, slf)
+            .cast_unchecked::<PySemLock>()
+            .get()
+    }
+}
+
+/// A new reference to `obj` (`Py_True`, `Py_False`, `Py_None`), as a return value.
+///
+/// # Safety
+///
+/// The GIL is held and `obj` is a live object.
+unsafe fn new_ref(obj: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: as the caller promises.
+    unsafe { ffi::Py_IncRef(obj) };
+    obj
+}
+
+/// Runs the non-fast part of a raw method in the ordinary pyo3 world: an error (or a
+/// panic) becomes the raised exception and NULL is returned, as CPython expects.
+pub(crate) fn slow(f: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>) -> *mut ffi::PyObject {
+    // Python::attach with the GIL already held (it always is here) only bumps pyo3's
+    // own counters; it makes pyo3's reference handling exact for what `f` does.
+    Python::attach(|py| {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(py)))
+            .unwrap_or_else(|_| Err(PanicException::new_err("panic in ferromp._core")));
+        match r {
+            Ok(obj) => obj.into_ptr(),
+            Err(e) => {
+                e.restore(py);
+                std::ptr::null_mut()
+            }
+        }
+    })
+}
+
+fn py_bool(py: Python<'_>, b: bool) -> Py<PyAny> {
+    PyBool::new(py, b).to_owned().into_any().unbind()
+}
+
+/// `acquire(block=True, timeout=None)`: returns True once acquired, False when `block`
+/// is false and it is not available, or when `timeout` seconds passed first. Ctrl-C
+/// interrupts the wait.
+unsafe extern "C" fn semlock_acquire(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: called by CPython as a method of SemLock (see `this`).
+    let lock = unsafe { this(slf) };
+    if kwnames.is_null() && nargs <= 1 {
+        // SAFETY: with the GIL held, the singletons are live, and `args` holds `nargs`
+        // borrowed references.
+        let (t, f) = unsafe { (ffi::Py_True(), ffi::Py_False()) };
+        let block = match nargs {
+            0 => Some(true),
+            // SAFETY: nargs == 1, so args[0] exists.
+            _ => match unsafe { *args } {
+                a if a == t => Some(true),
+                a if a == f => Some(false),
+                _ => None,
+            },
+        };
+        if let Some(block) = block {
+            match lock.sem.try_acquire() {
+                // SAFETY: the GIL is held and the singletons are live.
+                Ok(()) => return unsafe { new_ref(t) },
+                // SAFETY: as above.
+                Err(_) if !block => return unsafe { new_ref(f) },
+                Err(_) => return slow(|py| lock.wait(py, None).map(|b| py_bool(py, b))),
+            }
+        }
+    }
+    // Other arguments: parsed (and rejected) by pyo3, in the checked `acquire`.
+    slow(|py| {
+        // SAFETY: `args` holds `nargs` positional and then len(kwnames) keyword values,
+        // all borrowed for this call; `slf` is live.
+        let (slf, all) = unsafe {
+            let n = usize::try_from(nargs).unwrap_or(0);
+            let kw = if kwnames.is_null() {
+                0
+            } else {
+                ffi::PyTuple_Size(kwnames) as usize
+            };
+            (
+                Borrowed::from_ptr(py, slf),
+                std::slice::from_raw_parts(args, n + kw),
+            )
+        };
+        let n = usize::try_from(nargs).unwrap_or(0);
+        let mut pos = vec![slf.to_owned()];
+        // SAFETY: each element is a live object borrowed for this call.
+        pos.extend(
+            all[..n]
+                .iter()
+                .map(|&a| unsafe { Borrowed::from_ptr(py, a) }.to_owned()),
+        );
+        let kwargs = PyDict::new(py);
+        if !kwnames.is_null() {
+            // SAFETY: kwnames is a live tuple of str, borrowed for this call.
+            let names = unsafe { Borrowed::from_ptr(py, kwnames) };
+            for (name, &value) in names.try_iter()?.zip(&all[n..]) {
+                // SAFETY: a live object borrowed for this call.
+                kwargs.set_item(name?, unsafe { Borrowed::from_ptr(py, value) })?;
+            }
+        }
+        let method = CHECKED_ACQUIRE
+            .get(py)
+            .expect("set by register before the raw acquire is installed")
+            .bind(py);
+        Ok(method.call(PyTuple::new(py, pos)?, Some(&kwargs))?.unbind())
+    })
+}
+
+/// `release()`: raises ValueError when that would exceed `maxvalue`, AssertionError for
+/// a recursive lock the calling thread does not own.
+unsafe extern "C" fn semlock_release(
+    slf: *mut ffi::PyObject,
+    _unused: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: called by CPython as a method of SemLock (see `this`).
+    let lock = unsafe { this(slf) };
+    // No GIL release: at most one FUTEX_WAKE, which never blocks.
+    match lock.sem.release() {
+        // SAFETY: the GIL is held and None is live.
+        Ok(()) => unsafe { new_ref(ffi::Py_None()) },
+        Err(e) => slow(|_| Err(sync_err(e))),
+    }
+}
+
+/// `__enter__()`: `acquire()`, blocking without a timeout; returns True.
+unsafe extern "C" fn semlock_enter(
+    slf: *mut ffi::PyObject,
+    _unused: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: called by CPython as a method of SemLock (see `this`).
+    let lock = unsafe { this(slf) };
+    match lock.sem.try_acquire() {
+        // SAFETY: the GIL is held and True is live.
+        Ok(()) => unsafe { new_ref(ffi::Py_True()) },
+        Err(_) => slow(|py| lock.wait(py, None).map(|b| py_bool(py, b))),
+    }
+}
+
+/// `__exit__(*args)`: `release()`.
+unsafe extern "C" fn semlock_exit(
+    slf: *mut ffi::PyObject,
+    _args: *const *mut ffi::PyObject,
+    _nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    // SAFETY: the same call contract as `release`, whose second argument is unused.
+    unsafe { semlock_release(slf, std::ptr::null_mut()) }
+}
+
+/// One of the raw methods, as CPython wants it described.
+enum FastMethod {
+    NoArgs(NoArgs),
+    FastCall(FastCall),
+    FastCallKw(FastCallKw),
+}
+
+/// Installs `func` as method `name` of `ty`, with `doc` (whose first line may be a
+/// `name($self, ...)\n--\n\n` text signature, as for C methods).
+fn install(
+    ty: &Bound<'_, PyType>,
+    name: &'static std::ffi::CStr,
+    func: FastMethod,
+    doc: &'static std::ffi::CStr,
+) -> PyResult<()> {
+    let (meth, flags) = match func {
+        FastMethod::NoArgs(f) => (ffi::PyMethodDefPointer { PyCFunction: f }, ffi::METH_NOARGS),
+        FastMethod::FastCall(f) => {
+            // SAFETY: CPython calls `ml_meth` with the signature that `ml_flags` names
+            // (METH_FASTCALL), so storing it under the union's generic member is how C
+            // extensions do it too (a cast to PyCFunction).
+            let f = unsafe { std::mem::transmute::<FastCall, NoArgs>(f) };
+            (ffi::PyMethodDefPointer { PyCFunction: f }, METH_FASTCALL)
+        }
+        FastMethod::FastCallKw(f) => (
+            ffi::PyMethodDefPointer {
+                PyCFunctionWithKeywords: unsafe_fastcall_kw(f),
+            },
+            METH_FASTCALL | ffi::METH_KEYWORDS,
+        ),
+    };
+    // The definition must outlive the type: leaked once per process (module init).
+    let def = Box::leak(Box::new(ffi::PyMethodDef {
+        ml_name: name.as_ptr(),
+        ml_meth: meth,
+        ml_flags: flags,
+        ml_doc: doc.as_ptr(),
+    }));
+    let py = ty.py();
+    // SAFETY: `ty` is a live type object and `def` lives forever; the result is a new
+    // reference (or NULL with an exception set, turned into Err).
+    let descr =
+        unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(ty.as_type_ptr(), def))? };
+    ty.setattr(name.to_str().expect("ASCII name"), descr)
+}
+
+/// A `METH_FASTCALL | METH_KEYWORDS` function stored as the `PyCFunctionWithKeywords`
+/// member of the union.
+fn unsafe_fastcall_kw(f: FastCallKw) -> ffi::PyCFunctionWithKeywords {
+    // SAFETY: as for `FastCall` in `install`: CPython calls it with the signature its
+    // flags name, whatever member of the union it was stored under.
+    unsafe { std::mem::transmute::<FastCallKw, ffi::PyCFunctionWithKeywords>(f) }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySemLock>()?;
+    let ty = m.py().get_type::<PySemLock>();
+    let checked = ty.getattr("acquire")?.unbind();
+    // A second module init in one process (never done by CPython) keeps the first.
+    let _ = CHECKED_ACQUIRE.set(m.py(), checked);
+    install(
+        &ty,
+        c"acquire",
+        FastMethod::FastCallKw(semlock_acquire),
+        c"acquire($self, /, block=True, timeout=None)\n--\n\nAcquire the semaphore/lock.",
+    )?;
+    install(
+        &ty,
+        c"release",
+        FastMethod::NoArgs(semlock_release),
+        c"release($self, /)\n--\n\nRelease the semaphore/lock.",
+    )?;
+    install(
+        &ty,
+        c"__enter__",
+        FastMethod::NoArgs(semlock_enter),
+        c"__enter__($self, /)\n--\n\nEnter the semaphore/lock.",
+    )?;
+    install(
+        &ty,
+        c"__exit__",
+        FastMethod::FastCall(semlock_exit),
+        c"__exit__($self, /, *args)\n--\n\nExit the semaphore/lock.",
+    )?;
     m.add_function(wrap_pyfunction!(sem_unlink, m)?)?;
     Ok(())
 }

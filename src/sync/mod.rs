@@ -104,6 +104,17 @@
 //! CPython. "Mine" means `count > 0` and the last acquirer is the calling thread of the
 //! calling process; the pid half makes a forked child that never called
 //! [`RawSemaphore::after_fork`] still see its parent's `RLock` as not its own.
+//!
+//! The bookkeeping is updated with plain loads and stores, not read-modify-write
+//! atomics: a locked `xadd` costs as much as the compare-and-swap on the word itself,
+//! and an uncontended acquire + release would pay two of them for a counter nobody
+//! else reads. So updates to one handle's bookkeeping must not race: the threads that
+//! share a handle must serialise the calls that change it (`try_acquire`, `acquire`,
+//! `note_acquired`, `release`, `after_fork`). The Python bindings do: they hold the GIL
+//! for all of them, and sleep through [`RawSemaphore::acquire_word`] (which touches no
+//! bookkeeping) with the GIL released. An `RLock`'s count needs no such care: only its
+//! owner thread changes it while it is positive. A race can only make `count` wrong
+//! (memory safety never depends on it).
 
 mod futex;
 
@@ -411,7 +422,7 @@ impl RawSemaphore {
     #[inline]
     pub fn try_acquire(&self) -> Result<(), SyncError> {
         if self.kind == SemKind::RecursiveMutex && self.is_mine() {
-            self.count.fetch_add(1, Ordering::Relaxed);
+            self.add_count(1);
             return Ok(());
         }
         match self.try_take() {
@@ -434,13 +445,25 @@ impl RawSemaphore {
         match self.try_acquire() {
             Ok(()) => Ok(true),
             Err(_) => {
-                let got = self.acquire_slow(deadline)?;
+                let got = self.acquire_word(deadline)?;
                 if got {
                     self.note_acquired();
                 }
                 Ok(got)
             }
         }
+    }
+
+    /// The waiting half of [`acquire`](Self::acquire) without the bookkeeping: spin,
+    /// then sleep until the shared word is taken (`Ok(true)`) or `deadline` passes
+    /// (`Ok(false)`). On `Ok(true)` the caller must call
+    /// [`note_acquired`](Self::note_acquired), serialised with the other bookkeeping
+    /// updates of this handle (see the module docs); call it after a failed
+    /// [`try_acquire`](Self::try_acquire), which handles an `RLock`'s re-entry.
+    ///
+    /// Errors: as `acquire`.
+    pub fn acquire_word(&self, deadline: Option<Instant>) -> Result<bool, SyncError> {
+        self.acquire_slow(deadline)
     }
 
     /// Gives the semaphore back and wakes one sleeper if there is any.
@@ -455,14 +478,37 @@ impl RawSemaphore {
                 return Err(SyncError::NotOwner);
             }
             // Only the owner thread changes `count` while it is positive: no race here.
-            if self.count.fetch_sub(1, Ordering::Release) > 1 {
+            if self.add_count(-1) > 0 {
                 return Ok(());
             }
             return self.give();
         }
         self.give()?;
-        self.count.fetch_sub(1, Ordering::Release);
+        self.add_count(-1);
         Ok(())
+    }
+
+    /// Runs `f` with the semaphore held, if taking it needs no waiting (`WouldBlock`
+    /// otherwise, and `f` does not run): a whole critical section in one call, for the
+    /// bindings' `Value.value`. A recursive mutex that the calling thread already holds
+    /// is simply re-entered.
+    ///
+    /// The bookkeeping (`count`, last acquirer) is not touched: it would be changed and
+    /// changed back, and the caller promises that nothing can look at it meanwhile
+    /// (`f` does not use this handle, and no other thread uses its bookkeeping during
+    /// the call: the bindings hold the GIL and `f` runs no Python code). So only the
+    /// word is taken and given back: two compare-and-swaps, or none when re-entering.
+    ///
+    /// Errors: `WouldBlock`; from giving it back, as `release` (then `f` has run).
+    #[inline]
+    pub fn try_locked<T>(&self, f: impl FnOnce() -> T) -> Result<T, SyncError> {
+        if self.kind == SemKind::RecursiveMutex && self.is_mine() {
+            return Ok(f());
+        }
+        self.try_take().map_err(|_| SyncError::WouldBlock)?;
+        let r = f();
+        self.give()?;
+        Ok(r)
     }
 
     /// The current value (0 or 1 in mutex mode); the stdlib's `_get_value()`.
@@ -531,12 +577,25 @@ impl RawSemaphore {
         self.state().recoveries.load(Ordering::Relaxed)
     }
 
-    fn note_acquired(&self) {
+    /// Records an acquire made through [`acquire_word`](Self::acquire_word) in this
+    /// handle's bookkeeping (the calling thread becomes the last acquirer).
+    #[inline]
+    pub fn note_acquired(&self) {
         self.last_tid
             .store(futex::current_thread(), Ordering::Relaxed);
         self.last_pid.store(futex::current_pid(), Ordering::Relaxed);
+        self.add_count(1);
+    }
+
+    /// `count += delta`, returning the new count. A load and a store, not an atomic
+    /// read-modify-write: see "Per-process bookkeeping" in the module docs for why, and
+    /// why that is enough.
+    #[inline]
+    fn add_count(&self, delta: i32) -> i32 {
+        let new = self.count.load(Ordering::Relaxed).wrapping_add(delta);
         // Release: a thread that sees the new count also sees who it belongs to.
-        self.count.fetch_add(1, Ordering::Release);
+        self.count.store(new, Ordering::Release);
+        new
     }
 
     /// One attempt at the shared transition; on failure, the word that was seen (the
@@ -855,6 +914,33 @@ mod tests {
         assert_eq!(s.recovery(), Recovery::Never);
         let s = Semaphore::new(SemKind::RecursiveMutex, 1, 1, Recovery::Never).unwrap();
         assert!(s.mutex && !s.robust);
+    }
+
+    #[test]
+    fn split_acquire_and_one_call_critical_sections_keep_the_bookkeeping() {
+        let r = Semaphore::new(SemKind::RecursiveMutex, 1, 1, Recovery::Never).unwrap();
+        // The bindings' blocking path: the word, then the bookkeeping.
+        r.try_acquire().unwrap();
+        r.release().unwrap();
+        assert!(r.acquire_word(None).unwrap());
+        assert_eq!(r.count(), 0);
+        r.note_acquired();
+        assert!(r.is_mine() && r.count() == 1);
+        // Re-entered for one call: nothing changes.
+        assert_eq!(r.try_locked(|| (r.count(), r.get_value())), Ok((1, 0)));
+        assert!(r.is_mine() && r.count() == 1 && r.get_value() == 0);
+        r.release().unwrap();
+        assert_eq!((r.count(), r.get_value()), (0, 1));
+        // Free: held during `f` (by the word only), free again after.
+        assert_eq!(r.try_locked(|| (r.count(), r.get_value())), Ok((0, 0)));
+        assert_eq!((r.count(), r.get_value()), (0, 1));
+        let l = Semaphore::new(SemKind::Semaphore, 1, 1, Recovery::DeadOwner).unwrap();
+        l.try_acquire().unwrap();
+        // A Lock held, even by the caller, is not re-entered.
+        assert_eq!(l.try_locked(|| ()), Err(SyncError::WouldBlock));
+        l.release().unwrap();
+        assert_eq!(l.try_locked(|| l.get_value()), Ok(0));
+        assert_eq!((l.count(), l.get_value()), (0, 1));
     }
 
     #[test]
