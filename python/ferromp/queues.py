@@ -273,8 +273,8 @@ class Queue(object):
         self._buffer.clear()
         self._thread = threading.Thread(
             target=Queue._feed,
-            args=(self._buffer, self._notempty, self._ring.write, self._ring.unreserve,
-                  self._on_queue_feeder_error),
+            args=(self._buffer, self._notempty, self._ring.write_many,
+                  self._ring.unreserve, self._on_queue_feeder_error),
             name='QueueFeederThread',
             daemon=True,
         )
@@ -308,15 +308,22 @@ class Queue(object):
             notempty.notify()
 
     @staticmethod
-    def _feed(buffer, notempty, write, unreserve, onerror):
+    def _feed(buffer, notempty, write_many, unreserve, onerror):
+        # Writes what is buffered, oldest first, in batches (one GIL-free call each);
+        # items leave the buffer only once written, so a put that finds the buffer
+        # empty knows everything of this process before it is in the ring.
         while True:
             with notempty:
                 while not buffer:
                     notempty.wait()
-                data = buffer[0]
-            if data is not _sentinel:
+                batch = list(buffer)
+            stop = _sentinel in batch
+            if stop:
+                batch = batch[:batch.index(_sentinel)]
+            written = 0
+            while written < len(batch):
                 try:
-                    write(data)
+                    written += write_many(batch[written:])
                 except Exception as e:
                     if isinstance(e, BrokenPipeError):
                         # This process closed the reading end: nobody will read.
@@ -324,12 +331,14 @@ class Queue(object):
                     if util.is_exiting():
                         util.info('error in queue thread: %s', e)
                         return
+                    # write_many raises only for the first item it was given.
                     unreserve()
-                    onerror(e, data)
+                    onerror(e, batch[written])
+                    written += 1
             with notempty:
-                if buffer:
+                for _ in range(len(batch) + stop):
                     buffer.popleft()
-            if data is _sentinel:
+            if stop:
                 return
 
     @staticmethod

@@ -355,6 +355,29 @@ impl Ring {
         blocking(py, |intr| r.write(msg, intr))
     }
 
+    /// Writes the messages of `batch` (slots already reserved) in order, waiting for
+    /// room, in one GIL-free call: the feeder thread's path. Returns how many were
+    /// written: all of them, or those before the first that failed (its error is
+    /// raised only when it is the first of the batch, so the caller learns exactly
+    /// which message failed).
+    fn write_many(&self, py: Python<'_>, batch: &Bound<'_, PyList>) -> PyResult<usize> {
+        let items: Vec<Bound<'_, PyAny>> = batch.iter().collect();
+        let parts = items.iter().map(Parts::of).collect::<PyResult<Vec<_>>>()?;
+        let r = &self.inner;
+        let mut done = 0usize;
+        let res = blocking(py, |intr| {
+            for p in &parts {
+                r.write(p.msg(), intr)?;
+                done += 1;
+            }
+            Ok(())
+        });
+        match res {
+            Err(e) if done == 0 => Err(e),
+            _ => Ok(done),
+        }
+    }
+
     /// Writes `data` into a reserved slot if there is room right now; never waits.
     fn try_write(&self, data: &Bound<'_, PyAny>) -> PyResult<bool> {
         let parts = Parts::of(data)?;
