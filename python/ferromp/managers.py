@@ -105,7 +105,7 @@ class RemoteError(Exception):
         return ('\n' + '-' * 75 + '\n' + str(self.args[0]) + '-' * 75)
 
 
-def dispatch(c, id, methodname, args=(), kwds={}):
+def dispatch(c, id, methodname, args=(), kwds={}):  # noqa: B006 (the stdlib's signature; never mutated)
     """Send one request over ``c`` and return the result (or raise the error)."""
     c.send((id, methodname, args, kwds))
     kind, result = c.recv()
@@ -855,7 +855,7 @@ class _ServerLink(object):
                     self._open()
         return self.extended
 
-    def call(self, methodname, args=(), kwds={}):
+    def call(self, methodname, args=(), kwds={}):  # noqa: B006 (the stdlib's signature; never mutated)
         """Call a server method (``create``, ``incref``, ...) and return its result."""
         me = threading.get_ident()
         if self.holder == me:
@@ -987,7 +987,7 @@ class BaseProxy(object):
         util.debug('making connection to manager')
         return self._link.connect_thread()
 
-    def _callmethod(self, methodname, args=(), kwds={}):
+    def _callmethod(self, methodname, args=(), kwds={}):  # noqa: B006 (the stdlib's signature; never mutated)
         """Call ``methodname`` on the referent and return the result (or raise)."""
         try:
             conn = self._tls.connection
@@ -1118,7 +1118,7 @@ def _make_proxy_method(name):
     return method
 
 
-def MakeProxyType(name, exposed, _cache={}):
+def MakeProxyType(name, exposed, _cache={}):  # noqa: B006 (a deliberate per-process cache)
     """A subclass of BaseProxy with one method for each name in ``exposed``."""
     exposed = tuple(exposed)
     try:
