@@ -23,8 +23,11 @@ Where ferromp differs (see ``docs/architecture.md``, "Managers"):
 """
 
 import array
+import copyreg
+import io
 import itertools
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -47,6 +50,41 @@ HAS_SHMEM = os.name == 'posix'
 # What a ferromp server answers to 'accept_connection' (a stdlib server answers None):
 # the client may then call server methods (ident None) on its connections.
 _EXTENDED = 'ferromp-managers-1'
+
+
+#
+# Pickling of requests and replies
+#
+# A request or reply is pickled with ForkingPickler's reducers, but building a
+# ForkingPickler copies and merges its dispatch table on every message, which costs
+# more than pickling a small request. So the merged table is built once and rebuilt
+# only when a reducer is registered (the tables only grow).
+
+_table = None
+_table_key = None
+
+
+def _dispatch_table():
+    global _table, _table_key
+    std = sys.modules.get('multiprocessing.reduction')
+    key = (len(reduction.ForkingPickler._extra_reducers), len(copyreg.dispatch_table),
+           std is not None and len(std.ForkingPickler._extra_reducers),
+           'socket' in sys.modules)
+    if key != _table_key:
+        _table = reduction.ForkingPickler(io.BytesIO()).dispatch_table
+        _table_key = key
+    return _table
+
+
+def _dumps(obj, _Pickler=pickle.Pickler, _BytesIO=io.BytesIO):
+    buf = _BytesIO()
+    pickler = _Pickler(buf, reduction._PROTOCOL)
+    pickler.dispatch_table = _dispatch_table()
+    pickler.dump(obj)
+    return buf.getvalue()
+
+
+_loads = pickle.loads
 
 
 def _format_exc():
@@ -165,8 +203,11 @@ class Server(object):
 
         # Authentication happens in the connection's own thread, so that a slow or
         # hostile peer cannot stall the accepting thread.
-        self.listener = Listener(address=address, backlog=16)
+        self.listener = _take_bound_listener(Listener, address)
+        if self.listener is None:
+            self.listener = Listener(address=address, backlog=16)
         self.address = self.listener.address
+        self._fast = serializer == 'pickle'
 
         self.id_to_obj = {'0': (None, ())}
         self.id_to_refcount = {}
@@ -267,8 +308,18 @@ class Server(object):
 
         This is the per-request path: one ``recv``, a dictionary lookup, the call,
         one ``send``. Nothing is logged, no thread is started."""
-        recv = conn.recv
-        send = conn.send
+        if self._fast:
+            recv_bytes = conn.recv_bytes
+            send_bytes = conn.send_bytes
+
+            def recv():
+                return _loads(recv_bytes())
+
+            def send(obj):
+                send_bytes(_dumps(obj))
+        else:
+            recv = conn.recv
+            send = conn.send
         id_to_obj = self.id_to_obj
         extended = conn in self.conn_owner
 
@@ -525,6 +576,58 @@ class Server(object):
         del entry
 
 
+class _BoundSocket(object):
+    """A listening socket bound by a manager's start() for its server process."""
+
+    def __init__(self, sock, address, family):
+        self.sock = sock
+        self.address = address
+        self.family = family
+
+    @classmethod
+    def detach_from(cls, listener):
+        inner = listener._listener
+        # The server process will own the socket file; this process must not
+        # remove it when its Listener object goes.
+        if inner._unlink is not None:
+            inner._unlink.cancel()
+            inner._unlink = None
+        bound = cls(inner._socket, inner._address, inner._family)
+        inner._socket = None
+        listener._listener = None
+        return bound
+
+    def close(self):
+        self.sock.close()
+
+    def make_listener(self, Listener):
+        """A Listener of class ``Listener`` (the serializer's) around the socket."""
+        inner = connection.SocketListener.__new__(connection.SocketListener)
+        inner._socket = self.sock
+        inner._address = self.address
+        inner._family = self.family
+        inner._last_accepted = None
+        if self.family == 'AF_UNIX' and \
+                not util.is_abstract_socket_namespace(self.address):
+            inner._unlink = util.Finalize(inner, os.unlink, args=(self.address,),
+                                          exitpriority=0)
+        else:
+            inner._unlink = None
+        listener = Listener.__new__(Listener)
+        listener._listener = inner
+        listener._authkey = None
+        return listener
+
+
+# address -> _BoundSocket, in a server process started by BaseManager.start()
+_bound_sockets = {}
+
+
+def _take_bound_listener(Listener, address):
+    bound = _bound_sockets.pop(address, None)
+    return None if bound is None else bound.make_listener(Listener)
+
+
 #
 # Manager
 #
@@ -589,27 +692,46 @@ class BaseManager(object):
         self._state.value = State.STARTED
 
     def start(self, initializer=None, initargs=()):
-        """Start a server process for this manager."""
+        """Start a server process for this manager.
+
+        The listening socket is bound here and handed to the server process, so
+        the address is known at once and, without an initializer, ``start`` does
+        not wait for the server to come up: a client that connects early waits in
+        the socket's backlog. If the server dies before serving, the socket closes
+        and clients get ConnectionRefusedError / EOFError. With an initializer,
+        ``start`` returns once it has run (it reports over a pipe), as the stdlib's.
+        """
         _check_initial(self._state)
         if initializer is not None and not callable(initializer):
             raise TypeError('initializer must be a callable')
 
-        # The server reports its address (known once it listens) over this pipe.
-        reader, writer = connection.Pipe(duplex=False)
-        self._process = self._ctx.Process(
-            target=type(self)._run_server,
-            args=(self._registry, self._address, self._authkey,
-                  self._serializer, writer, initializer, initargs),
-            )
-        ident = ':'.join(str(i) for i in self._process._identity)
-        self._process.name = type(self).__name__ + '-' + ident
-        self._process.start()
-
-        writer.close()
+        listener = self._Listener(address=self._address, backlog=16)
+        bound = _BoundSocket.detach_from(listener)
+        if initializer is not None:
+            reader, writer = connection.Pipe(duplex=False)
+        else:
+            reader = writer = None
         try:
-            self._address = reader.recv()
+            self._process = self._ctx.Process(
+                target=type(self)._run_server,
+                args=(self._registry, bound.address, self._authkey,
+                      self._serializer, writer, initializer, initargs),
+                kwargs={'bound_socket': bound},
+                )
+            ident = ':'.join(str(i) for i in self._process._identity)
+            self._process.name = type(self).__name__ + '-' + ident
+            self._process.start()
         finally:
-            reader.close()
+            # The server process has its own copy of the socket now.
+            bound.close()
+            if writer is not None:
+                writer.close()
+        self._address = bound.address
+        if reader is not None:
+            try:
+                reader.recv()
+            finally:
+                reader.close()
 
         self._state.value = State.STARTED
         self.shutdown = util.Finalize(
@@ -621,16 +743,19 @@ class BaseManager(object):
 
     @classmethod
     def _run_server(cls, registry, address, authkey, serializer, writer,
-                    initializer=None, initargs=()):
+                    initializer=None, initargs=(), *, bound_socket=None):
         """The server process's target: make the server, report its address, serve."""
         # A Ctrl-C meant for the parent's process group must not kill the server
         # under the parent's feet (bpo-36368); the parent shuts it down.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if bound_socket is not None:
+            _bound_sockets[bound_socket.address] = bound_socket
         if initializer is not None:
             initializer(*initargs)
         server = cls._Server(registry, address, authkey, serializer)
-        writer.send(server.address)
-        writer.close()
+        if writer is not None:
+            writer.send(server.address)
+            writer.close()
         util.info('manager serving at %r', server.address)
         server.serve_forever()
 
@@ -973,6 +1098,7 @@ class BaseProxy(object):
         self._manager = manager
         self._serializer = serializer
         self._Client = listener_client[serializer][1]
+        self._fast = serializer == 'pickle'
 
         # A proxy the server makes of its own object (a managed object stored in
         # another) holds no reference: the server keeps the object while it needs it.
@@ -996,8 +1122,12 @@ class BaseProxy(object):
                        threading.current_thread().name)
             conn = self._connect()
 
-        conn.send((self._id, methodname, args, kwds))
-        kind, result = conn.recv()
+        if self._fast:
+            conn.send_bytes(_dumps((self._id, methodname, args, kwds)))
+            kind, result = _loads(conn.recv_bytes())
+        else:
+            conn.send((self._id, methodname, args, kwds))
+            kind, result = conn.recv()
 
         if kind == '#RETURN':
             return result
