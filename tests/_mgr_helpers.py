@@ -212,3 +212,11 @@ StdCounterProxy.__qualname__ = StdCounterProxy.__name__ = 'StdCounterProxy'
 
 class RemoteManager(fm_managers.BaseManager):
     pass
+
+
+def acquire_then_die(lock, rlock, conn):
+    lock.acquire()
+    rlock.acquire()
+    rlock.acquire()
+    conn.send('held')
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -368,6 +368,38 @@ def test_client_killed_releases_its_references(start_method, manager):
         (before, manager._debug_info())
 
 
+def test_lock_of_killed_client_is_released(start_method, manager):
+    lock = manager.Lock()
+    rlock = manager.RLock()
+    reader, writer = start_method.Pipe(duplex=False)
+    p = start_method.Process(target=h.acquire_then_die, args=(lock, rlock, writer))
+    p.start()
+    writer.close()
+    assert reader.recv() == 'held'
+    p.join(START)
+    # The stdlib would block here forever; the server released what the dead
+    # client held (the RLock twice, as deep as it was taken).
+    assert lock.acquire(timeout=10)
+    assert rlock.acquire(timeout=10)
+    lock.release()
+    rlock.release()
+
+
+def test_lock_handed_over_by_ended_thread_stays_held(manager):
+    # A thread that ends holding a Lock closes its connection, but its process
+    # lives on: the lock stays held for another thread to release (stdlib rule).
+    lock = manager.Lock()
+    t = threading.Thread(target=lock.acquire)
+    t.start()
+    t.join()
+    gc.collect()
+    time.sleep(0.3)
+    assert not lock.acquire(False)
+    lock.release()
+    assert lock.acquire(False)
+    lock.release()
+
+
 def test_server_killed_gives_clear_errors(start_method):
     m = start_method.Manager()
     d = m.dict(a=1)

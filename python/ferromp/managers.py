@@ -218,6 +218,10 @@ class Server(object):
         # connection -> owner id, for the connections of ferromp clients.
         self.conn_owner = {}
         self._ids = itertools.count(1)
+        # Lock / RLock / Condition -> [connection holding it, depth]
+        self._lock_holders = {}
+        # owner id -> Event set when its control connection closes
+        self._owner_gone = {}
         self._stopping = False
 
     def serve_forever(self):
@@ -329,6 +333,7 @@ class Server(object):
             except (EOFError, OSError):
                 util.debug('got EOF -- exiting thread serving %r',
                            threading.current_thread().name)
+                self._release_locks_of(conn)
                 return
             methodname = None
             try:
@@ -354,6 +359,9 @@ class Server(object):
                     except Exception as e:
                         msg = ('#ERROR', e)
                     else:
+                        if methodname in _LOCK_METHODS and \
+                                type(obj) in _RECOVERABLE_LOCKS:
+                            self._track_lock(conn, obj, methodname, res)
                         typeid = gettypeid and gettypeid.get(methodname, None)
                         if typeid:
                             rident, rexposed = self.create(conn, typeid, res)
@@ -365,6 +373,53 @@ class Server(object):
                 msg = ('#TRACEBACK', _format_exc())
             if not self._send(send, msg, conn):
                 return
+
+    def _track_lock(self, conn, obj, methodname, res):
+        # Which connection holds which Lock / RLock / Condition, and how deeply,
+        # so that a client that dies holding one does not block the others forever.
+        holders = self._lock_holders
+        if methodname == 'acquire':
+            if res:
+                held = holders.get(obj)
+                if held is not None and held[0] is conn:
+                    held[1] += 1
+                else:
+                    holders[obj] = [conn, 1]
+        else:
+            held = holders.get(obj)
+            if held is not None:
+                held[1] -= 1
+                if held[1] <= 0:
+                    del holders[obj]
+
+    def _release_locks_of(self, conn):
+        """Release what a dead client held through ``conn`` when it closed.
+
+        Runs in the thread that served ``conn``, which owns any RLock acquired
+        through it. A connection also closes when a thread of a live client ends,
+        and a Lock acquired there may legitimately be released by another thread,
+        so the locks are released only once the client *process* is known to be
+        gone: its control connection has closed too (which happens at the same
+        moment when a process dies). Stdlib clients have no control connection;
+        their locks stay held, as with the stdlib's server."""
+        mine = [(obj, held) for obj, held in list(self._lock_holders.items())
+                if held[0] is conn]
+        owner = self.conn_owner.get(conn)
+        if not mine or owner is None:
+            return
+        gone = self._owner_gone.get(owner)
+        if gone is not None and not gone.wait(2.0):
+            return
+        for obj, held in mine:
+            if self._lock_holders.get(obj) is not held:
+                continue
+            del self._lock_holders[obj]
+            util.info('releasing %r, held by a client that died', obj)
+            for _ in range(held[1]):
+                try:
+                    obj.release()
+                except RuntimeError:
+                    break
 
     def _send(self, send, msg, conn):
         try:
@@ -488,6 +543,7 @@ class Server(object):
             with self.mutex:
                 if control:
                     self.owner_refs.setdefault(owner, {})
+                    self._owner_gone[owner] = threading.Event()
                 self.conn_owner[c] = owner
         c.send(('#RETURN', _EXTENDED))
         try:
@@ -504,6 +560,9 @@ class Server(object):
         closed (it exited, maybe without running its finalizers, or was killed)."""
         with self.mutex:
             held = self.owner_refs.pop(owner, {})
+            gone = self._owner_gone.pop(owner, None)
+        if gone is not None:
+            gone.set()
         for ident, count in held.items():
             util.debug('dropping %d references of dead owner %s to %r',
                        count, owner, ident)
@@ -574,6 +633,14 @@ class Server(object):
             else:
                 entry = None
         del entry
+
+
+# The locks whose holder the server tracks (see Server._track_lock); semaphores are
+# not among them: a semaphore is legitimately released by a process other than the
+# one that acquired it, so its holders cannot be known.
+_LOCK_METHODS = frozenset(('acquire', 'release'))
+_RECOVERABLE_LOCKS = frozenset((type(threading.Lock()), type(threading.RLock()),
+                                threading.Condition))
 
 
 class _BoundSocket(object):
