@@ -18,6 +18,7 @@ import threading
 import time
 
 import _mgr_helpers as h
+from _helpers import pid_gone, run_script
 import pytest
 
 import ferromp
@@ -415,6 +416,27 @@ def test_server_killed_gives_clear_errors(start_method):
     del d
     gc.collect()
     m.shutdown()
+
+
+ORPHAN_SCRIPT = """
+import os, signal, sys
+import ferromp
+if __name__ == '__main__':
+    m = ferromp.get_context(sys.argv[1]).Manager()
+    d = m.dict(a=1)
+    print(m._process.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_server_exits_when_its_parent_is_killed(start_method, tmp_path):
+    script = tmp_path / 'orphan.py'
+    script.write_text(ORPHAN_SCRIPT)
+    # The server inherited the script's stdout: the run ends when the server has
+    # exited too (the stdlib's server would live on, and this would time out).
+    res = run_script([str(script), start_method.get_start_method()], timeout=30)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    assert pid_gone(int(res.stdout.split()[0]))
 
 
 def test_manager_finalized_when_collected(start_method):

@@ -223,6 +223,9 @@ class Server(object):
         # owner id -> Event set when its control connection closes
         self._owner_gone = {}
         self._stopping = False
+        self._open_connections = 0
+        # Set by BaseManager._run_server: exit when the manager's process is gone.
+        self._exit_with_parent = False
 
     def serve_forever(self):
         """Serve until shut down, then exit the process (``sys.exit(0)``)."""
@@ -235,6 +238,9 @@ class Server(object):
             try:
                 while not self.stop_event.is_set():
                     self.stop_event.wait(1)
+                    if self._exit_with_parent and self._orphaned():
+                        util.info('manager exiting: parent gone, no clients left')
+                        break
             except (KeyboardInterrupt, SystemExit):
                 pass
         finally:
@@ -243,6 +249,15 @@ class Server(object):
                 sys.stdout = sys.__stdout__
                 sys.stderr = sys.__stderr__
             sys.exit(0)
+
+    def _orphaned(self):
+        # The stdlib's server lives forever when the process that started it is
+        # killed (nobody sends 'shutdown'). Ours exits once that process is gone
+        # and no client is connected any more (children of the dead parent may
+        # still be using it).
+        parent = process.parent_process()
+        return (parent is not None and not parent.is_alive()
+                and self._open_connections == 0)
 
     def accepter(self):
         while True:
@@ -258,12 +273,16 @@ class Server(object):
     def handle_request(self, c):
         """Authenticate a new connection and serve its first request (and, for
         'accept_connection', every later one)."""
+        with self.mutex:
+            self._open_connections += 1
         try:
             self._handle_request(c)
         except SystemExit:
             pass
         finally:
             c.close()
+            with self.mutex:
+                self._open_connections -= 1
 
     def _handle_request(self, c):
         request = None
@@ -820,6 +839,7 @@ class BaseManager(object):
         if initializer is not None:
             initializer(*initargs)
         server = cls._Server(registry, address, authkey, serializer)
+        server._exit_with_parent = True
         if writer is not None:
             writer.send(server.address)
             writer.close()
