@@ -214,9 +214,21 @@ class RemoteManager(fm_managers.BaseManager):
     pass
 
 
-def acquire_then_die(lock, rlock, conn):
+def acquire_then_die(lock, rlock, cond, conn):
     lock.acquire()
     rlock.acquire()
     rlock.acquire()
+    cond.acquire()
     conn.send('held')
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _refuse_to_load():
+    raise ValueError('this object does not unpickle')
+
+
+class Unloadable:
+    """Pickles fine, but raises when unpickled (in the server)."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ()

@@ -213,6 +213,15 @@ def test_dict_and_list_operations_match_builtin(manager):
     del d, lst
 
 
+def test_request_that_does_not_unpickle_in_server(manager):
+    d = manager.dict()
+    with pytest.raises(RemoteError, match='does not unpickle'):
+        d['x'] = h.Unloadable()
+    # The connection is still in step.
+    d['y'] = 1
+    assert d.copy() == {'y': 1}
+
+
 def test_namespace_hides_underscore_names(manager):
     ns = manager.Namespace(a=1)
     ns.b = 'two'
@@ -369,32 +378,47 @@ def test_client_killed_releases_its_references(start_method, manager):
         (before, manager._debug_info())
 
 
-def test_lock_of_killed_client_is_released(start_method, manager):
+def test_rlock_of_killed_client_is_released(start_method, manager):
     lock = manager.Lock()
     rlock = manager.RLock()
+    cond = manager.Condition()
     reader, writer = start_method.Pipe(duplex=False)
-    p = start_method.Process(target=h.acquire_then_die, args=(lock, rlock, writer))
+    p = start_method.Process(target=h.acquire_then_die,
+                             args=(lock, rlock, cond, writer))
     p.start()
     writer.close()
     assert reader.recv() == 'held'
     p.join(START)
-    # The stdlib would block here forever; the server released what the dead
-    # client held (the RLock twice, as deep as it was taken).
-    assert lock.acquire(timeout=10)
+    # Nobody but the dead client could ever release its RLock (the stdlib would
+    # block here forever): the server released it, as deep as it was taken.
     assert rlock.acquire(timeout=10)
-    lock.release()
     rlock.release()
+    assert cond.acquire(timeout=10)
+    cond.release()
+    # A Lock is not owned: another process may release what the dead one took,
+    # so it stays held until someone does (the stdlib rule).
+    assert not lock.acquire(timeout=0.2)
+    lock.release()
+    assert lock.acquire(False)
+    lock.release()
 
 
-def test_lock_handed_over_by_ended_thread_stays_held(manager):
-    # A thread that ends holding a Lock closes its connection, but its process
-    # lives on: the lock stays held for another thread to release (stdlib rule).
+def test_lock_and_rlock_of_ended_thread(manager):
+    # A thread that ends closes its connection. Its Lock stays held for another
+    # thread to release; its RLock, which nobody else could release, is freed.
     lock = manager.Lock()
-    t = threading.Thread(target=lock.acquire)
+    rlock = manager.RLock()
+
+    def take():
+        lock.acquire()
+        rlock.acquire()
+
+    t = threading.Thread(target=take)
     t.start()
     t.join()
     gc.collect()
-    time.sleep(0.3)
+    assert rlock.acquire(timeout=10)
+    rlock.release()
     assert not lock.acquire(False)
     lock.release()
     assert lock.acquire(False)

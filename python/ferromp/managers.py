@@ -218,10 +218,8 @@ class Server(object):
         # connection -> owner id, for the connections of ferromp clients.
         self.conn_owner = {}
         self._ids = itertools.count(1)
-        # Lock / RLock / Condition -> [connection holding it, depth]
+        # RLock / Condition -> [connection holding it, depth]
         self._lock_holders = {}
-        # owner id -> Event set when its control connection closes
-        self._owner_gone = {}
         self._stopping = False
         self._open_connections = 0
         # Set by BaseManager._run_server: exit when the manager's process is gone.
@@ -266,6 +264,8 @@ class Server(object):
             except OSError:
                 if self.listener._listener is None:
                     return
+                # Out of fds, or the like: try again, without spinning.
+                time.sleep(0.01)
                 continue
             t = threading.Thread(target=self.handle_request, args=(c,), daemon=True)
             t.start()
@@ -289,6 +289,11 @@ class Server(object):
         try:
             connection.deliver_challenge(c, self.authkey)
             connection.answer_challenge(c, self.authkey)
+        except Exception as e:
+            # Nothing more is said to a peer that failed authentication.
+            util.info('manager connection failed authentication: %r', e)
+            return
+        try:
             request = c.recv()
             ignore, funcname, args, kwds = request
             assert funcname in self.public, '%r unrecognized' % funcname
@@ -354,6 +359,12 @@ class Server(object):
                            threading.current_thread().name)
                 self._release_locks_of(conn)
                 return
+            except Exception:
+                # A whole frame arrived but did not unpickle (a class the server
+                # cannot import, say): the stream is still in step, so say why.
+                if not self._send(send, ('#TRACEBACK', _format_exc()), conn):
+                    return
+                continue
             methodname = None
             try:
                 ident, methodname, args, kwds = request
@@ -394,8 +405,10 @@ class Server(object):
                 return
 
     def _track_lock(self, conn, obj, methodname, res):
-        # Which connection holds which Lock / RLock / Condition, and how deeply,
-        # so that a client that dies holding one does not block the others forever.
+        # Which connection holds which RLock, and how deeply (see
+        # _release_locks_of). A Condition counts when its lock is an RLock.
+        if type(obj) is threading.Condition and type(obj._lock) is not _RLOCK_TYPE:
+            return
         holders = self._lock_holders
         if methodname == 'acquire':
             if res:
@@ -412,28 +425,19 @@ class Server(object):
                     del holders[obj]
 
     def _release_locks_of(self, conn):
-        """Release what a dead client held through ``conn`` when it closed.
+        """Release the RLocks (and Conditions over one) still held through a
+        connection that has closed.
 
-        Runs in the thread that served ``conn``, which owns any RLock acquired
-        through it. A connection also closes when a thread of a live client ends,
-        and a Lock acquired there may legitimately be released by another thread,
-        so the locks are released only once the client *process* is known to be
-        gone: its control connection has closed too (which happens at the same
-        moment when a process dies). Stdlib clients have no control connection;
-        their locks stay held, as with the stdlib's server."""
-        mine = [(obj, held) for obj, held in list(self._lock_holders.items())
-                if held[0] is conn]
-        owner = self.conn_owner.get(conn)
-        if not mine or owner is None:
-            return
-        gone = self._owner_gone.get(owner)
-        if gone is not None and not gone.wait(2.0):
-            return
-        for obj, held in mine:
-            if self._lock_holders.get(obj) is not held:
+        An RLock belongs to the server thread that acquired it, which is the
+        thread serving that one connection, and only it can release it. Once the
+        connection is gone (its client thread ended, or its process died), nobody
+        ever can, and every other client would block forever. This runs in that
+        thread, so the release is allowed."""
+        for obj, held in list(self._lock_holders.items()):
+            if held[0] is not conn:
                 continue
             del self._lock_holders[obj]
-            util.info('releasing %r, held by a client that died', obj)
+            util.info('releasing %r, held by a closed connection', obj)
             for _ in range(held[1]):
                 try:
                     obj.release()
@@ -562,7 +566,6 @@ class Server(object):
             with self.mutex:
                 if control:
                     self.owner_refs.setdefault(owner, {})
-                    self._owner_gone[owner] = threading.Event()
                 self.conn_owner[c] = owner
         c.send(('#RETURN', _EXTENDED))
         try:
@@ -579,9 +582,6 @@ class Server(object):
         closed (it exited, maybe without running its finalizers, or was killed)."""
         with self.mutex:
             held = self.owner_refs.pop(owner, {})
-            gone = self._owner_gone.pop(owner, None)
-        if gone is not None:
-            gone.set()
         for ident, count in held.items():
             util.debug('dropping %d references of dead owner %s to %r',
                        count, owner, ident)
@@ -654,12 +654,13 @@ class Server(object):
         del entry
 
 
-# The locks whose holder the server tracks (see Server._track_lock); semaphores are
-# not among them: a semaphore is legitimately released by a process other than the
-# one that acquired it, so its holders cannot be known.
+# The locks whose holder the server tracks (see Server._track_lock). Only owned
+# locks: a Lock or a semaphore may legitimately be released by another client than
+# the one that acquired it, even after that one has exited (CPython's own suite
+# hands a Lock over that way), so its holder cannot be known.
 _LOCK_METHODS = frozenset(('acquire', 'release'))
-_RECOVERABLE_LOCKS = frozenset((type(threading.Lock()), type(threading.RLock()),
-                                threading.Condition))
+_RLOCK_TYPE = type(threading.RLock())
+_RECOVERABLE_LOCKS = frozenset((_RLOCK_TYPE, threading.Condition))
 
 
 class _BoundSocket(object):
