@@ -222,6 +222,40 @@ def test_request_that_does_not_unpickle_in_server(manager):
     assert d.copy() == {'y': 1}
 
 
+def test_finalizer_during_control_call_uses_its_own_connection(manager):
+    # The GC may run a proxy's finalizer (a decref) in the middle of another
+    # exchange on the control connection; it must not write into that exchange.
+    victim = [manager.list()]
+    survivor = manager.dict()
+    link = survivor._link
+    real = link.conn
+
+    class Interrupting:
+        def send(self, obj):
+            real.send(obj)
+            if victim:
+                victim.pop()          # the decref runs here, mid-exchange
+                gc.collect()
+
+        def recv(self):
+            return real.recv()
+
+        def close(self):
+            real.close()
+
+    link.conn = Interrupting()
+    try:
+        # The nested decref took its own connection (served by another server
+        # thread, so it may land before or after this request).
+        assert manager._number_of_objects() in (1, 2)
+        assert not victim
+        assert wait_until(lambda: manager._number_of_objects() == 1)
+    finally:
+        link.conn = real
+    survivor['still'] = 'usable'
+    assert survivor['still'] == 'usable'
+
+
 def test_namespace_hides_underscore_names(manager):
     ns = manager.Namespace(a=1)
     ns.b = 'two'

@@ -1008,8 +1008,9 @@ class _ServerLink(object):
         _links.add(self)
 
     def _reset(self):
-        self.lock = threading.Lock()
-        self.holder = None
+        # Reentrant, for the GC: see call().
+        self.lock = threading.RLock()
+        self.depth = 0
         self.conn = None
         self.owner = self._new_owner()
         # None until the server has told us whether it is a ferromp server.
@@ -1070,13 +1071,13 @@ class _ServerLink(object):
 
     def call(self, methodname, args=(), kwds={}):  # noqa: B006 (the stdlib's signature; never mutated)
         """Call a server method (``create``, ``incref``, ...) and return its result."""
-        me = threading.get_ident()
-        if self.holder == me:
-            # Re-entered from a finalizer run by the GC in the middle of one of our
-            # own calls: the control connection is mid-exchange, use a fresh one.
-            return self._call_fresh(methodname, args, kwds)
         with self.lock:
-            self.holder = me
+            if self.depth:
+                # Re-entered by this thread, from a finalizer the GC ran in the
+                # middle of an exchange on the control connection: leave that
+                # exchange alone and use a one-off connection.
+                return self._call_fresh(methodname, args, kwds)
+            self.depth += 1
             try:
                 if self.extended is None:
                     self._open()
@@ -1102,7 +1103,7 @@ class _ServerLink(object):
                         pass
                     raise
             finally:
-                self.holder = None
+                self.depth -= 1
         if kind == '#RETURN':
             return result
         raise convert_to_error(kind, result)
