@@ -55,33 +55,69 @@ _EXTENDED = 'ferromp-managers-1'
 #
 # Pickling of requests and replies
 #
-# A request or reply is pickled with ForkingPickler's reducers, but building a
-# ForkingPickler copies and merges its dispatch table on every message, which costs
-# more than pickling a small request. So the merged table is built once and rebuilt
-# only when a reducer is registered (the tables only grow).
+# A request or reply is pickled with ForkingPickler's reducers. Building a
+# ForkingPickler per message (as Connection.send does) copies and merges its dispatch
+# table and sets up a BytesIO: 1.7 us, where pickling a small request takes 0.3 us.
+# So each thread keeps one plain C Pickler with the merged table, writing into a list,
+# and reuses it with a cleared memo. The table is rebuilt when a reducer has been
+# registered since (the tables only grow; re-registering a type that already has a
+# reducer is not noticed).
 
-_table = None
-_table_key = None
-
-
-def _dispatch_table():
-    global _table, _table_key
-    std = sys.modules.get('multiprocessing.reduction')
-    key = (len(reduction.ForkingPickler._extra_reducers), len(copyreg.dispatch_table),
-           std is not None and len(std.ForkingPickler._extra_reducers),
-           'socket' in sys.modules)
-    if key != _table_key:
-        _table = reduction.ForkingPickler(io.BytesIO()).dispatch_table
-        _table_key = key
-    return _table
+def _table_key(_extra=reduction.ForkingPickler._extra_reducers,
+               _copyreg=copyreg.dispatch_table, _modules=sys.modules):
+    std = _modules.get('multiprocessing.reduction')
+    return (len(_extra) + len(_copyreg) +
+            (0 if std is None else 1 + len(std.ForkingPickler._extra_reducers)))
 
 
-def _dumps(obj, _Pickler=pickle.Pickler, _BytesIO=io.BytesIO):
-    buf = _BytesIO()
-    pickler = _Pickler(buf, reduction._PROTOCOL)
-    pickler.dispatch_table = _dispatch_table()
-    pickler.dump(obj)
-    return buf.getvalue()
+class _Pickling(object):
+    """One thread's reusable pickler."""
+
+    __slots__ = ('parts', 'write', 'pickler', 'key', 'busy')
+
+    def __init__(self):
+        self.parts = []
+        self.write = self.parts.append      # the pickler's "file"
+        self.pickler = None
+        self.key = None
+        self.busy = False
+
+    def dumps(self, obj):
+        if self.busy:
+            # Re-entered (a __reduce__ that calls a proxy): do it the slow way.
+            return reduction._dumps_bytes(obj)
+        key = _table_key()
+        if key != self.key:
+            pickler = pickle.Pickler(self, reduction._PROTOCOL)
+            pickler.dispatch_table = reduction.ForkingPickler(io.BytesIO()).dispatch_table
+            self.pickler = pickler
+            self.key = key
+        else:
+            pickler = self.pickler
+            pickler.clear_memo()
+        parts = self.parts
+        self.busy = True
+        try:
+            pickler.dump(obj)
+            # Small pickles arrive in one write; a large buffer is written apart.
+            return parts[0] if len(parts) == 1 else b''.join(parts)
+        except BaseException:
+            self.key = None         # start from a fresh pickler next time
+            raise
+        finally:
+            parts.clear()
+            self.busy = False
+
+
+_picklers = threading.local()
+
+
+def _dumps(obj):
+    try:
+        pickling = _picklers.pickling
+    except AttributeError:
+        pickling = _picklers.pickling = _Pickling()
+    return pickling.dumps(obj)
 
 
 _loads = pickle.loads
