@@ -232,3 +232,13 @@ class Unloadable:
 
     def __reduce__(self):
         return _refuse_to_load, ()
+
+
+class OwnRunServerManager(fm_managers.SyncManager):
+    """Overrides _run_server with the stdlib's signature (no bound socket)."""
+
+    @classmethod
+    def _run_server(cls, registry, address, authkey, serializer, writer,
+                    initializer=None, initargs=()):
+        super()._run_server(registry, address, authkey, serializer, writer,
+                            initializer, initargs)

@@ -539,6 +539,16 @@ def test_manager_function_binds_context(start_method):
         m.shutdown()
 
 
+def test_subclass_overriding_run_server(start_method):
+    # A subclass written for the stdlib's _run_server signature still works: its
+    # server binds its own socket and reports the address.
+    with h.OwnRunServerManager(ctx=start_method) as m:
+        d = m.dict(a=1)
+        assert d['a'] == 1
+        assert m.address is not None
+        del d
+
+
 def test_initializer_runs_in_server(start_method, manager):
     ns = manager.Namespace(flag=0)
     m = managers.SyncManager(ctx=start_method)

@@ -828,33 +828,43 @@ class BaseManager(object):
         if initializer is not None and not callable(initializer):
             raise TypeError('initializer must be a callable')
 
-        listener = self._Listener(address=self._address, backlog=16)
-        bound = _BoundSocket.detach_from(listener)
-        if initializer is not None:
+        # A subclass that overrides _run_server has the stdlib's signature in mind:
+        # its server binds its own socket and reports the address, as in the stdlib.
+        ours = getattr(type(self)._run_server, '__func__', None) is \
+            BaseManager._run_server.__func__
+        if ours:
+            listener = self._Listener(address=self._address, backlog=16)
+            bound = _BoundSocket.detach_from(listener)
+            address, kwargs = bound.address, {'bound_socket': bound}
+        else:
+            bound = None
+            address, kwargs = self._address, {}
+        if initializer is not None or not ours:
             reader, writer = connection.Pipe(duplex=False)
         else:
             reader = writer = None
         try:
             self._process = self._ctx.Process(
                 target=type(self)._run_server,
-                args=(self._registry, bound.address, self._authkey,
+                args=(self._registry, address, self._authkey,
                       self._serializer, writer, initializer, initargs),
-                kwargs={'bound_socket': bound},
+                kwargs=kwargs,
                 )
             ident = ':'.join(str(i) for i in self._process._identity)
             self._process.name = type(self).__name__ + '-' + ident
             self._process.start()
         finally:
             # The server process has its own copy of the socket now.
-            bound.close()
+            if bound is not None:
+                bound.close()
             if writer is not None:
                 writer.close()
-        self._address = bound.address
         if reader is not None:
             try:
-                reader.recv()
+                address = reader.recv()
             finally:
                 reader.close()
+        self._address = address
 
         self._state.value = State.STARTED
         self.shutdown = util.Finalize(
