@@ -459,6 +459,37 @@ def test_lock_and_rlock_of_ended_thread(manager):
     lock.release()
 
 
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_call_leaves_proxies_usable(manager):
+    # A signal handler that raises (Ctrl-C) in the middle of a blocking call: the
+    # reply would arrive late and answer the next call, so the connection is
+    # dropped; the server gives back the lock the abandoned call acquired.
+    lock = manager.Lock()
+    d = manager.dict(a=1)
+    lock.acquire()
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
+    timer.start()
+    try:
+        with pytest.raises(Interrupted):
+            lock.acquire()
+    finally:
+        timer.join()
+        signal.signal(signal.SIGUSR1, old)
+    assert d['a'] == 1
+    lock.release()          # the abandoned acquire now succeeds, and is undone
+    assert lock.acquire(timeout=10)
+    lock.release()
+    assert d.copy() == {'a': 1}
+
+
 def test_server_killed_gives_clear_errors(start_method):
     m = start_method.Manager()
     d = m.dict(a=1)

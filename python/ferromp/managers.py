@@ -438,6 +438,13 @@ class Server(object):
             except Exception:
                 msg = ('#TRACEBACK', _format_exc())
             if not self._send(send, msg, conn):
+                # The client went away (or gave up: Ctrl-C) before it learnt the
+                # result. A lock it acquired meanwhile is one it does not know it
+                # holds, so give it back.
+                if methodname == 'acquire' and msg[0] == '#RETURN' and msg[1] \
+                        and type(obj) in _UNDOABLE_ACQUIRES:
+                    obj.release()
+                self._release_locks_of(conn)
                 return
 
     def _track_lock(self, conn, obj, methodname, res):
@@ -697,6 +704,10 @@ class Server(object):
 _LOCK_METHODS = frozenset(('acquire', 'release'))
 _RLOCK_TYPE = type(threading.RLock())
 _RECOVERABLE_LOCKS = frozenset((_RLOCK_TYPE, threading.Condition))
+# Acquired for a client whose connection closed before the reply reached it: undone
+# on the spot (RLocks and Conditions are undone by _release_locks_of).
+_UNDOABLE_ACQUIRES = frozenset((type(threading.Lock()), threading.Semaphore,
+                                threading.BoundedSemaphore))
 
 
 class _BoundSocket(object):
@@ -1258,8 +1269,15 @@ class BaseProxy(object):
             conn = self._connect()
 
         if self._fast:
-            conn.send_bytes(_dumps((self._id, methodname, args, kwds)))
-            kind, result = _loads(conn.recv_bytes())
+            request = _dumps((self._id, methodname, args, kwds))
+            try:
+                conn.send_bytes(request)
+                kind, result = _loads(conn.recv_bytes())
+            except BaseException:
+                # Interrupted (Ctrl-C) or broken mid-exchange: a late reply would
+                # answer the next call, so this connection is done with.
+                self._drop_connection(conn)
+                raise
         else:
             conn.send((self._id, methodname, args, kwds))
             kind, result = conn.recv()
@@ -1276,6 +1294,14 @@ class BaseProxy(object):
             return _proxy_for_new(proxytype, token, self._serializer, self._manager,
                                   self._authkey, exposed, self._link)
         raise convert_to_error(kind, result)
+
+    def _drop_connection(self, conn):
+        if getattr(self._tls, 'connection', None) is conn:
+            del self._tls.connection
+        try:
+            conn.close()
+        except Exception:
+            pass
 
     def _getvalue(self):
         """A copy of the referent."""
