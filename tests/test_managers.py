@@ -16,6 +16,7 @@ import pickle
 import signal
 import threading
 import time
+import weakref
 
 import _mgr_helpers as h
 from _helpers import pid_gone, run_script
@@ -254,6 +255,20 @@ def test_finalizer_during_control_call_uses_its_own_connection(manager):
         link.conn = real
     survivor['still'] = 'usable'
     assert survivor['still'] == 'usable'
+
+
+class Counted:
+    pass
+
+
+def test_call_arguments_are_not_kept_alive(manager):
+    lst = manager.list()
+    objs = [Counted() for _ in range(3)]
+    refs = [weakref.ref(o) for o in objs]
+    lst.append(objs)
+    del objs
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
 
 
 def test_namespace_hides_underscore_names(manager):

@@ -94,7 +94,6 @@ class _Pickling(object):
             self.key = key
         else:
             pickler = self.pickler
-            pickler.clear_memo()
         parts = self.parts
         self.busy = True
         try:
@@ -105,6 +104,9 @@ class _Pickling(object):
             self.key = None         # start from a fresh pickler next time
             raise
         finally:
+            # The memo holds the pickled objects: clear it now, not at the next
+            # message, or a task's arguments would live on (cpython#73047).
+            pickler.clear_memo()
             parts.clear()
             self.busy = False
 
