@@ -380,6 +380,28 @@ def test_nested_proxies(start_method, manager):
     del inner_again, outer, nested
 
 
+def test_server_forgets_objects_only_its_own_proxies_held(monkeypatch):
+    # In-process: a proxy rebuilt inside the server (a managed list stored in a
+    # managed dict) keeps its object alive only while that proxy lives.
+    server = managers.SyncManager().get_server()
+    try:
+        monkeypatch.setattr(ferromp.process.current_process(), '_manager_server',
+                            server, raising=False)
+        ident, _ = server.create(None, 'list')
+        token = managers.Token('list', server.address, ident)
+        inner = managers.RebuildProxy(managers.ListProxy, token, 'pickle', {})
+        assert inner._owned_by_manager
+        server.decref(None, ident)           # the creator lets go
+        assert server.number_of_objects(None) == 0
+        assert ident in server.id_to_local_proxy_obj
+        del inner
+        gc.collect()
+        server._collect_local_proxies()
+        assert ident not in server.id_to_local_proxy_obj
+    finally:
+        server.listener.close()
+
+
 def test_proxy_sent_through_managed_queue(start_method, manager):
     q = manager.Queue()
     out = manager.list()

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 
 from . import connection
 from . import process
@@ -256,6 +257,10 @@ class Server(object):
         # connection -> owner id, for the connections of ferromp clients.
         self.conn_owner = {}
         self._ids = itertools.count(1)
+        # ident -> number of live proxies inside the server, and the ids of those
+        # that died since last looked at (see _note_local_proxy)
+        self._local_proxy_counts = {}
+        self._dead_local_proxies = []
         # RLock / Condition -> [connection holding it, depth]
         self._lock_holders = {}
         self._stopping = False
@@ -274,6 +279,7 @@ class Server(object):
             try:
                 while not self.stop_event.is_set():
                     self.stop_event.wait(1)
+                    self._collect_local_proxies()
                     if self._exit_with_parent and self._orphaned():
                         util.info('manager exiting: parent gone, no clients left')
                         break
@@ -570,6 +576,7 @@ class Server(object):
         """Create a new shared object; return its id and its exposed methods.
 
         The caller holds one reference to it, the creation reference."""
+        self._collect_local_proxies()
         callable, exposed, method_to_typeid, proxytype = self.registry[typeid]
         if callable is None:
             if kwds or (len(args) != 1):
@@ -596,6 +603,32 @@ class Server(object):
             self.id_to_refcount[ident] = 0
         self.incref(c, ident)
         return ident, tuple(exposed)
+
+    def _note_local_proxy(self, ident, proxy):
+        """Count a proxy that lives in the server (a managed object stored in
+        another); when the last one for ``ident`` dies, the server stops keeping
+        the object for it. The stdlib keeps it forever, so every managed object
+        ever stored in another one leaks."""
+        with self.mutex:
+            self._local_proxy_counts[ident] = \
+                self._local_proxy_counts.get(ident, 0) + 1
+        # The callback only queues the id: it may run from the GC at any point,
+        # even while this thread holds the mutex.
+        weakref.finalize(proxy, self._dead_local_proxies.append, ident)
+
+    def _collect_local_proxies(self):
+        dead = self._dead_local_proxies
+        while dead:
+            ident = dead.pop()
+            with self.mutex:
+                count = self._local_proxy_counts.get(ident, 0) - 1
+                if count > 0:
+                    self._local_proxy_counts[ident] = count
+                    continue
+                self._local_proxy_counts.pop(ident, None)
+                entry = self.id_to_local_proxy_obj.pop(ident, None)
+            # Outside the mutex: the object may hold proxies of its own.
+            del entry
 
     def get_methods(self, c, token):
         """The methods of the shared object ``token`` that its proxy may call."""
@@ -697,6 +730,7 @@ class Server(object):
             else:
                 entry = None
         del entry
+        self._collect_local_proxies()
 
 
 # The locks whose holder the server tracks (see Server._track_lock). Only owned
@@ -1395,6 +1429,10 @@ def RebuildProxy(func, token, serializer, kwds):
             entry = server.id_to_obj.get(token.id)
             if entry is not None:
                 server.id_to_local_proxy_obj[token.id] = entry
+        kwds.pop('incref', None)
+        proxy = func(token, serializer, incref=False, **kwds)
+        server._note_local_proxy(token.id, proxy)
+        return proxy
     # A child being started takes its reference after it has finished unpickling
     # (BaseProxy._after_fork); meanwhile its parent holds one.
     incref = (
