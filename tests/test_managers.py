@@ -396,6 +396,9 @@ def test_server_forgets_objects_only_its_own_proxies_held(monkeypatch):
         assert ident in server.id_to_local_proxy_obj
         del inner
         gc.collect()
+        # Forgotten after a grace period (a reply carrying it may be in flight).
+        server._collect_local_proxies()
+        assert ident in server.id_to_local_proxy_obj
         server._collect_local_proxies()
         assert ident not in server.id_to_local_proxy_obj
     finally:

@@ -261,6 +261,7 @@ class Server(object):
         # that died since last looked at (see _note_local_proxy)
         self._local_proxy_counts = {}
         self._dead_local_proxies = []
+        self._aging_local_proxies = []
         # RLock / Condition -> [connection holding it, depth]
         self._lock_holders = {}
         self._stopping = False
@@ -576,7 +577,6 @@ class Server(object):
         """Create a new shared object; return its id and its exposed methods.
 
         The caller holds one reference to it, the creation reference."""
-        self._collect_local_proxies()
         callable, exposed, method_to_typeid, proxytype = self.registry[typeid]
         if callable is None:
             if kwds or (len(args) != 1):
@@ -617,13 +617,22 @@ class Server(object):
         weakref.finalize(proxy, self._dead_local_proxies.append, ident)
 
     def _collect_local_proxies(self):
+        """Let go of objects whose last local proxy died before the previous call
+        (serve_forever calls this every second).
+
+        The grace period covers a reply in flight: a client may be about to take
+        a reference to an object that the server pickled from a local proxy
+        which has died since."""
+        ready, self._aging_local_proxies = self._aging_local_proxies, []
         dead = self._dead_local_proxies
-        while dead:
-            ident = dead.pop()
+        count = len(dead)
+        self._aging_local_proxies = dead[:count]
+        del dead[:count]
+        for ident in ready:
             with self.mutex:
-                count = self._local_proxy_counts.get(ident, 0) - 1
-                if count > 0:
-                    self._local_proxy_counts[ident] = count
+                left = self._local_proxy_counts.get(ident, 0) - 1
+                if left > 0:
+                    self._local_proxy_counts[ident] = left
                     continue
                 self._local_proxy_counts.pop(ident, None)
                 entry = self.id_to_local_proxy_obj.pop(ident, None)
@@ -730,7 +739,6 @@ class Server(object):
             else:
                 entry = None
         del entry
-        self._collect_local_proxies()
 
 
 # The locks whose holder the server tracks (see Server._track_lock). Only owned
