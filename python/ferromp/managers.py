@@ -61,14 +61,18 @@ _EXTENDED = 'ferromp-managers-1'
 # table and sets up a BytesIO: 1.7 us, where pickling a small request takes 0.3 us.
 # So each thread keeps one plain C Pickler with the merged table, writing into a list,
 # and reuses it with a cleared memo. The table is rebuilt when a reducer has been
-# registered since (the tables only grow; re-registering a type that already has a
-# reducer is not noticed).
+# registered since: one of the source tables changed size, or (where reduction
+# counts them) ForkingPickler.register ran again.
+
+_COUNTS_REGISTRATIONS = hasattr(reduction, '_register_version')
+
 
 def _table_key(_extra=reduction.ForkingPickler._extra_reducers,
                _copyreg=copyreg.dispatch_table, _modules=sys.modules):
     std = _modules.get('multiprocessing.reduction')
-    return (len(_extra) + len(_copyreg) +
-            (0 if std is None else 1 + len(std.ForkingPickler._extra_reducers)))
+    return (len(_extra), len(_copyreg),
+            -1 if std is None else len(std.ForkingPickler._extra_reducers),
+            reduction._register_version if _COUNTS_REGISTRATIONS else 0)
 
 
 class _Pickling(object):
