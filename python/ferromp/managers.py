@@ -1870,6 +1870,12 @@ if HAS_SHMEM:
         _Server = SharedMemoryServer
 
         def __init__(self, *args, **kwargs):
+            # Start this process's resource tracker now, so that the server
+            # process started later shares it (bpo-36867): else the server's
+            # unlinks would go to a tracker of its own, and ours would warn at
+            # exit about segments it believes leaked.
+            from . import resource_tracker
+            resource_tracker.ensure_running()
             BaseManager.__init__(self, *args, **kwargs)
             util.debug(f"{self.__class__.__name__} created by pid {os.getpid()}")
 
