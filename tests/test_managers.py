@@ -668,6 +668,30 @@ def test_remote_manager_over_tcp(start_method, serializer):
         server.join(10)
 
 
+def test_second_manager_connects_to_running_server(start_method, manager):
+    other = managers.SyncManager(address=manager.address, authkey=manager._authkey)
+    other.connect()
+    d = other.dict(shared=True)
+    ns = manager.Namespace()
+    ns.d = d
+    assert ns.d['shared'] is True
+    assert manager._number_of_objects() == 2
+    del d, ns
+
+
+def test_xmlrpclib_serializer_with_started_manager(start_method):
+    with managers.SyncManager(serializer='xmlrpclib', ctx=start_method) as m:
+        q = m.Queue()
+        q.put([1, 'two'])
+        assert q.get() == [1, 'two']
+        d = m.dict()
+        d['k'] = 3.5
+        assert d['k'] == 3.5 and len(d) == 1
+        assert m._number_of_objects() == 2
+        del q, d
+        assert_no_objects_left(m)
+
+
 def test_ferromp_client_of_stdlib_server(std_ctx):
     with std_ctx.Manager() as std_m:
         class Client(managers.SyncManager):
