@@ -204,6 +204,12 @@ class StdCounterManager(std_managers.SyncManager):
     pass
 
 
+def slow_dict():
+    time.sleep(0.5)
+    return {}
+
+
+CounterManager.register('SlowDict', slow_dict, fm_managers.DictProxy)
 FmCounterProxy = _register_counter(CounterManager, fm_managers)
 FmCounterProxy.__qualname__ = FmCounterProxy.__name__ = 'FmCounterProxy'
 StdCounterProxy = _register_counter(StdCounterManager, std_managers)

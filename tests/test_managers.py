@@ -531,6 +531,36 @@ def test_interrupted_call_leaves_proxies_usable(manager):
     assert d.copy() == {'a': 1}
 
 
+def test_interrupted_control_call_keeps_references(start_method):
+    # Interrupted while the server creates an object: the reply is read and
+    # dropped by the next control call, on the same connection, so the server
+    # still counts this process's references (a new connection would be a new
+    # owner, and the old owner's references would be dropped).
+    with h.CounterManager(ctx=start_method) as m:
+        d = m.dict(a=1)
+
+        def interrupt(signum, frame):
+            raise Interrupted
+
+        old = signal.signal(signal.SIGUSR1, interrupt)
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        try:
+            with pytest.raises(Interrupted):
+                m.SlowDict()
+        finally:
+            timer.join()
+            signal.signal(signal.SIGUSR1, old)
+        lst = m.list([2])
+        assert d['a'] == 1 and lst[0] == 2
+        # d, lst, and the SlowDict nobody got a proxy for (this process holds its
+        # creation reference until it exits or the manager shuts down).
+        assert m._number_of_objects() == 3
+        del d, lst
+        gc.collect()
+        assert wait_until(lambda: m._number_of_objects() == 1)
+
+
 def test_server_killed_gives_clear_errors(start_method):
     m = start_method.Manager()
     d = m.dict(a=1)

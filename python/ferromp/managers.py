@@ -20,6 +20,13 @@ Where ferromp differs (see ``docs/architecture.md``, "Managers"):
   references that owner still held, so a killed client does not leak objects forever.
 * **A new proxy adopts the creation reference** instead of taking its own and then
   dropping the server's (two round trips fewer per object), when the server is ours.
+* **Nothing waits on the dead.** An RLock whose connection closed is released; a
+  call interrupted mid-exchange drops its connection (and the server gives back a
+  lock it acquired for nobody); a server whose manager's process was killed exits
+  once no client is left; objects kept only for the server's own proxies are let go.
+* **Start is cheap.** ``start()`` binds the listening socket and hands it to the
+  server process, so it need not wait for the server (unless there is an
+  initializer); requests and replies go through one reusable pickler per thread.
 """
 
 import array
@@ -1117,6 +1124,7 @@ class _ServerLink(object):
         self.lock = threading.RLock()
         self.depth = 0
         self.conn = None
+        self.pending_reply = False
         self.owner = self._new_owner()
         # None until the server has told us whether it is a ferromp server.
         self.extended = None
@@ -1140,10 +1148,17 @@ class _ServerLink(object):
                 pass
 
     def close(self):
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
+        self._drop()
         _links.discard(self)
+
+    def _drop(self):
+        conn, self.conn = self.conn, None
+        self.pending_reply = False
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
 
     def _open(self):
         conn = self.Client(self.address, authkey=self.authkey)
@@ -1198,15 +1213,25 @@ class _ServerLink(object):
                     if conn is None:
                         return self._call_fresh(methodname, args, kwds)
                 try:
+                    if self.pending_reply:
+                        # The reply to a call that was interrupted (below).
+                        conn.recv()
+                        self.pending_reply = False
                     conn.send((None, methodname, args, kwds))
-                    kind, result = conn.recv()
                 except BaseException:
-                    self.conn = None
-                    try:
-                        conn.close()
-                    except Exception:
-                        pass
+                    self._drop()
                     raise
+                try:
+                    self.pending_reply = True
+                    kind, result = conn.recv()
+                    self.pending_reply = False
+                except (EOFError, OSError):
+                    self._drop()
+                    raise
+                # Anything else (a signal handler raising, Ctrl-C) leaves the
+                # reply on its way: the next call reads and discards it first. A
+                # new connection would be a new owner, and the server would drop
+                # every reference this process holds with the old one.
             finally:
                 self.depth -= 1
         if kind == '#RETURN':
