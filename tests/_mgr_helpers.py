@@ -204,12 +204,26 @@ class StdCounterManager(std_managers.SyncManager):
     pass
 
 
+class NarrowInitProxy(fm_managers.BaseProxy):
+    """A proxy whose __init__ takes only what the stdlib passes when creating."""
+
+    _exposed_ = ('incr',)
+
+    def __init__(self, token, serializer, manager=None, authkey=None, exposed=None):
+        super().__init__(token, serializer, manager=manager, authkey=authkey,
+                         exposed=exposed)
+
+    def incr(self):
+        return self._callmethod('incr')
+
+
 def slow_dict():
     time.sleep(0.5)
     return {}
 
 
 CounterManager.register('SlowDict', slow_dict, fm_managers.DictProxy)
+CounterManager.register('NarrowCounter', Counter, NarrowInitProxy)
 FmCounterProxy = _register_counter(CounterManager, fm_managers)
 FmCounterProxy.__qualname__ = FmCounterProxy.__name__ = 'FmCounterProxy'
 StdCounterProxy = _register_counter(StdCounterManager, std_managers)

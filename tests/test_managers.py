@@ -337,6 +337,10 @@ def test_custom_registered_types(start_method):
         with pytest.raises(RemoteError):
             auto._callmethod('_secret')
 
+        narrow = m.NarrowCounter()
+        assert narrow.incr() == 1
+        del narrow
+
         secret = m.SecretCounter()
         assert secret._callmethod('_secret') == 'secret'
         assert not hasattr(secret, 'fail')

@@ -1070,11 +1070,13 @@ def _proxy_for_new(proxytype, token, serializer, manager, authkey, exposed, link
 
     With a ferromp server, the proxy adopts that reference: the server already
     counted it for this process. Otherwise (a stdlib server, or a proxy type that
-    is not ours to call with ``incref``) the proxy takes its own reference and the
-    creation reference is dropped, as the stdlib does."""
+    is not ours to call with ``incref``: a factory, or a subclass with an
+    ``__init__`` of its own) the proxy takes its own reference and the creation
+    reference is dropped, as the stdlib does."""
     if link.extended and (proxytype is AutoProxy or
                           (isinstance(proxytype, type) and
-                           issubclass(proxytype, BaseProxy))):
+                           issubclass(proxytype, BaseProxy) and
+                           proxytype.__init__ is BaseProxy.__init__)):
         proxy = proxytype(token, serializer, manager=manager, authkey=authkey,
                           exposed=exposed, incref=False)
         proxy._adopt_reference()
