@@ -521,9 +521,9 @@ def test_interrupted_call_leaves_proxies_usable(manager):
 
     old = signal.signal(signal.SIGUSR1, interrupt)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
-    timer.start()
     try:
         with pytest.raises(Interrupted):
+            timer.start()
             lock.acquire()
     finally:
         timer.join()
@@ -548,9 +548,9 @@ def test_interrupted_control_call_keeps_references(start_method):
 
         old = signal.signal(signal.SIGUSR1, interrupt)
         timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
-        timer.start()
         try:
             with pytest.raises(Interrupted):
+                timer.start()
                 m.SlowDict()
         finally:
             timer.join()
