@@ -215,6 +215,17 @@ def test_dict_and_list_operations_match_builtin(manager):
     del d, lst
 
 
+def test_unpicklable_arguments_raise_at_call_site(manager):
+    d = manager.dict(a=1)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        manager.dict(f=lambda: 0)          # a control call (create)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        d['f'] = lambda: 0                 # a method call
+    # Nothing was sent, nothing is lost: the process keeps its references.
+    assert d.copy() == {'a': 1}
+    assert manager._number_of_objects() == 1
+
+
 def test_request_that_does_not_unpickle_in_server(manager):
     d = manager.dict()
     with pytest.raises(RemoteError, match='does not unpickle'):
@@ -233,14 +244,14 @@ def test_finalizer_during_control_call_uses_its_own_connection(manager):
     real = link.conn
 
     class Interrupting:
-        def send(self, obj):
-            real.send(obj)
+        def send_bytes(self, data):
+            real.send_bytes(data)
             if victim:
                 victim.pop()          # the decref runs here, mid-exchange
                 gc.collect()
 
-        def recv(self):
-            return real.recv()
+        def recv_bytes(self):
+            return real.recv_bytes()
 
         def close(self):
             real.close()

@@ -1116,6 +1116,11 @@ class _ServerLink(object):
         self.authkey = process.AuthenticationString(authkey)
         self.serializer = serializer
         self.Client = listener_client[serializer][1]
+        if serializer == 'pickle':
+            self.encode, self.decode = _dumps, _loads
+        else:
+            self.encode = connection._xml_dumps
+            self.decode = connection._xml_loads
         self.tls = util.ForkAwareLocal()
         self.idset = ProcessLocalSet()
         self._reset()
@@ -1214,18 +1219,21 @@ class _ServerLink(object):
                         conn = self.conn
                     if conn is None:
                         return self._call_fresh(methodname, args, kwds)
+                # Encoded first: an argument that does not pickle raises here,
+                # with nothing sent.
+                request = self.encode((None, methodname, args, kwds))
                 try:
                     if self.pending_reply:
                         # The reply to a call that was interrupted (below).
-                        conn.recv()
+                        conn.recv_bytes()
                         self.pending_reply = False
-                    conn.send((None, methodname, args, kwds))
+                    conn.send_bytes(request)
                 except BaseException:
                     self._drop()
                     raise
                 try:
                     self.pending_reply = True
-                    kind, result = conn.recv()
+                    reply = conn.recv_bytes()
                     self.pending_reply = False
                 except (EOFError, OSError):
                     self._drop()
@@ -1236,6 +1244,7 @@ class _ServerLink(object):
                 # every reference this process holds with the old one.
             finally:
                 self.depth -= 1
+        kind, result = self.decode(reply)
         if kind == '#RETURN':
             return result
         raise convert_to_error(kind, result)
