@@ -283,13 +283,18 @@ def _queue_throughput(mp, kind, producers, n, payload=None):
     dt = time.perf_counter() - t
     for p in procs:
         p.join()
-    unit = 1 if payload is None else len(payload)
+    unit = len(payload) if isinstance(payload, bytes) else 1
     return per * producers * unit / dt
 
 
 def queue_1p(mp, n):
     """Queue, 1 producer -> 1 consumer, small ints, messages/s."""
     return _queue_throughput(mp, 'Queue', 1, n)
+
+
+def queue_1p_tuple(mp, n):
+    """Queue, 1 producer -> 1 consumer, a small tuple (pickled), messages/s."""
+    return _queue_throughput(mp, 'Queue', 1, n, ('task', 12345, 3.5, 'payload'))
 
 
 def queue_4p(mp, n):
@@ -445,6 +450,7 @@ WORKLOADS = [
     ('Array[i] read', array_item, 'time', 200000, 50000),
     ('SharedMemory create+attach+unlink', shm_create_attach, 'time', 5000, 1000),
     ('Queue 1->1 small ints', queue_1p, 'msgs', 200000, 40000),
+    ('Queue 1->1 small tuples', queue_1p_tuple, 'msgs', 200000, 40000),
     ('Queue 4->1 small ints', queue_4p, 'msgs', 200000, 40000),
     ('Queue 1 MiB messages', queue_1m, 'rate', 1000, 200),
     ('Queue 64 MiB messages', queue_64m, 'rate', 10, 3),

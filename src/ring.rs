@@ -24,7 +24,8 @@
 //! format) and its payload padded to 8 bytes, so a header never straddles the end of
 //! the buffer (a payload may: it is copied in two pieces). The format is the message's,
 //! given by the producer and handed to the consumer's allocator ([`Msg`], [`Alloc`]);
-//! the ring itself only reads it to find a message header (format != 0) at the start.
+//! the ring itself only reads it to find a message header ([`FMT_HEADED`]) at the
+//! start.
 //!
 //! * `WHOLE`: a complete message.
 //! * `FIRST` + `MORE`...: a message too large to sit in the buffer at once. The first
@@ -151,9 +152,14 @@ struct Header {
 const HEADER: usize = std::mem::size_of::<Header>();
 const _: () = assert!(STATE_SIZE <= 64 && HEADER % 64 == 0);
 
+/// The one message format the ring itself looks into: such a message starts with a
+/// header whose first 4 bytes (little endian) give its length, and the consumer's
+/// allocator gets that header (see [`Ring::get`]).
+pub const FMT_HEADED: u16 = 1;
+
 /// A message to put: the concatenation of `parts`, tagged with a format number that
-/// the consumer's allocator gets (0: plain; any other: the message starts with a
-/// header whose first 4 bytes, little endian, give its length).
+/// the consumer's allocator gets. The ring gives no meaning to formats other than
+/// [`FMT_HEADED`].
 #[derive(Clone, Copy, Debug)]
 pub struct Msg<'a> {
     pub parts: &'a [&'a [u8]],
@@ -774,7 +780,8 @@ impl Ring {
         (len, kind, fmt)
     }
 
-    fn has_data(&self) -> bool {
+    /// Whether a published byte waits to be read (a message, or part of one).
+    pub fn has_data(&self) -> bool {
         let h = self.h();
         h.prod.0.pos.load(Ordering::Acquire) != h.cons.0.pos.load(Ordering::Relaxed)
     }
@@ -814,9 +821,9 @@ impl Ring {
     ///
     /// `alloc(fmt, len, head)` gives the destination of a message of format `fmt`
     /// (as given to the put): buffers whose lengths add up to `len`, plus the value to
-    /// return. For a format other than 0 the message starts with a header whose first
+    /// return. A message of format [`FMT_HEADED`] starts with a header whose first
     /// 4 bytes (little endian) give its length; `head` is that header, and `len`
-    /// counts what follows it. The buffers must stay valid until the value is returned.
+    /// counts what follows it (for other formats `head` is empty). The buffers must stay valid until the value is returned.
     /// The deadline covers waiting for a message to start; once a chunked message has
     /// started, the call waits for its end (or its abort).
     pub fn get<B>(
@@ -906,7 +913,7 @@ impl Ring {
             }
         };
         let mut head = Vec::new();
-        if fmt != 0 {
+        if fmt == FMT_HEADED {
             // The envelope header sits in the first record (its writer makes sure).
             let mut n = [0u8; 4];
             if rd.in_rec < 4 {

@@ -87,6 +87,27 @@ pub fn spin_until(deadline: Option<Instant>, mut ready: impl FnMut() -> bool) ->
     }
 }
 
+/// Spins calling `ready` for at most `budget` (a short, fixed spin for callers that
+/// hold a resource others may want, such as the GIL). Same conditions as
+/// [`spin_until`]: never on one CPU or an oversubscribed machine.
+pub fn spin_briefly(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    if ncpus() < 2 || oversubscribed() {
+        return false;
+    }
+    let end = Instant::now() + budget;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        for _ in 0..32 {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 /// Feedback after a spin that ended in sleep: `waited` is the whole wait, spin included.
 /// A wait a little past the budget means a longer spin would have caught it, so the
 /// budget grows to cover it; a much longer wait means spinning was wasted, so it shrinks.

@@ -5,6 +5,7 @@ stdlib is the oracle where the behaviour must match.
 """
 
 import concurrent.futures
+import enum
 import hashlib
 import multiprocessing
 import multiprocessing.connection
@@ -372,3 +373,51 @@ def test_out_of_band_envelope_pickle_is_the_stdlib_pickle():
     head, body, p1, p2 = env
     assert (p1, p2) == (obj[0], bytes(obj[1]))
     assert pickle.loads(body, buffers=[p1, bytearray(p2)]) == obj
+
+
+# --- scalars travel natively, everything else pickled: types must survive -------
+
+class _MyInt(int):
+    pass
+
+
+class _MyStr(str):
+    pass
+
+
+class _Color(enum.IntEnum):
+    RED = 1
+
+
+def _native_cases():
+    return [0, -1, 2 ** 63 - 1, -2 ** 63, 2 ** 63, -2 ** 64 - 5, 10 ** 40, True, False,
+            None, 0.0, -0.0, 1e308, float('inf'), '', 'héllo wörld ✓', '\x00', b'',
+            b'\x00\xff', 'x' * 300000, b'y' * 300000, _MyInt(7), _MyStr('s'),
+            _Color.RED, bytearray(b'ba'), 3 + 4j]
+
+
+@pytest.mark.parametrize('kind', ['Queue', 'SimpleQueue', 'JoinableQueue'])
+def test_scalars_and_their_subclasses_keep_type_and_value(ctx, kind):
+    import math
+    cases = _native_cases()
+    q_in, q_out = getattr(ctx, kind)(), getattr(ctx, kind)()
+    p = ctx.Process(target=_echo_n, args=(q_in, q_out, len(cases)))
+    p.start()
+    for c in cases:
+        q_in.put(c)
+    got = [q_out.get() for _ in cases]
+    p.join(30)
+    for a, b in zip(cases, got):
+        assert type(a) is type(b), (a, b)
+        assert a == b
+        if isinstance(a, float):
+            assert math.copysign(1, a) == math.copysign(1, b)
+    nan = float('nan')
+    q_in2 = getattr(ctx, kind)()
+    q_in2.put(nan)
+    assert math.isnan(q_in2.get())
+
+
+def _echo_n(q_in, q_out, n):
+    for _ in range(n):
+        q_out.put(q_in.get())

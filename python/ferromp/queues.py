@@ -163,6 +163,8 @@ class Queue(object):
         # feeder removes one only after writing it, so while this is non-empty a new
         # put must queue behind it (a thread's puts stay in order).
         self._buffer = collections.deque()
+        self._offer_obj = self._ring.offer_obj
+        self._get_obj = self._ring.get_obj
         # Stand-ins for the stdlib's pipe ends, for code that closes them (the stdlib
         # ProcessPoolExecutor closes _reader when its workers died).
         self._reader = _QueueReader(self._ring)
@@ -193,6 +195,14 @@ class Queue(object):
         """Put ``obj`` on the queue; raises queue.Full if it stays full past the timeout."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        if block and timeout is None and not self._buffer:
+            # Exact ints, floats, strs, bytes, None and bools travel without pickle.
+            done = self._offer_obj(obj)
+            if done == 1:
+                return
+            if done == 2:
+                self._feed_later(_dumps_for_ring(obj))
+                return
         try:
             data = _dumps_for_ring(obj)
         except Exception as e:
@@ -219,7 +229,7 @@ class Queue(object):
         """Remove and return an item; raises queue.Empty when none comes in time."""
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        return self._ring.get_obj(_loads, block, timeout)
+        return self._get_obj(_loads, block, timeout)
 
     def qsize(self):
         """Number of items put and not yet taken."""
@@ -486,12 +496,13 @@ class SimpleQueue(object):
         self._writer = _RingWriter(ring)
         self._get = ring.get_obj
         self._put = ring.put
+        self._put_obj = ring.put_obj
         self._empty = ring.empty
 
     def close(self):
         self._reader.close()
         self._writer.close()
-        self._get = self._put = self._empty = _closed_handle
+        self._get = self._put = self._put_obj = self._empty = _closed_handle
 
     def empty(self):
         return self._empty()
@@ -510,6 +521,8 @@ class SimpleQueue(object):
         return self._get(_loads)
 
     def put(self, obj):
-        self._put(_dumps_for_ring(obj))
+        # Exact ints, floats, strs, bytes, None and bools travel without pickle.
+        if not self._put_obj(obj):
+            self._put(_dumps_for_ring(obj))
 
     __class_getitem__ = classmethod(types.GenericAlias)

@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PySlice, PyTuple, PyType};
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyMemoryView, PySlice, PyString,
+    PyTuple, PyType,
+};
 
 use crate::error::{Error, Result};
 use crate::py::{blocking, deadline};
@@ -40,6 +43,8 @@ pub(crate) struct Ring {
 
 /// How long `offer` waits for room before leaving the message to the caller's feeder.
 const SHORT_WAIT: Duration = Duration::from_millis(2);
+/// How long a blocking get spins with the GIL held before it lets go of it.
+const GIL_SPIN: Duration = Duration::from_micros(3);
 /// Plain messages from this size up are unpickled from the scratch buffer.
 const BIG: usize = 1 << 16;
 /// Scratch buffers up to this size are kept for the next message.
@@ -47,11 +52,102 @@ const SCRATCH_KEEP: usize = 1 << 26;
 /// Most payloads an envelope may carry (its header then fits any first chunk).
 const MAX_PAYLOADS: usize = 60;
 
+/// Message formats besides pickles (0) and envelopes (1): exact scalars, encoded
+/// natively, which costs a fraction of pickling and unpickling them. Only objects of
+/// exactly these types qualify (a subclass, an int beyond 64 bits: pickled).
+const FMT_INT: u16 = 2; // i64, little endian
+const FMT_STR: u16 = 3; // UTF-8
+const FMT_BYTES: u16 = 4; // the bytes themselves
+const FMT_FLOAT: u16 = 5; // f64 bits, little endian
+const FMT_CONST: u16 = 6; // one byte: 0 None, 1 False, 2 True
+
+/// The native encoding of a scalar message.
+enum Native<'a> {
+    Inline([u8; 8], usize),
+    Owned(String),
+    Borrowed(&'a [u8]),
+}
+
+impl Native<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Native::Inline(b, n) => &b[..*n],
+            Native::Owned(s) => s.as_bytes(),
+            Native::Borrowed(b) => b,
+        }
+    }
+}
+
+/// `obj`'s native encoding, or None when it must be pickled.
+fn encode_native<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Option<(u16, Native<'a>)>> {
+    if obj.is_exact_instance_of::<PyInt>() {
+        return Ok(obj
+            .extract::<i64>()
+            .ok()
+            .map(|v| (FMT_INT, Native::Inline(v.to_le_bytes(), 8))));
+    }
+    if obj.is_exact_instance_of::<PyString>() {
+        let s = obj.cast::<PyString>()?.to_cow()?.into_owned();
+        return Ok(Some((FMT_STR, Native::Owned(s))));
+    }
+    if obj.is_exact_instance_of::<PyBytes>() {
+        let b = obj.cast::<PyBytes>()?;
+        // SAFETY: `obj` holds the bytes object for 'a, and bytes are immutable.
+        let sl = unsafe { std::slice::from_raw_parts(b.as_bytes().as_ptr(), b.len()?) };
+        return Ok(Some((FMT_BYTES, Native::Borrowed(sl))));
+    }
+    if obj.is_exact_instance_of::<PyFloat>() {
+        let v = obj.cast::<PyFloat>()?.value();
+        return Ok(Some((
+            FMT_FLOAT,
+            Native::Inline(v.to_bits().to_le_bytes(), 8),
+        )));
+    }
+    let c = if obj.is_none() {
+        0
+    } else if obj.is_exact_instance_of::<PyBool>() {
+        1 + u8::from(obj.is_truthy()?)
+    } else {
+        return Ok(None);
+    };
+    Ok(Some((
+        FMT_CONST,
+        Native::Inline([c, 0, 0, 0, 0, 0, 0, 0], 1),
+    )))
+}
+
+/// The object a natively encoded message stands for.
+fn decode_native<'py>(py: Python<'py>, fmt: u16, b: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let bad = || pyo3::exceptions::PyValueError::new_err("corrupt queue message");
+    Ok(match fmt {
+        FMT_INT => i64::from_le_bytes(b.try_into().map_err(|_| bad())?)
+            .into_pyobject(py)?
+            .into_any(),
+        FMT_STR => PyString::new(py, std::str::from_utf8(b).map_err(|_| bad())?).into_any(),
+        FMT_FLOAT => PyFloat::new(
+            py,
+            f64::from_bits(u64::from_le_bytes(b.try_into().map_err(|_| bad())?)),
+        )
+        .into_any(),
+        FMT_CONST => match b {
+            [0] => py.None().into_bound(py),
+            [1] => PyBool::new(py, false).to_owned().into_any(),
+            [2] => PyBool::new(py, true).to_owned().into_any(),
+            _ => return Err(bad()),
+        },
+        _ => return Err(bad()),
+    })
+}
+
 /// Where a message was copied.
 enum Landing {
     Bytes(Py<PyBytes>),
     Scratch(Py<PyByteArray>, usize),
     Envelope(Py<PyBytes>, Vec<Py<PyAny>>),
+    /// A natively encoded `bytes` message: the object itself.
+    Raw(Py<PyBytes>),
+    /// Another natively encoded scalar (format, encoding).
+    Native(u16, Vec<u8>),
 }
 
 fn empty_exc(py: Python<'_>) -> PyResult<PyErr> {
@@ -137,8 +233,50 @@ impl<'a> Parts<'a> {
     fn msg(&self) -> Msg<'_> {
         match self {
             Parts::One(p) => Msg { parts: p, fmt: 0 },
-            Parts::Many(v) => Msg { parts: v, fmt: 1 },
+            Parts::Many(v) => Msg {
+                parts: v,
+                fmt: ring::FMT_HEADED,
+            },
         }
+    }
+}
+
+impl Ring {
+    /// The body of `offer` for an encoded message and a deadline.
+    fn offer_msg(
+        &self,
+        py: Python<'_>,
+        msg: Msg<'_>,
+        dl: Option<Instant>,
+        write: bool,
+    ) -> PyResult<u8> {
+        let r = &self.inner;
+        // Fast path: a slot and room right now.
+        let first = r.offer(msg, Some(Instant::now()), write, &mut || Ok(()))?;
+        let outcome = match first {
+            ring::Offer::Full if dl.is_none_or(|d| d > Instant::now()) => {
+                blocking(py, |intr| r.offer(msg, dl, write, intr))?
+            }
+            o => o,
+        };
+        let outcome = match outcome {
+            // No room right now: rather than hand the message to a feeder thread at
+            // once, wait briefly (GIL released) for the consumer to make room.
+            ring::Offer::Reserved if write => {
+                let until = Instant::now() + SHORT_WAIT;
+                if blocking(py, |intr| r.write_until(msg, until, intr))? {
+                    ring::Offer::Written
+                } else {
+                    ring::Offer::Reserved
+                }
+            }
+            o => o,
+        };
+        Ok(match outcome {
+            ring::Offer::Full => 0,
+            ring::Offer::Written => 1,
+            ring::Offer::Reserved => 2,
+        })
     }
 }
 
@@ -166,7 +304,7 @@ impl Ring {
                 };
                 Ok((Landing::Scratch(ba, n), Dest::One((p, n))))
             }
-            1 => {
+            ring::FMT_HEADED => {
                 let count = head
                     .get(4..8)
                     .map(|s| u32::from_le_bytes(s.try_into().unwrap()) as usize)
@@ -196,6 +334,15 @@ impl Ring {
                 }
                 Ok((Landing::Envelope(inband, objs), Dest::Many(segs)))
             }
+            FMT_BYTES => {
+                let (b, p) = new_bytes(py, n)?;
+                Ok((Landing::Raw(b), Dest::One((p, n))))
+            }
+            FMT_INT..=FMT_CONST => {
+                let mut v = vec![0u8; n];
+                let p = v.as_mut_ptr();
+                Ok((Landing::Native(fmt, v), Dest::One((p, n))))
+            }
             _ => Err(Error::BadLength(fmt as i64)),
         }
     }
@@ -209,6 +356,14 @@ impl Ring {
         let fast = r.try_get(&mut |f, n, h| self.landing(py, f, n, h))?;
         if fast.is_some() {
             return Ok(fast);
+        }
+        // A message is often a fraction of a microsecond away: wait that long with the
+        // GIL held, since giving it up and taking it back costs more.
+        if block && crate::spin::spin_briefly(GIL_SPIN, || r.has_data()) {
+            let fast = r.try_get(&mut |f, n, h| self.landing(py, f, n, h))?;
+            if fast.is_some() {
+                return Ok(fast);
+            }
         }
         let dl = if block {
             deadline(timeout)?
@@ -295,6 +450,37 @@ impl Ring {
         blocking(py, |intr| r.write(msg, intr))
     }
 
+    /// Puts `obj` on an unbounded ring if it is a scalar that travels natively (see
+    /// the FMT_ constants); returns False, doing nothing, for anything else (the caller
+    /// pickles it and uses `put`).
+    fn put_obj(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let Some((fmt, enc)) = encode_native(obj)? else {
+            return Ok(false);
+        };
+        let part = [enc.bytes()];
+        let msg = Msg { parts: &part, fmt };
+        let r = &self.inner;
+        if !r.reserve(Some(Instant::now()), &mut || Ok(()))? {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "put() without a timeout needs an unbounded ring",
+            ));
+        }
+        if !r.try_write(msg) {
+            blocking(py, |intr| r.write(msg, intr))?;
+        }
+        Ok(true)
+    }
+
+    /// `offer(obj, block=True, timeout=None, write=True)` for a scalar that travels
+    /// natively; 3, doing nothing, for anything else (the caller pickles it).
+    fn offer_obj(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<u8> {
+        let Some((fmt, enc)) = encode_native(obj)? else {
+            return Ok(3);
+        };
+        let part = [enc.bytes()];
+        self.offer_msg(py, Msg { parts: &part, fmt }, None, true)
+    }
+
     /// Reserves a slot (waiting up to `timeout` while `maxsize` messages are queued)
     /// and, if `write`, writes `data` when there is room right now (or within 2 ms).
     /// Returns 0 when the ring stayed full, 1 when `data` is in the ring, 2 when a slot
@@ -309,39 +495,12 @@ impl Ring {
         write: bool,
     ) -> PyResult<u8> {
         let parts = Parts::of(data)?;
-        let msg = parts.msg();
-        let r = &self.inner;
         let dl = if block {
             deadline(timeout)?
         } else {
             Some(Instant::now())
         };
-        // Fast path: a slot and room right now.
-        let first = r.offer(msg, Some(Instant::now()), write, &mut || Ok(()))?;
-        let outcome = match first {
-            ring::Offer::Full if dl.is_none_or(|d| d > Instant::now()) => {
-                blocking(py, |intr| r.offer(msg, dl, write, intr))?
-            }
-            o => o,
-        };
-        let outcome = match outcome {
-            // No room right now: rather than hand the message to a feeder thread at
-            // once, wait briefly (GIL released) for the consumer to make room.
-            ring::Offer::Reserved if write => {
-                let until = Instant::now() + SHORT_WAIT;
-                if blocking(py, |intr| r.write_until(msg, until, intr))? {
-                    ring::Offer::Written
-                } else {
-                    ring::Offer::Reserved
-                }
-            }
-            o => o,
-        };
-        Ok(match outcome {
-            ring::Offer::Full => 0,
-            ring::Offer::Written => 1,
-            ring::Offer::Reserved => 2,
-        })
+        self.offer_msg(py, parts.msg(), dl, write)
     }
 
     /// Writes `data` into a slot reserved by `offer()`, waiting for room.
@@ -403,6 +562,8 @@ impl Ring {
         match self.take(py, block, timeout)? {
             None => Err(empty_exc(py)?),
             Some(Landing::Bytes(b)) => loads.call1((b,)),
+            Some(Landing::Raw(b)) => Ok(b.into_bound(py).into_any()),
+            Some(Landing::Native(fmt, v)) => decode_native(py, fmt, &v),
             Some(Landing::Envelope(inband, objs)) => {
                 let kw = PyDict::new(py);
                 kw.set_item("buffers", PyList::new(py, objs)?)?;
