@@ -12,6 +12,7 @@ ratio below 1 always means ferromp is better.
 """
 
 import importlib
+import importlib.util
 import os
 import sys
 import time
@@ -255,6 +256,7 @@ ANY_METHOD = {'lock acquire+release, uncontended', 'Value(get_lock) += 1, 1 proc
               'Value.value read', 'Value.value write', 'RawValue.value read',
               'Array[i] read', 'SharedMemory create+attach+unlink',
               'Queue put+get, same process', 'SimpleQueue put+get, same process'}
+# (The manager rows run in every method: the server is started with it.)
 
 
 def _queue_producer(q, n, payload, ready):
@@ -432,6 +434,90 @@ def pool_numpy_rt(mp, n):
         return (time.perf_counter() - t) / n
 
 
+def manager_start(mp, n):
+    """Manager() start (a running server process), seconds each; shutdown untimed."""
+    total = 0.0
+    for _ in range(n):
+        t = time.perf_counter()
+        m = mp.Manager()
+        total += time.perf_counter() - t
+        m.shutdown()
+    return total / n
+
+
+def manager_start_shutdown(mp, n):
+    """Manager() start + shutdown, seconds each."""
+    t = time.perf_counter()
+    for _ in range(n):
+        mp.Manager().shutdown()
+    return (time.perf_counter() - t) / n
+
+
+def _dict_ops(d, n, conn):
+    d['k'] = 0
+    d['k']
+    t = time.perf_counter()
+    for i in range(n):
+        d['k'] = i
+        d['k']
+    conn.send(time.perf_counter() - t)
+
+
+def manager_dict_child(mp, n):
+    """A managed dict, set + get from a child process, operations/s."""
+    m = mp.Manager()
+    try:
+        d = m.dict()
+        r, w = mp.Pipe(duplex=False)
+        p = mp.Process(target=_dict_ops, args=(d, n, w))
+        p.start()
+        dt = r.recv()
+        p.join()
+        return 2 * n / dt
+    finally:
+        m.shutdown()
+
+
+def _mq_producer(q, n):
+    for i in range(n):
+        q.put(i)
+
+
+def manager_queue(mp, n):
+    """Manager().Queue(), child -> parent, messages/s."""
+    m = mp.Manager()
+    try:
+        q = m.Queue()
+        p = mp.Process(target=_mq_producer, args=(q, n + 1))
+        p.start()
+        q.get()
+        t = time.perf_counter()
+        for _ in range(n):
+            q.get()
+        dt = time.perf_counter() - t
+        p.join()
+        return n / dt
+    finally:
+        m.shutdown()
+
+
+def manager_lock(mp, n):
+    """A proxied Lock, acquire + release from the parent, seconds per pair."""
+    m = mp.Manager()
+    try:
+        lock = m.Lock()
+        for _ in range(100):
+            lock.acquire()
+            lock.release()
+        t = time.perf_counter()
+        for _ in range(n):
+            lock.acquire()
+            lock.release()
+        return (time.perf_counter() - t) / n
+    finally:
+        m.shutdown()
+
+
 # name, function, kind ('time', 'rate' in bytes/s or 'msgs' per s), n for full run,
 # n for --quick
 WORKLOADS = [
@@ -460,6 +546,11 @@ WORKLOADS = [
     ('SimpleQueue 1 MiB messages', simple_1m, 'rate', 1000, 200),
     ('SimpleQueue 64 MiB messages', simple_64m, 'rate', 10, 3),
     ('SimpleQueue put+get, same process', simple_latency, 'time', 100000, 20000),
+    ('Manager start', manager_start, 'time', 8, 3),
+    ('Manager start+shutdown', manager_start_shutdown, 'time', 8, 3),
+    ('Manager dict set+get from a child', manager_dict_child, 'msgs', 5000, 1000),
+    ('Manager().Queue child->parent', manager_queue, 'msgs', 5000, 1000),
+    ('Manager Lock acquire+release', manager_lock, 'time', 5000, 1000),
     ('Pool map, 200k tiny tasks', pool_map_tiny, 'time', 200000, 50000),
     ('Pool map, chunksize=1', pool_map_c1, 'time', 20000, 3000),
     ('Pool imap, chunksize=1', pool_imap_c1, 'time', 20000, 3000),
@@ -478,7 +569,7 @@ def fmt(kind, v):
             return '%.1f us' % (v * 1e6)
         return '%.2f ms' % (v * 1e3)
     if kind == 'msgs':
-        return '%.0f k msg/s' % (v / 1e3)
+        return '%.0f k/s' % (v / 1e3)
     return '%.0f MB/s' % (v / 1e6)
 
 
@@ -524,6 +615,9 @@ def main(argv=None):
             if args.only and args.only not in title:
                 continue
             if title in ANY_METHOD and method != args.methods.split(',')[0]:
+                continue
+            if fn is pool_numpy_rt and importlib.util.find_spec('numpy') is None:
+                print('%-36s %-11s %s' % (title, method, 'skipped: numpy is not installed'))
                 continue
             n = n_quick if args.quick else n_full
             if fn is start_join and method == 'spawn':

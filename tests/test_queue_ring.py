@@ -421,3 +421,21 @@ def test_scalars_and_their_subclasses_keep_type_and_value(ctx, kind):
 def _echo_n(q_in, q_out, n):
     for _ in range(n):
         q_out.put(q_in.get())
+
+
+@pytest.mark.parametrize('mod', [ferromp, multiprocessing])
+@pytest.mark.parametrize('kind', ['Queue', 'SimpleQueue'])
+def test_fork_context_queue_refused_by_spawned_children(mod, kind):
+    # As the stdlib's (whose locks refuse it): a queue made in a fork context cannot be
+    # passed to a spawn or forkserver child; one made for spawn goes to any child.
+    for method in ('spawn', 'forkserver'):
+        q = getattr(mod.get_context('fork'), kind)()
+        p = mod.get_context(method).Process(target=_echo_n, args=(q, q, 0))
+        with pytest.raises(RuntimeError, match='A SemLock created in a fork'):
+            p.start()
+    q = getattr(mod.get_context('spawn'), kind)()
+    for method in ('fork', 'spawn', 'forkserver'):
+        p = mod.get_context(method).Process(target=_echo_n, args=(q, q, 0))
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0

@@ -147,8 +147,10 @@ class _ConnectionBase:
             finally:
                 self._handle = None
 
-    def _close(self):
-        os.close(self._handle)
+    def _close(self, _close=os.close):
+        # os.close bound now: at interpreter exit __del__ may run after the module's
+        # globals are gone.
+        _close(self._handle)
 
     def send_bytes(self, buf, offset=0, size=None):
         """Send the bytes of a bytes-like object as one message."""

@@ -114,6 +114,19 @@ def _dumps_for_ring(obj):
     return (b''.join(head), body) + tuple(p for _, p in payloads)
 
 
+def _is_fork_ctx(ctx):
+    return ctx is not None and ctx.get_start_method() == 'fork'
+
+
+def _check_not_fork_ctx(q):
+    # The stdlib's queues hold SemLocks, which refuse to go from a fork context to a
+    # spawn or forkserver child; ours hold none, but code must not come to rely on
+    # that, so a queue raises the same error (and is as free once rebuilt in a child).
+    if getattr(q, '_is_fork_ctx', False):
+        from .synchronize import _FORK_CTX_MSG
+        raise RuntimeError(_FORK_CTX_MSG)
+
+
 def _ring_state(ring):
     # The segment and the bell pipe go with the child being started.
     r, w = ring.bell_fds
@@ -136,6 +149,7 @@ class Queue(object):
             ring_max = maxsize
         self._maxsize = maxsize
         self._ring = _core.Ring(_RING_BYTES, ring_max)
+        self._is_fork_ctx = _is_fork_ctx(ctx)
         self._opid = os.getpid()
         self._ignore_epipe = False
         self._reset()
@@ -143,11 +157,13 @@ class Queue(object):
 
     def __getstate__(self):
         context.assert_spawning(self)
+        _check_not_fork_ctx(self)
         return (self._ignore_epipe, self._maxsize, _ring_state(self._ring), self._opid)
 
     def __setstate__(self, state):
         (self._ignore_epipe, self._maxsize, ring, self._opid) = state
         self._ring = _ring_rebuild(ring)
+        self._is_fork_ctx = False
         self._reset()
 
     def _after_fork(self):
@@ -490,6 +506,7 @@ class SimpleQueue(object):
 
     def __init__(self, *, ctx):
         self._setup(_core.Ring(_RING_BYTES, 0))
+        self._is_fork_ctx = _is_fork_ctx(ctx)
 
     def _setup(self, ring):
         self._reader = _RingReader(ring)
@@ -509,6 +526,7 @@ class SimpleQueue(object):
 
     def __getstate__(self):
         context.assert_spawning(self)
+        _check_not_fork_ctx(self)
         ring = self._reader._ring or self._writer._ring
         if ring is None:
             raise OSError("handle is closed")
@@ -516,6 +534,7 @@ class SimpleQueue(object):
 
     def __setstate__(self, state):
         self._setup(_ring_rebuild(state))
+        self._is_fork_ctx = False
 
     def get(self):
         return self._get(_loads)
