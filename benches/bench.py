@@ -436,6 +436,7 @@ def pool_numpy_rt(mp, n):
 
 def manager_start(mp, n):
     """Manager() start (a running server process), seconds each; shutdown untimed."""
+    mp.Manager().shutdown()  # warm up: imports, and the fork server if any
     total = 0.0
     for _ in range(n):
         t = time.perf_counter()
@@ -447,6 +448,7 @@ def manager_start(mp, n):
 
 def manager_start_shutdown(mp, n):
     """Manager() start + shutdown, seconds each."""
+    mp.Manager().shutdown()  # warm up, as above
     t = time.perf_counter()
     for _ in range(n):
         mp.Manager().shutdown()
