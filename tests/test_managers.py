@@ -802,3 +802,41 @@ def test_shared_memory_manager(monkeypatch):
     # Shutdown unlinked every segment the manager created.
     for name in names:
         assert not os.path.exists('/dev/shm/' + name.lstrip('/'))
+
+
+# --- the ring transport of local connections ---------------------------------------
+
+def _dict_worker(d, n):
+    for i in range(n):
+        d[i] = i * i
+
+
+def test_local_connections_use_rings_and_carry_large_values(start_method, manager):
+    from ferromp import managers
+    d = manager.dict()
+    d['x'] = 1
+    assert type(d._tls.connection) is managers._RingLink
+    big = os.urandom(3 << 20)  # more than a ring holds: streamed through
+    d['big'] = big
+    assert d['big'] == big
+    p = start_method.Process(target=_dict_worker, args=(d, 200))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert len(d) == 202 and d[199] == 199 * 199
+    d.clear()
+
+
+def test_tcp_connections_stay_on_the_socket(start_method):
+    from ferromp import managers
+    with start_method.Manager() as m:
+        remote = managers.SyncManager(address=('127.0.0.1', 0), authkey=b'k',
+                                      ctx=start_method)
+        remote.start()
+        try:
+            d = remote.dict(a=1)
+            assert d['a'] == 1
+            assert type(d._tls.connection) is not managers._RingLink
+        finally:
+            remote.shutdown()
+        assert m.list([1])[0] == 1
