@@ -86,6 +86,7 @@ use crate::connection::Intr;
 use crate::error::{Error, Result};
 use crate::shm::Segment;
 use crate::spin;
+use crate::sync::futex::{self, Wake};
 use crate::sync::{RawSemaphore, Recovery, SemKind, SyncError, OWNER_CHECK_PERIOD, STATE_SIZE};
 
 const MAGIC: u32 = u32::from_be_bytes(*b"fmR1");
@@ -1099,46 +1100,17 @@ fn futex_wait(
     expected: u32,
     timeout: Duration,
 ) -> std::result::Result<bool, Errno> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `word` is a live, aligned u32 in a shared mapping; `ts` outlives the call.
     // A shared (non-private) futex, because other processes wake it.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            &ts as *const libc::timespec,
-            std::ptr::null::<u32>(),
-            0u32,
-        )
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    match Errno::last() {
-        Errno::EAGAIN => Ok(true),
-        Errno::ETIMEDOUT => Ok(false),
-        e => Err(e),
+    match futex::wait(word, expected, Some(timeout))? {
+        Wake::Woken | Wake::Changed => Ok(true),
+        Wake::TimedOut => Ok(false),
+        Wake::Interrupted => Err(Errno::EINTR),
     }
 }
 
 fn futex_wake(word: &AtomicU32) {
-    // SAFETY: FUTEX_WAKE only uses the address as a key.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            i32::MAX,
-            std::ptr::null::<libc::timespec>(),
-            std::ptr::null::<u32>(),
-            0u32,
-        );
-    }
+    // Only fails for a bad address, which a live mapping never is.
+    let _ = futex::wake(word, u32::MAX);
 }
 
 impl fmt::Debug for Ring {

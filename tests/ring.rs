@@ -5,42 +5,16 @@
 //! Every test forks, so they serialise on `FORK_MTX`. Children run only the given
 //! closure and leave with `libc::_exit`.
 
-use std::panic::AssertUnwindSafe;
-use std::sync::{Mutex, MutexGuard};
+mod common;
+
+use common::{fork_lock, join, spawn};
+
 use std::time::{Duration, Instant};
 
 use ferromp::error::Result;
 use ferromp::ring::{Dest, Msg, Offer, Ring};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
-
-static FORK_MTX: Mutex<()> = Mutex::new(());
-
-fn fork_lock() -> MutexGuard<'static, ()> {
-    FORK_MTX.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn spawn(f: impl FnOnce() -> i32) -> Pid {
-    // SAFETY: the child only runs `f` (shared memory, futexes, the allocator: fork-safe
-    // with glibc) and then `_exit`s without unwinding into the harness.
-    match unsafe { fork() }.expect("fork") {
-        ForkResult::Child => {
-            let code = std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or(101);
-            // SAFETY: _exit is async-signal-safe and ends the child here.
-            unsafe { libc::_exit(code) }
-        }
-        ForkResult::Parent { child } => child,
-    }
-}
-
-fn join(pid: Pid) -> i32 {
-    match waitpid(pid, None).expect("waitpid") {
-        WaitStatus::Exited(_, code) => code,
-        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
-        other => panic!("unexpected wait status {other:?}"),
-    }
-}
+use nix::unistd::Pid;
 
 fn no_intr() -> Result<()> {
     Ok(())

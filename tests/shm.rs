@@ -3,47 +3,20 @@
 //! Most tests fork, so they serialise on `FORK_MTX` (as `tests/sync.rs` and nix's own
 //! suite do). Children run only the given closure and leave with `libc::_exit`.
 
+mod common;
+
+use common::{fork_lock, join, spawn};
+
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 use ferromp::error::Error;
 use ferromp::shm::{open_sized, shm_open, shm_unlink, Segment};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
-
-static FORK_MTX: Mutex<()> = Mutex::new(());
-
-fn fork_lock() -> MutexGuard<'static, ()> {
-    FORK_MTX.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Forks a child that runs `f` and exits with its return value (101 if it panics).
-fn spawn(f: impl FnOnce() -> i32) -> Pid {
-    // SAFETY: the child only runs `f` (shared memory, mmap, the allocator: fork-safe
-    // with glibc) and then `_exit`s without unwinding into the harness.
-    match unsafe { fork() }.expect("fork") {
-        ForkResult::Child => {
-            let code = std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or(101);
-            // SAFETY: _exit is async-signal-safe and ends the child here.
-            unsafe { libc::_exit(code) }
-        }
-        ForkResult::Parent { child } => child,
-    }
-}
-
-fn join(pid: Pid) -> i32 {
-    match waitpid(pid, None).expect("waitpid") {
-        WaitStatus::Exited(_, code) => code,
-        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
-        other => panic!("unexpected wait status {other:?}"),
-    }
-}
+use nix::unistd::Pid;
 
 /// The `i`-th 8-byte word of `seg` as an atomic.
 fn word(seg: &Segment, i: usize) -> &AtomicU64 {

@@ -6,11 +6,13 @@
 //! only the closure given to `spawn` and leave with `libc::_exit`, never returning into
 //! the harness; a panic in a child becomes exit status 101.
 
+mod common;
+
+use common::{fork_lock, join, spawn};
+
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::panic::AssertUnwindSafe;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -19,39 +21,7 @@ use ferromp::sync::{
     STATE_SIZE,
 };
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
-
-static FORK_MTX: Mutex<()> = Mutex::new(());
-
-fn fork_lock() -> MutexGuard<'static, ()> {
-    // A failed test poisons the mutex; the others should still run.
-    FORK_MTX.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Forks a child that runs `f` and exits with its return value (101 if it panics).
-fn spawn(f: impl FnOnce() -> i32) -> Pid {
-    // SAFETY: the child only runs `f` (which touches shared memory, futexes and the
-    // allocator, all fork-safe with glibc) and then `_exit`s without unwinding into the
-    // harness or running atexit handlers.
-    match unsafe { fork() }.expect("fork") {
-        ForkResult::Child => {
-            let code = std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or(101);
-            // SAFETY: _exit is async-signal-safe and ends the child here.
-            unsafe { libc::_exit(code) }
-        }
-        ForkResult::Parent { child } => child,
-    }
-}
-
-/// Waits for `pid`: its exit code, or 128 + signal number.
-fn join(pid: Pid) -> i32 {
-    match waitpid(pid, None).expect("waitpid") {
-        WaitStatus::Exited(_, code) => code,
-        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
-        other => panic!("unexpected wait status {other:?}"),
-    }
-}
+use nix::unistd::Pid;
 
 fn deadline(d: Duration) -> Option<Instant> {
     Some(Instant::now() + d)

@@ -116,7 +116,7 @@
 //! owner thread changes it while it is positive. A race can only make `count` wrong
 //! (memory safety never depends on it).
 
-mod futex;
+pub(crate) mod futex;
 
 use std::fmt;
 use std::ops::Deref;
