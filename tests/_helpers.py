@@ -52,6 +52,19 @@ def wait_for(predicate, timeout, interval=0.02):
         time.sleep(interval)
 
 
+def run_to_completion(ctx, target, *args, timeout=60):
+    """Run ``target(*args)`` in a child of ``ctx``; assert it exits 0 (killed if it
+    has not ended after ``timeout`` seconds). Returns the Process."""
+    p = ctx.Process(target=target, args=args)
+    p.start()
+    p.join(timeout)
+    if p.exitcode is None:
+        p.kill()
+        p.join(5)
+    assert p.exitcode == 0
+    return p
+
+
 def pid_gone(pid):
     """True if ``pid`` no longer runs: absent, or a zombie nobody has reaped yet (an
     orphan is reparented to init or a subreaper, which may reap it late)."""

@@ -15,11 +15,10 @@ import os
 import pickle
 import signal
 import threading
-import time
 import weakref
 
 import _mgr_helpers as h
-from _helpers import pid_gone, run_script
+from _helpers import pid_gone, run_script, run_to_completion, wait_for
 import pytest
 
 import ferromp
@@ -33,23 +32,11 @@ START = 30.0
 
 
 def run_child(ctx, target, *args):
-    p = ctx.Process(target=target, args=args)
-    p.start()
-    p.join(START)
-    if p.exitcode is None:
-        p.kill()
-        p.join(5)
-    assert p.exitcode == 0
-    return p
+    return run_to_completion(ctx, target, *args, timeout=START)
 
 
 def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
+    return wait_for(predicate, timeout)
 
 
 def assert_no_objects_left(manager):

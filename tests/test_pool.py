@@ -30,6 +30,7 @@ import ferromp
 import ferromp.dummy
 from ferromp import pool as fpool
 from _helpers import pid_gone
+from _helpers import wait_for as wait_until
 
 METHODS = ("fork", "spawn", "forkserver")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -229,13 +230,6 @@ def run_script(directory, source, *args):
 
 
 
-def wait_until(predicate, timeout, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def error_of(fn, *args, **kwargs):

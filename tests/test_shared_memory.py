@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import _shm_helpers
-from _helpers import TESTS_DIR, child_env, outcome, pid_gone, wait_for
+from _helpers import TESTS_DIR, child_env, outcome, pid_gone, run_to_completion, wait_for
 from ferromp import resource_tracker
 from ferromp import shared_memory
 
@@ -45,13 +45,7 @@ def ours_in_dev_shm():
 
 
 def run(ctx, target, *args):
-    p = ctx.Process(target=target, args=args)
-    p.start()
-    p.join(START)
-    if p.exitcode is None:
-        p.kill()
-        p.join(5)
-    assert p.exitcode == 0
+    return run_to_completion(ctx, target, *args, timeout=START)
 
 
 def std_forget(shm):

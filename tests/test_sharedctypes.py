@@ -14,6 +14,7 @@ import os
 import pickle
 
 import pytest
+from _helpers import run_to_completion
 
 import ferromp
 from ferromp import heap
@@ -37,13 +38,7 @@ def mp_ctx(request):
 
 
 def run(ctx, target, *args):
-    p = ctx.Process(target=target, args=args)
-    p.start()
-    p.join(START)
-    if p.exitcode is None:
-        p.kill()
-        p.join(5)
-    assert p.exitcode == 0
+    run_to_completion(ctx, target, *args, timeout=START)
 
 
 class Point(ctypes.Structure):

@@ -1387,30 +1387,9 @@ class _RingLink(object):
         return self
 
     def roundtrip(self, request):
+        """Send a pickled request; the unpickled reply."""
         self._put(request)
         return _ring_get(self._rep, self._sock, _loads)
-
-    def send(self, obj):
-        self._put(_dumps(obj))
-
-    def recv(self):
-        return _ring_get(self._rep, self._sock, _loads)
-
-    def send_bytes(self, data):
-        self._put(bytes(data))
-
-    def recv_bytes(self):
-        return _dumps(self.recv())
-
-    def poll(self, timeout=0.0):
-        return not self._rep.empty() or self._sock.poll(timeout)
-
-    def fileno(self):
-        return self._sock.fileno()
-
-    @property
-    def closed(self):
-        return self._sock.closed
 
     def close(self):
         self._sock.close()

@@ -4,7 +4,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::connection as conn;
-use crate::py::{blocking, deadline};
+use crate::py::{blocking, deadline, uninit_bytes};
 
 /// A raw pointer into a bytes object we own, handed to a GIL-free read.
 struct SendPtr(*mut u8, usize);
@@ -42,15 +42,8 @@ fn recv_bytes<'py>(
             return Ok(None);
         }
     }
-    // SAFETY: a NULL source asks CPython for an uninitialised bytes object of n bytes,
-    // which we fill completely before anyone else can see it.
-    let raw = unsafe {
-        pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as pyo3::ffi::Py_ssize_t)
-    };
-    // SAFETY: raw is a new reference or NULL with an exception set.
-    let obj = unsafe { Bound::from_owned_ptr_or_err(py, raw)? };
-    // SAFETY: obj is a bytes object; its buffer is n bytes long.
-    let ptr = unsafe { pyo3::ffi::PyBytes_AsString(obj.as_ptr()) } as *mut u8;
+    // Filled completely below before anyone else can see it.
+    let (obj, ptr) = uninit_bytes(py, n)?;
     let p = SendPtr(ptr, n);
     blocking(py, move |intr| {
         let p = p;
@@ -58,8 +51,7 @@ fn recv_bytes<'py>(
         let body = unsafe { std::slice::from_raw_parts_mut(p.0, p.1) };
         conn::read_exact(fd, body, false, intr)
     })?;
-    // SAFETY: obj was created as bytes above.
-    Ok(Some(unsafe { obj.cast_into_unchecked::<PyBytes>() }))
+    Ok(Some(obj))
 }
 
 /// Whether `fd` has something to read (data or EOF) within `timeout` seconds

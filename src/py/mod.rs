@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyEOFError, PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
 use crate::error::Error;
 
@@ -35,6 +36,21 @@ impl From<Error> for PyErr {
             }
         }
     }
+}
+
+/// A new bytes object of `n` bytes whose contents the caller fills before anyone else
+/// sees it, and a pointer to its buffer (stable for the object's lifetime).
+pub(crate) fn uninit_bytes(py: Python<'_>, n: usize) -> PyResult<(Bound<'_, PyBytes>, *mut u8)> {
+    // SAFETY: a NULL source asks CPython for an uninitialised bytes object of n bytes.
+    let raw = unsafe {
+        pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as pyo3::ffi::Py_ssize_t)
+    };
+    // SAFETY: raw is a new reference or NULL with an exception set.
+    let obj = unsafe { Bound::from_owned_ptr_or_err(py, raw)? };
+    // SAFETY: obj is a bytes object; its buffer is n bytes long and never moves.
+    let ptr = unsafe { pyo3::ffi::PyBytes_AsString(obj.as_ptr()) } as *mut u8;
+    // SAFETY: created as bytes above.
+    Ok((unsafe { obj.cast_into_unchecked::<PyBytes>() }, ptr))
 }
 
 /// Turns an optional timeout in seconds into a deadline (negative means "now").

@@ -27,7 +27,7 @@ use pyo3::types::{
 };
 
 use crate::error::{Error, Result};
-use crate::py::{blocking, deadline};
+use crate::py::{blocking, deadline, uninit_bytes};
 use crate::ring::{self, Dest, Msg};
 use crate::shm::Segment;
 
@@ -162,23 +162,12 @@ fn empty_exc(py: Python<'_>) -> PyResult<PyErr> {
     Ok(PyErr::from_type(t.bind(py).clone(), ()))
 }
 
-/// A new, uninitialised bytes object of `n` bytes and its buffer.
+/// A new bytes object of `n` bytes for the ring to fill, and its buffer. A failed
+/// allocation (MemoryError) is reported as ENOMEM through the core's error type.
 fn new_bytes(py: Python<'_>, n: usize) -> Result<(Py<PyBytes>, *mut u8)> {
-    // SAFETY: a NULL source asks CPython for an uninitialised bytes object of n bytes;
-    // the ring fills it completely before anyone else can see it.
-    let raw = unsafe {
-        pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as pyo3::ffi::Py_ssize_t)
-    };
-    if raw.is_null() {
-        // MemoryError is set; drop it and report ENOMEM through the core's error type.
-        let _ = PyErr::take(py);
-        return Err(Error::Os(Errno::ENOMEM));
-    }
-    // SAFETY: raw is a new, owned reference to a bytes object.
-    let obj: Py<PyBytes> = unsafe { Bound::from_owned_ptr(py, raw).cast_into_unchecked() }.unbind();
-    // SAFETY: obj is a bytes object; its buffer is n bytes long and stays put.
-    let ptr = unsafe { pyo3::ffi::PyBytes_AsString(obj.as_ptr()) } as *mut u8;
-    Ok((obj, ptr))
+    uninit_bytes(py, n)
+        .map(|(b, p)| (b.unbind(), p))
+        .map_err(|_| Error::Os(Errno::ENOMEM))
 }
 
 /// A new, uninitialised bytearray of `n` bytes and its buffer.
