@@ -158,6 +158,15 @@ const _: () = assert!(STATE_SIZE <= 64 && HEADER % 64 == 0);
 /// allocator gets that header (see [`Ring::get`]).
 pub const FMT_HEADED: u16 = 1;
 
+/// A headed message, like [`FMT_HEADED`], whose header also carries a 64-bit tag (the
+/// pool's task and result numbers): the ring treats both alike.
+pub const FMT_TAGGED: u16 = 7;
+
+/// Whether messages of format `fmt` start with a header the allocator gets.
+pub fn is_headed(fmt: u16) -> bool {
+    fmt == FMT_HEADED || fmt == FMT_TAGGED
+}
+
 /// A message to put: the concatenation of `parts`, tagged with a format number that
 /// the consumer's allocator gets. The ring gives no meaning to formats other than
 /// [`FMT_HEADED`].
@@ -914,7 +923,7 @@ impl Ring {
             }
         };
         let mut head = Vec::new();
-        if fmt == FMT_HEADED {
+        if is_headed(fmt) {
             // The envelope header sits in the first record (its writer makes sure).
             let mut n = [0u8; 4];
             if rd.in_rec < 4 {

@@ -111,8 +111,10 @@ import traceback
 import types
 import warnings
 
+from . import _core
 from . import connection
 from . import context as _context
+from . import queues
 from . import reduction
 from . import util
 
@@ -344,6 +346,131 @@ def worker(inqueue, outqueue, initializer=None, initargs=(), maxtasks=None,
         completed += 1
     util.debug('worker exiting after %d tasks' % completed)
 
+
+
+#
+# The ring transport of process pools
+#
+# Tasks go to the workers through one shared ring (``_core.Ring``) and results come
+# back through another. Each message is tagged with a task number (``seq``); the
+# worker's ``get_tagged`` stores that number into the worker's claim word before the
+# ring lets go of the message, and its ``put_tagged`` clears the word once the result
+# is in the result ring, so the parent always knows which task a dead worker held.
+#
+
+_TASK_RING_BYTES = 4 << 20
+_RESULT_RING_BYTES = 4 << 20
+_FAIL = 1 << 63             # result tag bit: the task raised (the value is the exception)
+_CTL = 1 << 62              # result tag bit: a control message, kind << 40 | worker id
+_SEQ_MASK = _CTL - 1
+_WID_MASK = (1 << 40) - 1
+_STOP_TAG = 0               # task tag: exit (task numbers start at 1)
+_CTL_READY = 1              # the initializer has run
+_CTL_INIT_FAILED = 2        # the initializer raised (the value is the exception)
+_CTL_NUDGE = 3              # from the parent itself: a reader should look again
+_NONE_PICKLE = _dumps(None)
+# How long a collecting caller blocks on the result ring before it looks around again
+# (deaths and terminate() also nudge it at once; this only bounds a missed nudge).
+_COLLECT_SLICE = 0.1
+# How often the dispatcher collects results nobody waits for (callbacks, ready()).
+_BACKGROUND_TICK = 0.002
+
+
+def _ctl_tag(kind, wid):
+    return _CTL | (kind << 40) | wid
+
+
+class _Channel:
+    """The rings and claim words a process pool shares with its workers."""
+
+    def __init__(self, nslots):
+        self.tasks = _core.Ring(_TASK_RING_BYTES, 0)
+        self.results = _core.Ring(_RESULT_RING_BYTES, 0)
+        self.claims = _core.Segment(64 * nslots)
+
+    def __getstate__(self):
+        _context.assert_spawning(self)
+        return (queues._ring_state(self.tasks), queues._ring_state(self.results),
+                reduction.DupFd(self.claims.fd))
+
+    def __setstate__(self, state):
+        tasks, results, claims = state
+        self.tasks = queues._ring_rebuild(tasks)
+        self.results = queues._ring_rebuild(results)
+        self.claims = _core.Segment.from_fd(claims.detach())
+
+
+def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=None,
+                 wrap_exception=True):
+    """The body of a process pool worker: take a task, run it, put its result."""
+    if maxtasks is not None and not (isinstance(maxtasks, int) and maxtasks >= 1):
+        raise AssertionError("Maxtasks {!r} is not valid".format(maxtasks))
+    get = channel.tasks.get_tagged
+    put = channel.results.put_tagged
+    claims = channel.claims
+    dumps = queues._dumps_for_ring
+    loads = _loads
+
+    def wrap(exc):
+        if wrap_exception:
+            return ExceptionWithTraceback(exc, exc.__traceback__)
+        return exc
+
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException as e:
+            try:
+                data = _dumps(wrap(e))
+            except Exception:
+                data = _dumps(RuntimeError('the pool initializer raised %r' % (e,)))
+            try:
+                put(_ctl_tag(_CTL_INIT_FAILED, wid), data)
+            except Exception:
+                pass
+            raise
+    put(_ctl_tag(_CTL_READY, wid), _NONE_PICKLE)
+
+    completed = 0
+    while maxtasks is None or completed < maxtasks:
+        try:
+            seq, ok, task = get(loads, True, None, claims, slot)
+        except (EOFError, OSError):
+            util.debug('worker got EOFError or OSError -- exiting')
+            break
+        if seq == _STOP_TAG:
+            util.debug('worker got sentinel -- exiting')
+            break
+        tag = seq
+        if ok:
+            func, args, kwds = task
+            task = None
+            try:
+                value = func(*args, **kwds)
+            except Exception as e:
+                value = wrap(e)
+                tag = seq | _FAIL
+        else:
+            # The task arrived but cannot be rebuilt here (e.g. its function is not
+            # importable in this process): that task fails, the worker carries on.
+            value = wrap(task)
+            tag = seq | _FAIL
+        task = func = args = kwds = None
+        try:
+            data = dumps(value)
+        except Exception as e:
+            try:
+                wrapped = MaybeEncodingError(e, value)
+            except Exception as e2:  # even repr() of the value failed
+                wrapped = MaybeEncodingError(e, '<unrepresentable %s>' % type(e2).__name__)
+            util.debug("Possible encoding error while sending result: %s" % wrapped)
+            data = _dumps(wrapped)
+            tag = seq | _FAIL
+        value = None
+        put(tag, data, claims, slot)
+        data = None
+        completed += 1
+    util.debug('worker exiting after %d tasks' % completed)
 
 def _identity(obj):
     return obj
@@ -618,6 +745,11 @@ def _report_error(what='a ferromp pool callback'):
 #
 
 class _Dispatcher:
+    """The thread pool's dispatcher: one task queue per worker thread, results
+    through an outbox; the process pool's is ``_RingDispatcher`` below."""
+
+    # Whether callers collect results themselves (see _RingDispatcher.wait_for).
+    collects = False
 
     def __init__(self, ctx, Process, processes, pool, cache, initializer, initargs,
                  maxtasks, wrap_exception, encode, threads):
@@ -670,6 +802,19 @@ class _Dispatcher:
         cache.notifier = self.wake
 
     # -- called from any thread ----------------------------------------------------
+
+    def encode_task(self, job, i, func, args, kwds):
+        return self.encode((job, i, func, args, kwds))
+
+    @staticmethod
+    def wait_for(ready, timeout, sleep):
+        """Waits until ``ready()`` or ``timeout``; ``sleep(t)`` waits for a wake-up."""
+        if not ready():
+            sleep(timeout)
+
+    def _backlog(self):
+        # Tasks queued and not yet taken by a worker (bounds the imap feeder).
+        return len(self.pending)
 
     def wake(self):
         if self.wake_pending:
@@ -1200,7 +1345,7 @@ class _Dispatcher:
                             # dispatcher, which drains the queue before looking at the
                             # flag, cannot miss us (see _schedule).
                             self.feed_demand = True
-                            if len(self.pending) < self.feed_high:
+                            if self._backlog() < self.feed_high:
                                 self.feed_demand = False
                                 break
                             self.feed_cond.wait(1.0)
@@ -1236,7 +1381,7 @@ class _Dispatcher:
         # dispatcher does not wait long for the GIL, and round-robin between feeds.
         job = f.result._job
         for _ in range(min(self._feed_room(f), self.feed_high)):
-            if len(self.pending) >= self.feed_high or self.state == TERMINATE:
+            if self._backlog() >= self.feed_high or self.state == TERMINATE:
                 return
             idx = f.next_index
             self.feeder_in_user_code = True
@@ -1257,18 +1402,16 @@ class _Dispatcher:
             finally:
                 self.feeder_in_user_code = False
             f.next_index = idx + 1
-            if f.chunksize == 1:
-                task = (job, idx, f.func, (item,), {})
-            else:
-                task = (job, idx, mapstar, (item,), {})
-            item = None
             try:
-                payload = self.encode(task)
+                if f.chunksize == 1:
+                    payload = self.encode_task(job, idx, f.func, (item,), {})
+                else:
+                    payload = self.encode_task(job, idx, mapstar, (item,), {})
             except Exception as e:
                 self._deliver(f.result, idx, (False, e))
                 continue
             finally:
-                task = None
+                item = None
             try:
                 self.submit([(job, idx, payload)], internal=True)
             except Exception as e:
@@ -1282,6 +1425,333 @@ class _Dispatcher:
             if f in self.feeds:
                 self.feeds.remove(f)
         f.result._set_length(length)
+
+
+class _RingSlot(_Slot):
+    """A process worker of a ring pool: its claim word index and worker id."""
+
+    def __init__(self, proc, index, wid):
+        super().__init__(proc)
+        self.index = index
+        self.wid = wid
+        try:
+            self.sentinel = proc.sentinel
+        except (AttributeError, ValueError):
+            self.sentinel = None
+
+    def send_stop(self):
+        self.stopping = True
+
+    def close(self):
+        pass
+
+    exitcode_after_exit = _ProcessSlot.exitcode_after_exit
+
+
+class _RingDispatcher(_Dispatcher):
+    """The process pool's dispatcher: tasks and results travel through two shared
+    rings (see ``_Channel``). Callers write their tasks into the task ring themselves
+    and a caller waiting for a result reads the result ring itself (``wait_for``), so
+    neither path goes through this thread; it starts and replaces workers, attributes
+    the task of a worker that died, runs callbacks, and collects results that nobody
+    waits for."""
+
+    collects = True
+
+    def __init__(self, *args, **kwds):
+        super().__init__(*args, **kwds)
+        self.channel = _Channel(self.processes)
+        self.free_indexes = list(range(self.processes - 1, -1, -1))
+        self.wids = itertools.count(1)
+        self.by_wid = {}
+        self.seqs = itertools.count(1)
+        self.inflight = {}              # seq -> (job, i) of tasks not yet answered
+        self.collect_lock = threading.Lock()
+        self.handoff = collections.deque()  # (result, i, obj) for callbacks
+        self.idle = False               # the dispatcher sleeps without a tick
+        self.stops_sent = 0
+
+    def encode_task(self, job, i, func, args, kwds):
+        return queues._dumps_for_ring((func, args, kwds))
+
+    def _backlog(self):
+        # Workers take tasks straight from the ring; an imap's look-ahead bound (and
+        # the ring's own size) limit the feeder.
+        return 0
+
+    # -- submitting (any thread) ------------------------------------------------------
+
+    def submit(self, tasks, internal=False):
+        if self.state == TERMINATE or (self.state != RUN and not internal):
+            raise ValueError("Pool not running")
+        if self.broken is not None:
+            raise self.broken_error()
+        inflight = self.inflight
+        put = self.channel.tasks.put_tagged
+        seqs = self.seqs
+        for job, i, payload in tasks:
+            seq = next(seqs)
+            inflight[seq] = (job, i)
+            try:
+                put(seq, payload)
+            except BaseException:
+                inflight.pop(seq, None)
+                raise
+        if self.idle:
+            self.idle = False
+            self.wake()
+
+    # -- collecting results (any thread) ------------------------------------------------
+
+    def wait_for(self, ready, timeout, sleep):
+        """Waits until ``ready()`` or ``timeout``, reading the result ring meanwhile if
+        no other thread does; otherwise ``sleep(t)`` waits for that thread to deliver."""
+        if ready():
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        lock = self.collect_lock
+        while not ready():
+            left = _COLLECT_SLICE
+            if deadline is not None:
+                left = min(left, deadline - time.monotonic())
+                if left <= 0:
+                    return
+            if self.torn_down or self.foreign() or not lock.acquire(False):
+                sleep(min(left, 0.002) if not self.torn_down else left)
+                continue
+            try:
+                self._collect(ready, deadline)
+            finally:
+                lock.release()
+
+    def _collect(self, ready, deadline):
+        get = self.channel.results.get_tagged
+        route = self._route
+        while not ready() and not self.torn_down:
+            left = _COLLECT_SLICE
+            if deadline is not None:
+                left = min(left, deadline - time.monotonic())
+                if left <= 0:
+                    return
+            try:
+                tag, ok, obj = get(_loads, True, left)
+            except queue.Empty:
+                continue
+            except OSError:
+                return
+            route(tag, ok, obj, False)
+            obj = None
+
+    def drain(self, in_dispatcher=False):
+        """Routes the results already in the ring, if no other thread is reading it."""
+        if not self.channel.results.has_data() or not self.collect_lock.acquire(False):
+            return
+        try:
+            get = self.channel.results.get_tagged
+            while True:
+                try:
+                    tag, ok, obj = get(_loads, False)
+                except (queue.Empty, OSError):
+                    return
+                self._route(tag, ok, obj, in_dispatcher)
+                obj = None
+        finally:
+            self.collect_lock.release()
+
+    def _route(self, tag, ok, obj, in_dispatcher):
+        if tag & _CTL:
+            self._on_control(tag, ok, obj)
+            return
+        where = self.inflight.pop(tag & _SEQ_MASK, None)
+        if where is None:
+            return      # answered already (failed by a death verdict, or terminated)
+        r = self.cache.get(where[0])
+        if r is None:
+            return
+        obj = (ok and not tag & _FAIL, obj)
+        if r._has_callbacks and not in_dispatcher:
+            # Callbacks run in the dispatcher thread, as in the stdlib's result handler.
+            self.handoff.append((r, where[1], obj))
+            self.wake()
+            return
+        self._deliver(r, where[1], obj)
+
+    def _on_control(self, tag, ok, obj):
+        kind = (tag >> 40) & 0xff
+        if kind == _CTL_NUDGE:
+            return
+        with self.lock:
+            slot = self.by_wid.get(tag & _WID_MASK)
+            if slot is None:
+                return
+            if kind == _CTL_READY:
+                slot.ready = True
+                self.failed_starts = 0
+                self.retry_at = 0.0
+            elif kind == _CTL_INIT_FAILED:
+                slot.init_error = obj
+
+    def _nudge(self):
+        # Wakes a caller blocked reading the result ring, so it looks at its result
+        # again (failed by a death verdict or by terminate()).
+        if self.collect_lock.locked():
+            try:
+                self.channel.results.put_tagged(_ctl_tag(_CTL_NUDGE, 0), _NONE_PICKLE)
+            except OSError:
+                pass
+
+    # -- workers (called with self.lock held) ---------------------------------------
+
+    def _start_worker(self):
+        index = self.free_indexes.pop()
+        self.channel.claims.store_word(index, 0)
+        wid = next(self.wids)
+        w = self.Process(self.ctx, target=_ring_worker,
+                         args=(self.channel, index, wid, self.initializer, self.initargs,
+                               self.maxtasks, self.wrap_exception))
+        w.name = w.name.replace('Process', 'PoolWorker')
+        w.daemon = True
+        try:
+            w.start()
+        except BaseException:
+            self.free_indexes.append(index)
+            raise
+        slot = _RingSlot(w, index, wid)
+        self.by_wid[wid] = slot
+        self.slots.append(slot)
+        self.pool.append(w)
+        util.debug('added worker')
+
+    def _schedule_ring(self):
+        if self.broken is not None:
+            # Tasks that no live worker holds will not run: fail them.
+            claims = self.channel.claims
+            held = {claims.load_word(s.index) for s in self.slots}
+            for seq in [q for q in self.inflight if q not in held]:
+                where = self.inflight.pop(seq, None)
+                r = self.cache.get(where[0]) if where is not None else None
+                if r is not None:
+                    self.handoff.append((r, where[1], (False, self.broken_error())))
+            self._send_stops()
+            return
+        if self.state == CLOSE and not self.cache:
+            self._send_stops()
+
+    def _send_stops(self):
+        n = 0
+        for s in self.slots:
+            if not s.stopping:
+                s.send_stop()
+                n += 1
+        for _ in range(n):
+            self.channel.tasks.put_tagged(_STOP_TAG, _NONE_PICKLE)
+
+    # -- the dispatcher thread --------------------------------------------------------------
+
+    def _loop(self):
+        while True:
+            with self.lock:
+                if self.state == TERMINATE:
+                    return
+                self._maintain()
+                self._schedule_ring()
+                finished = self.state != RUN and not self.slots and (
+                    not self.cache or self.broken is not None)
+                slots = list(self.slots)
+                timeout = None
+                if self.retry_at and self._wants_workers() \
+                        and len(self.slots) < self.processes:
+                    timeout = max(0, int((self.retry_at - time.monotonic()) * 1000))
+                watch = bool(self.inflight) or any(not s.ready for s in slots)
+                if watch:
+                    left = max(0, int((self.next_liveness - time.monotonic()) * 1000))
+                    timeout = left if timeout is None else min(timeout, left)
+            self._run_handoff()
+            if finished:
+                return      # the teardown fails whatever a broken pool left
+            self.drain(True)
+            self._run_handoff()
+            # Tick while results may come that nobody waits for; otherwise sleep until
+            # a submit() wakes us (it looks at self.idle after adding its task).
+            self.idle = True
+            if self.inflight or self.channel.results.has_data():
+                self.idle = False
+                tick = int(_BACKGROUND_TICK * 1000)
+                timeout = tick if timeout is None else min(timeout, tick)
+            poller = select.poll()
+            handlers = {self.wake_r: None}
+            poller.register(self.wake_r, select.POLLIN)
+            for s in slots:
+                if s.sentinel is not None:
+                    poller.register(s.sentinel, select.POLLIN)
+                    handlers[s.sentinel] = s
+            events = poller.poll(timeout)
+            self.idle = False
+            exits = []
+            for fd, _ in events:
+                s = handlers[fd]
+                if s is None:
+                    self._drain_wake()
+                else:
+                    exits.append(s)
+            for s in exits:
+                self._on_exit(s)
+            s = exits = None
+            if watch and time.monotonic() >= self.next_liveness:
+                self._check_liveness()
+
+    def _run_handoff(self):
+        handoff = self.handoff
+        while handoff:
+            try:
+                r, i, obj = handoff.popleft()
+            except IndexError:
+                break
+            self._deliver(r, i, obj)
+            r = obj = None
+
+    def _on_exit(self, slot):
+        exitcode = slot.exitcode_after_exit()
+        proc = slot.proc
+        # What it wrote before it died (its READY, a result) comes first.
+        self.drain(True)
+        seq = self.channel.claims.load_word(slot.index)
+        lost = None
+        with self.lock:
+            if slot in self.slots:
+                self.slots.remove(slot)
+            if proc in self.pool:
+                self.pool.remove(proc)
+            self.by_wid.pop(slot.wid, None)
+            self.channel.claims.store_word(slot.index, 0)
+            self.free_indexes.append(slot.index)
+            if seq:
+                lost = self.inflight.pop(seq, None)
+            if not slot.ready and lost is None:
+                cause = slot.init_error
+                if cause is None:
+                    cause = _error_class('WorkerLostError')(
+                        '%s exited with code %s before it was ready'
+                        % (slot.describe(), _exit_description(exitcode)),
+                        getattr(proc, 'pid', None), exitcode)
+                self._failed_start(cause)
+        util.debug('pool worker exited: %s' % slot.describe())
+        if lost is not None:
+            r = self.cache.get(lost[0])
+            if r is not None:
+                message = '%s died while running this task: exit code %s' % (
+                    slot.describe(), _exit_description(exitcode))
+                exc = _error_class('WorkerLostError')(
+                    message, getattr(proc, 'pid', None), exitcode)
+                self._deliver(r, lost[1], (False, exc))
+            self._nudge()
+
+    def _teardown(self, failure=None):
+        super()._teardown(failure)
+        self.inflight.clear()
+        self.handoff.clear()
+        self._nudge()
+        self.channel.tasks.abandon()
 
 
 class _PoolCache(dict):
@@ -1346,7 +1816,8 @@ class Pool(object):
             raise TypeError('initializer must be a callable')
 
         self._processes = processes
-        self._disp = _Dispatcher(
+        dispatcher = _Dispatcher if self._threads else _RingDispatcher
+        self._disp = dispatcher(
             self._ctx, self.Process, processes, self._pool, self._cache,
             initializer, initargs, maxtasksperchild, self._wrap_exception,
             type(self)._encode_task, self._threads)
@@ -1431,7 +1902,7 @@ class Pool(object):
         result = ApplyResult(self, callback, error_callback)
         job = result._job
         try:
-            payload = self._encode_task((job, 0, func, args, kwds))
+            payload = self._disp.encode_task(job, 0, func, args, kwds)
             self._disp.submit([(job, 0, payload)])
         except BaseException:
             self._cache._forget(job)
@@ -1467,8 +1938,10 @@ class Pool(object):
         if chunksize <= 0:
             return result
         job = result._job
-        encode = self._encode_task
-        submit = self._disp.submit
+        disp = self._disp
+        encode = disp.encode_task
+        submit = disp.submit
+        drain = getattr(disp, 'drain', None)
         produced = 0
         try:
             chunks = Pool._get_tasks(func, iterable, chunksize)
@@ -1483,13 +1956,17 @@ class Pool(object):
                     result._set(produced, (False, e))
                     produced += 1
                     break
-                batch.append((job, produced, encode((job, produced, mapper, (chunk,), {}))))
+                batch.append((job, produced, encode(job, produced, mapper, (chunk,), {})))
                 chunk = None
                 produced += 1
                 # The first chunk goes at once, so a worker starts while we pickle on.
                 if produced == 1 or len(batch) >= 16:
                     submit(batch)
                     batch = []
+                    if drain is not None:
+                        # Take in the results that came meanwhile, here rather than
+                        # in the dispatcher thread, which would wait for our GIL.
+                        drain()
             if batch:
                 submit(batch)
         except BaseException:
@@ -1607,6 +2084,8 @@ class ApplyResult(object):
         self._cache = pool._cache
         self._callback = callback
         self._error_callback = error_callback
+        self._has_callbacks = bool(callback or error_callback)
+        self._disp = pool._disp
         self._cache[self._job] = self
 
     def ready(self):
@@ -1618,7 +2097,9 @@ class ApplyResult(object):
         return self._success
 
     def wait(self, timeout=None):
-        self._event.wait(timeout)
+        event = self._event
+        if not event.is_set():
+            self._disp.wait_for(event.is_set, timeout, event.wait)
 
     def get(self, timeout=None):
         self.wait(timeout)
@@ -1721,8 +2202,11 @@ class MapResult(ApplyResult):
 class IMapIterator(object):
     """The iterator ``imap`` returns: results in order, as they arrive."""
 
+    _has_callbacks = False
+
     def __init__(self, pool):
         self._pool = pool
+        self._disp = pool._disp
         self._cond = threading.Condition(threading.Lock())
         self._job = next(job_counter)
         self._cache = pool._cache
@@ -1739,7 +2223,20 @@ class IMapIterator(object):
     def __iter__(self):
         return self
 
+    def _ready_to_take(self):
+        return bool(self._items) or self._index == self._length
+
+    def _sleep(self, timeout):
+        with self._cond:
+            if not self._ready_to_take():
+                self._cond.wait(timeout)
+
     def next(self, timeout=None):
+        disp = self._disp
+        if disp.collects and not self._items:
+            # Collect results here (or wait for whoever does); then only look.
+            disp.wait_for(self._ready_to_take, timeout, self._sleep)
+            timeout = 0
         with self._cond:
             try:
                 item = self._items.popleft()

@@ -14,7 +14,7 @@ use crate::error::Error;
 mod connection;
 mod process;
 mod ring;
-mod shm;
+pub(crate) mod shm;
 mod sync;
 
 /// The one conversion from core errors to Python exceptions.

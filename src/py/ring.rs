@@ -15,6 +15,7 @@
 //! `loads(inband, buffers=payloads)`, so a large payload is copied once on each side.
 
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use pyo3::types::{
 };
 
 use crate::error::{Error, Result};
+use crate::py::shm::PySegment;
 use crate::py::{blocking, deadline, uninit_bytes};
 use crate::ring::{self, Dest, Msg};
 use crate::shm::Segment;
@@ -148,6 +150,8 @@ enum Landing {
     Raw(Py<PyBytes>),
     /// Another natively encoded scalar (format, encoding).
     Native(u16, Vec<u8>),
+    /// A tagged message: its tag, in-band pickle and out-of-band payloads.
+    Tagged(u64, Py<PyBytes>, Vec<Py<PyAny>>),
 }
 
 fn empty_exc(py: Python<'_>) -> PyResult<PyErr> {
@@ -269,9 +273,51 @@ impl Ring {
     }
 }
 
+/// The buffers of an envelope whose header (`head`, its payload table starting at
+/// `table`) announces its in-band pickle and out-of-band payloads, `n` bytes in all.
+type Envelope = (Py<PyBytes>, Vec<Py<PyAny>>, Vec<(*mut u8, usize)>);
+
+fn envelope(py: Python<'_>, head: &[u8], table: usize, n: usize) -> Result<Envelope> {
+    let count = head
+        .get(4..8)
+        .map(|s| u32::from_le_bytes(s.try_into().unwrap()) as usize)
+        .ok_or(Error::BadLength(head.len() as i64))?;
+    if count > MAX_PAYLOADS || head.len() != table + 16 * count {
+        return Err(Error::BadLength(head.len() as i64));
+    }
+    let inband_len = u64_at(head, 8)? as usize;
+    let (inband, p) = new_bytes(py, inband_len)?;
+    let mut segs = vec![(p, inband_len)];
+    let mut objs = Vec::with_capacity(count);
+    for i in 0..count {
+        let kind = u64_at(head, table + 16 * i)?;
+        let len = u64_at(head, table + 8 + 16 * i)? as usize;
+        let (obj, p) = if kind == 0 {
+            let (b, p) = new_bytes(py, len)?;
+            (b.into_any(), p)
+        } else {
+            let (b, p) = new_bytearray(py, len)?;
+            (b.into_any(), p)
+        };
+        objs.push(obj);
+        segs.push((p, len));
+    }
+    if segs.iter().map(|s| s.1).sum::<usize>() != n {
+        return Err(Error::BadLength(n as i64));
+    }
+    Ok((inband, objs, segs))
+}
+
 impl Ring {
     /// The destination of a message: see [`ring::Ring::get`].
-    fn landing(&self, py: Python<'_>, fmt: u16, n: usize, head: &[u8]) -> Result<(Landing, Dest)> {
+    fn landing(
+        &self,
+        py: Python<'_>,
+        fmt: u16,
+        n: usize,
+        head: &[u8],
+        claim: Option<&AtomicU64>,
+    ) -> Result<(Landing, Dest)> {
         match fmt {
             0 if n < BIG => {
                 let (b, p) = new_bytes(py, n)?;
@@ -294,34 +340,19 @@ impl Ring {
                 Ok((Landing::Scratch(ba, n), Dest::One((p, n))))
             }
             ring::FMT_HEADED => {
-                let count = head
-                    .get(4..8)
-                    .map(|s| u32::from_le_bytes(s.try_into().unwrap()) as usize)
-                    .ok_or(Error::BadLength(head.len() as i64))?;
-                if count > MAX_PAYLOADS || head.len() != 16 + 16 * count {
-                    return Err(Error::BadLength(head.len() as i64));
-                }
-                let inband_len = u64_at(head, 8)? as usize;
-                let (inband, p) = new_bytes(py, inband_len)?;
-                let mut segs = vec![(p, inband_len)];
-                let mut objs = Vec::with_capacity(count);
-                for i in 0..count {
-                    let kind = u64_at(head, 16 + 16 * i)?;
-                    let len = u64_at(head, 24 + 16 * i)? as usize;
-                    let (obj, p) = if kind == 0 {
-                        let (b, p) = new_bytes(py, len)?;
-                        (b.into_any(), p)
-                    } else {
-                        let (b, p) = new_bytearray(py, len)?;
-                        (b.into_any(), p)
-                    };
-                    objs.push(obj);
-                    segs.push((p, len));
-                }
-                if segs.iter().map(|s| s.1).sum::<usize>() != n {
-                    return Err(Error::BadLength(n as i64));
-                }
+                let (inband, objs, segs) = envelope(py, head, 16, n)?;
                 Ok((Landing::Envelope(inband, objs), Dest::Many(segs)))
+            }
+            ring::FMT_TAGGED => {
+                let tag = u64_at(head, 16)?;
+                let (inband, objs, segs) = envelope(py, head, 24, n)?;
+                // Stored before the ring moves past the message: a consumer that dies
+                // after this leaves the tag behind, one that dies before leaves the
+                // message to the next consumer (see the ring's read lock recovery).
+                if let Some(c) = claim {
+                    c.store(tag, Ordering::Release);
+                }
+                Ok((Landing::Tagged(tag, inband, objs), Dest::Many(segs)))
             }
             FMT_BYTES => {
                 let (b, p) = new_bytes(py, n)?;
@@ -337,19 +368,25 @@ impl Ring {
     }
 
     /// Takes a message into a landing, waiting as `get_obj` describes.
-    fn take(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> PyResult<Option<Landing>> {
+    fn take(
+        &self,
+        py: Python<'_>,
+        block: bool,
+        timeout: Option<f64>,
+        claim: Option<&AtomicU64>,
+    ) -> PyResult<Option<Landing>> {
         let r = &self.inner;
         if r.is_abandoned() {
             return Err(pyo3::exceptions::PyOSError::new_err("handle is closed"));
         }
-        let fast = r.try_get(&mut |f, n, h| self.landing(py, f, n, h))?;
+        let fast = r.try_get(&mut |f, n, h| self.landing(py, f, n, h, claim))?;
         if fast.is_some() {
             return Ok(fast);
         }
         // A message is often a fraction of a microsecond away: wait that long with the
         // GIL held, since giving it up and taking it back costs more.
         if block && crate::spin::spin_briefly(GIL_SPIN, || r.has_data()) {
-            let fast = r.try_get(&mut |f, n, h| self.landing(py, f, n, h))?;
+            let fast = r.try_get(&mut |f, n, h| self.landing(py, f, n, h, claim))?;
             if fast.is_some() {
                 return Ok(fast);
             }
@@ -362,7 +399,7 @@ impl Ring {
         blocking(py, |intr| {
             r.get(
                 dl,
-                &mut |f, n, h| Python::attach(|py| self.landing(py, f, n, h)),
+                &mut |f, n, h| Python::attach(|py| self.landing(py, f, n, h, claim)),
                 intr,
             )
         })
@@ -460,6 +497,117 @@ impl Ring {
         Ok(true)
     }
 
+    /// Puts `data` (bytes, or an envelope tuple) on an unbounded ring as a message
+    /// tagged with `tag`, waiting for room if needed; then, if `claims` is given, clears
+    /// its word `slot` (a pool worker's "running task" word: the result is out).
+    #[pyo3(signature = (tag, data, claims=None, slot=0))]
+    fn put_tagged(
+        &self,
+        py: Python<'_>,
+        tag: u64,
+        data: &Bound<'_, PyAny>,
+        claims: Option<&Bound<'_, PySegment>>,
+        slot: usize,
+    ) -> PyResult<()> {
+        let claim = claims.map(|c| c.get().word(slot)).transpose()?;
+        let mut head = Vec::with_capacity(24);
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(4);
+        let tagged = |head: &mut Vec<u8>, n: u32, inband: u64, table: &[u8]| {
+            head.extend_from_slice(&(24 + table.len() as u32).to_le_bytes());
+            head.extend_from_slice(&n.to_le_bytes());
+            head.extend_from_slice(&inband.to_le_bytes());
+            head.extend_from_slice(&tag.to_le_bytes());
+            head.extend_from_slice(table);
+        };
+        let t;
+        let mut rest: Vec<&[u8]> = Vec::new();
+        if let Ok(b) = data.cast::<PyBytes>() {
+            tagged(&mut head, 0, b.as_bytes().len() as u64, &[]);
+            rest.push(b.as_bytes());
+        } else {
+            t = data.cast::<PyTuple>()?;
+            let mut items = Vec::with_capacity(t.len());
+            for item in t.iter() {
+                let b = item.cast_into::<PyBytes>()?;
+                // SAFETY: the tuple keeps each bytes object alive while `data` is
+                // borrowed, and bytes are immutable.
+                items.push(unsafe { std::slice::from_raw_parts(b.as_bytes().as_ptr(), b.len()?) });
+            }
+            let env = items.first().copied().unwrap_or(&[]);
+            if env.len() < 16 || items.len() < 2 {
+                return Err(pyo3::exceptions::PyValueError::new_err("bad envelope"));
+            }
+            let n = u32::from_le_bytes(env[4..8].try_into().unwrap());
+            let inband = u64::from_le_bytes(env[8..16].try_into().unwrap());
+            tagged(&mut head, n, inband, &env[16..]);
+            rest.extend_from_slice(&items[1..]);
+        }
+        parts.push(&head);
+        parts.extend_from_slice(&rest);
+        let msg = Msg {
+            parts: &parts,
+            fmt: ring::FMT_TAGGED,
+        };
+        let r = &self.inner;
+        if !r.reserve(Some(Instant::now()), &mut || Ok(()))? {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "put_tagged() needs an unbounded ring",
+            ));
+        }
+        if !r.try_write(msg) {
+            blocking(py, |intr| r.write(msg, intr))?;
+        }
+        if let Some(c) = claim {
+            c.store(0, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Takes the next message, which must be tagged, and returns `(tag, True,
+    /// loads(message))`, or `(tag, False, exception)` when `loads` raised an Exception.
+    /// Waits as `get_obj` does. If `claims` is given, the tag is stored into its word
+    /// `slot` before the ring lets go of the message, so a consumer that dies
+    /// afterwards leaves behind which message it held.
+    #[pyo3(signature = (loads, block=true, timeout=None, claims=None, slot=0))]
+    fn get_tagged<'py>(
+        &self,
+        py: Python<'py>,
+        loads: &Bound<'py, PyAny>,
+        block: bool,
+        timeout: Option<f64>,
+        claims: Option<&Bound<'py, PySegment>>,
+        slot: usize,
+    ) -> PyResult<(u64, bool, Bound<'py, PyAny>)> {
+        let claim = claims.map(|c| c.get().word(slot)).transpose()?;
+        match self.take(py, block, timeout, claim)? {
+            None => Err(empty_exc(py)?),
+            Some(Landing::Tagged(tag, inband, objs)) => {
+                let r = if objs.is_empty() {
+                    loads.call1((inband,))
+                } else {
+                    let kw = PyDict::new(py);
+                    kw.set_item("buffers", PyList::new(py, objs)?)?;
+                    loads.call((inband,), Some(&kw))
+                };
+                match r {
+                    Ok(obj) => Ok((tag, true, obj)),
+                    Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(py) => {
+                        Ok((tag, false, e.into_value(py).into_bound(py).into_any()))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Some(_) => Err(pyo3::exceptions::PyValueError::new_err(
+                "an untagged message on a tagged ring",
+            )),
+        }
+    }
+
+    /// Whether a message (or part of one) waits to be read.
+    fn has_data(&self) -> bool {
+        self.inner.has_data()
+    }
+
     /// `offer(obj, block=True, timeout=None, write=True)` for a scalar that travels
     /// natively; 3, doing nothing, for anything else (the caller pickles it).
     fn offer_obj(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<u8> {
@@ -548,8 +696,11 @@ impl Ring {
         block: bool,
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        match self.take(py, block, timeout)? {
+        match self.take(py, block, timeout, None)? {
             None => Err(empty_exc(py)?),
+            Some(Landing::Tagged(..)) => Err(pyo3::exceptions::PyValueError::new_err(
+                "a tagged message on a queue ring",
+            )),
             Some(Landing::Bytes(b)) => loads.call1((b,)),
             Some(Landing::Raw(b)) => Ok(b.into_bound(py).into_any()),
             Some(Landing::Native(fmt, v)) => decode_native(py, fmt, &v),

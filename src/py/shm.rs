@@ -53,6 +53,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use nix::fcntl::OFlag;
@@ -72,6 +73,24 @@ use crate::shm::Segment;
 #[pyclass(name = "Segment", module = "ferromp._core", frozen)]
 pub(crate) struct PySegment {
     seg: Segment,
+}
+
+/// Bytes between the words [`PySegment::word`] hands out: one cache line each, so
+/// processes storing to neighbouring words do not slow each other down.
+pub(crate) const WORD_STRIDE: usize = 64;
+
+impl PySegment {
+    /// The `index`-th 64-bit word of the segment, [`WORD_STRIDE`] bytes apart.
+    pub(crate) fn word(&self, index: usize) -> PyResult<&AtomicU64> {
+        let at = index
+            .checked_mul(WORD_STRIDE)
+            .filter(|at| at + 8 <= self.seg.len())
+            .ok_or_else(|| PyValueError::new_err("word index out of range"))?;
+        // SAFETY: at + 8 is within the mapping, which lives as long as self; the mapping
+        // is page aligned and `at` a multiple of 64, so the word is aligned; other
+        // processes only ever access these words atomically too.
+        Ok(unsafe { &*(self.seg.as_ptr().add(at) as *const AtomicU64) })
+    }
 }
 
 #[pymethods]
@@ -123,6 +142,18 @@ impl PySegment {
 
     fn __len__(&self) -> usize {
         self.seg.len()
+    }
+
+    /// Reads the `index`-th word (see `store_word`).
+    fn load_word(&self, index: usize) -> PyResult<u64> {
+        Ok(self.word(index)?.load(Ordering::Acquire))
+    }
+
+    /// Stores `value` into the `index`-th 64-bit word, the words being 64 bytes apart
+    /// (the pool's per-worker claims).
+    fn store_word(&self, index: usize, value: u64) -> PyResult<()> {
+        self.word(index)?.store(value, Ordering::Release);
+        Ok(())
     }
 
     fn __repr__(&self) -> String {
