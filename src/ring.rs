@@ -129,6 +129,12 @@ struct Pos {
 struct Wait {
     seq: AtomicU32,
     waiters: AtomicU32,
+    /// Non-zero while one waiter spins for the condition: the system-wide monotonic
+    /// time (ns) by which its spin ends at the latest. Only one waiter spins at a time,
+    /// and a producer that sees a live spinner skips waking the sleepers (the spinner
+    /// takes the message and passes the turn on; see [`Ring::get`]). A spinner that
+    /// died leaves a stamp that expires by itself.
+    spin_until: AtomicU64,
 }
 
 #[repr(C)]
@@ -288,6 +294,8 @@ pub struct Ring {
     /// ever drain the ring again, so writes waiting for room stop with EPIPE, as a
     /// write to a pipe without readers does.
     abandoned: AtomicBool,
+    /// The spin stamp this handle set with [`hold_spin`](Self::hold_spin), if any.
+    held_stamp: AtomicU64,
 }
 
 // SAFETY: the shared header is only touched through atomics and the semaphores (which
@@ -393,6 +401,7 @@ impl Ring {
             bell_r,
             bell_w,
             abandoned: AtomicBool::new(false),
+            held_stamp: AtomicU64::new(0),
         })
     }
 
@@ -459,7 +468,7 @@ impl Ring {
         if deadline.is_some_and(|d| start >= d) {
             return Ok(false);
         }
-        if spin::spin_until(deadline, &mut *ready) {
+        if self.spin_solo(w, deadline, &mut *ready) {
             return Ok(true);
         }
         w.waiters.fetch_add(1, Ordering::SeqCst);
@@ -486,6 +495,77 @@ impl Ring {
         w.waiters.fetch_sub(1, Ordering::SeqCst);
         spin::note_blocked(start.elapsed());
         r
+    }
+
+    /// Spins for `ready` if no other waiter of `w` spins now (one spinner is enough: it
+    /// takes what comes, and more spinners would only take CPUs from the processes
+    /// that produce it).
+    fn spin_solo(
+        &self,
+        w: &Wait,
+        deadline: Option<Instant>,
+        ready: &mut dyn FnMut() -> bool,
+    ) -> bool {
+        let now = mono_ns();
+        let cur = w.spin_until.load(Ordering::SeqCst);
+        let mine = self.held_stamp.swap(0, Ordering::Relaxed);
+        if cur != 0 && cur > now && cur != mine {
+            return false;
+        }
+        let stamp = now + spin::MAX_BUDGET_NS + 1;
+        if w.spin_until
+            .compare_exchange(cur, stamp, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
+        let got = spin::spin_until(deadline, ready);
+        w.spin_until.store(0, Ordering::SeqCst);
+        got
+    }
+
+    /// Announces that this handle is about to wait for a message (say, once it has
+    /// answered the one it holds): from now on, for at most the longest spin, it counts
+    /// as the consumer that spins, so producers do not wake a sleeping one for the next
+    /// message. The next `get` takes over the stamp, and any `get` that returns ends it.
+    pub fn hold_spin(&self) {
+        let w = &self.h().data.0;
+        let now = mono_ns();
+        let cur = w.spin_until.load(Ordering::SeqCst);
+        if cur != 0 && cur > now {
+            return;
+        }
+        let stamp = now + spin::MAX_BUDGET_NS + 1;
+        if w.spin_until
+            .compare_exchange(cur, stamp, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            self.held_stamp.store(stamp, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends a [`hold_spin`](Self::hold_spin) that no spin took over.
+    fn drop_hold(&self) {
+        let mine = self.held_stamp.swap(0, Ordering::Relaxed);
+        if mine != 0 {
+            let w = &self.h().data.0;
+            let _ = w
+                .spin_until
+                .compare_exchange(mine, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
+    /// Wakes the sleepers of `w` after a `SeqCst` store that changed their condition,
+    /// unless a waiter spins for it right now (that one will see the change).
+    fn wake_unless_spinning(w: &Wait) {
+        if w.waiters.load(Ordering::SeqCst) != 0 {
+            let s = w.spin_until.load(Ordering::SeqCst);
+            if s != 0 && mono_ns() < s {
+                return;
+            }
+            w.seq.fetch_add(1, Ordering::SeqCst);
+            futex_wake(&w.seq);
+        }
     }
 
     /// Wakes the sleepers of `w` after a `SeqCst` store that changed their condition.
@@ -743,7 +823,7 @@ impl Ring {
             .0
             .pos
             .store(head + REC_HDR + pad8(len as u64), Ordering::SeqCst);
-        Self::wake(&h.data.0);
+        Self::wake_unless_spinning(&h.data.0);
     }
 
     fn after_put(&self) {
@@ -822,6 +902,10 @@ impl Ring {
         let _ = self.rlock.release();
         if matches!(out, Ok(Some(_))) {
             self.after_get();
+            self.drop_hold();
+            if self.has_data() {
+                Self::wake(&h.data.0);
+            }
         }
         out
     }
@@ -836,19 +920,46 @@ impl Ring {
     /// counts what follows it (for other formats `head` is empty). The buffers must stay valid until the value is returned.
     /// The deadline covers waiting for a message to start; once a chunked message has
     /// started, the call waits for its end (or its abort).
+    ///
+    /// Consumers wait for a message before they take the read lock, not holding it, so
+    /// idle consumers neither queue on the lock nor wake each other on every message.
+    /// One of them spins and the others sleep; whoever takes a message and sees more
+    /// behind it wakes the sleepers (producers skip that while someone spins).
     pub fn get<B>(
         &self,
         deadline: Option<Instant>,
         alloc: Alloc<'_, B>,
         intr: Intr,
     ) -> Result<Option<B>> {
-        if !self.lock(&self.rlock, deadline, intr)? {
-            return Ok(None);
-        }
-        let r = self.get_locked(deadline, alloc, intr);
-        let _ = self.rlock.release();
-        if matches!(r, Ok(Some(_))) {
-            self.after_get();
+        let h = self.h();
+        let r = loop {
+            let pending = || self.has_data() || h.cons.0.open.load(Ordering::Relaxed) != 0;
+            if !pending() {
+                match self.wait_data(deadline, intr) {
+                    Ok(true) => {}
+                    other => break other.map(|_| None),
+                }
+            }
+            match self.lock(&self.rlock, deadline, intr) {
+                Ok(true) => {}
+                other => break other.map(|_| None),
+            }
+            if !pending() {
+                // Another consumer was quicker.
+                let _ = self.rlock.release();
+                continue;
+            }
+            let r = self.get_locked(deadline, alloc, intr);
+            let _ = self.rlock.release();
+            if matches!(r, Ok(Some(_))) {
+                self.after_get();
+            }
+            break r;
+        };
+        self.drop_hold();
+        // Pass the turn on: a message left behind must not wait for a sleeper's timeout.
+        if self.has_data() {
+            Self::wake(&h.data.0);
         }
         r
     }
@@ -1101,6 +1212,14 @@ impl Ring {
             c.bell_rung.store(0, Ordering::Relaxed);
         }
         let _ = self.bell_lock.release();
+    }
+}
+
+/// The system-wide monotonic clock in ns (comparable between processes).
+fn mono_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64,
+        Err(_) => 0,
     }
 }
 

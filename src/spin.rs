@@ -10,7 +10,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const MAX_BUDGET_NS: u64 = 80_000;
+/// The longest spin, in ns.
+pub const MAX_BUDGET_NS: u64 = 80_000;
 const MIN_BUDGET_NS: u64 = 2_000;
 const START_BUDGET_NS: u64 = 40_000;
 /// How long a reading of /proc/loadavg stays valid.

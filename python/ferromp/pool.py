@@ -372,12 +372,72 @@ _NONE_PICKLE = _dumps(None)
 # How long a collecting caller blocks on the result ring before it looks around again
 # (deaths and terminate() also nudge it at once; this only bounds a missed nudge).
 _COLLECT_SLICE = 0.1
-# How often the dispatcher collects results nobody waits for (callbacks, ready()).
+# How often the dispatcher collects results nobody waits for (callbacks, ready()), and
+# how often while callers collect themselves (then the tick would only take the GIL
+# and a CPU from them; a result with a callback is handed over at once anyway).
 _BACKGROUND_TICK = 0.002
+_QUIET_TICK = 0.05
 
 
 def _ctl_tag(kind, wid):
     return _CTL | (kind << 40) | wid
+
+
+# Plain functions pickle by reference (module and name): their pickle is computed once
+# per function and cached on both sides, so a task carries the function as a short
+# bytes object that the worker looks up instead of unpickling.
+_FUNC_TYPES = (types.FunctionType, types.BuiltinFunctionType)
+_FUNC_CACHE_MAX = 256
+# Arguments of these exact types pickle the same with the plain pickler as with
+# ForkingPickler, and never need out-of-band buffers when short.
+_PLAIN_ARG_TYPES = frozenset((int, float, bool, type(None)))
+_PLAIN_STR_TYPES = frozenset((str, bytes))
+_PLAIN_STR_MAX = 1024
+_plain_dumps = reduction._plain_dumps
+
+
+class _FuncCache(dict):
+    """function -> its pickle (parent side), pickle -> function (worker side)."""
+
+    def parent_key(self, func):
+        if type(func) not in _FUNC_TYPES:
+            return func
+        try:
+            return self[func]
+        except KeyError:
+            pass
+        data = _dumps(func)
+        if len(self) >= _FUNC_CACHE_MAX:
+            self.clear()
+        self[func] = data
+        return data
+
+    def worker_func(self, key):
+        if type(key) is not bytes:
+            return key
+        try:
+            return self[key]
+        except KeyError:
+            pass
+        func = _loads(key)
+        if len(self) >= _FUNC_CACHE_MAX:
+            self.clear()
+        self[key] = func
+        return func
+
+
+def _encode_ring_task(fkey, args, kwds):
+    # The plain pickler is about twice as fast as the general path for the common
+    # task whose arguments are a few scalars.
+    if not kwds and type(args) is tuple:
+        for a in args:
+            t = type(a)
+            if t not in _PLAIN_ARG_TYPES and not (
+                    t in _PLAIN_STR_TYPES and len(a) < _PLAIN_STR_MAX):
+                break
+        else:
+            return _plain_dumps((fkey, args, None), 5)
+    return queues._dumps_for_ring((fkey, args, kwds))
 
 
 class _Channel:
@@ -408,6 +468,8 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
     get = channel.tasks.get_tagged
     put = channel.results.put_tagged
     claims = channel.claims
+    hold_spin = channel.tasks.hold_spin
+    funcs = _FuncCache()
     dumps = queues._dumps_for_ring
     loads = _loads
 
@@ -443,10 +505,11 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
             break
         tag = seq
         if ok:
-            func, args, kwds = task
+            fkey, args, kwds = task
             task = None
             try:
-                value = func(*args, **kwds)
+                func = funcs.worker_func(fkey)
+                value = func(*args) if kwds is None else func(*args, **kwds)
             except Exception as e:
                 value = wrap(e)
                 tag = seq | _FAIL
@@ -455,7 +518,7 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
             # importable in this process): that task fails, the worker carries on.
             value = wrap(task)
             tag = seq | _FAIL
-        task = func = args = kwds = None
+        task = func = fkey = args = kwds = None
         try:
             data = dumps(value)
         except Exception as e:
@@ -467,9 +530,13 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
             data = _dumps(wrapped)
             tag = seq | _FAIL
         value = None
+        completed += 1
+        if maxtasks is None or completed < maxtasks:
+            # We wait for the next task right after this put: the parent need not wake
+            # an idle sibling for it.
+            hold_spin()
         put(tag, data, claims, slot)
         data = None
-        completed += 1
     util.debug('worker exiting after %d tasks' % completed)
 
 def _identity(obj):
@@ -799,12 +866,18 @@ class _Dispatcher:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
-        cache.notifier = self.wake
+        cache.notifier = self._cache_emptied
 
     # -- called from any thread ----------------------------------------------------
 
     def encode_task(self, job, i, func, args, kwds):
         return self.encode((job, i, func, args, kwds))
+
+    def _cache_emptied(self):
+        # A closed pool finishes once nothing is left to wait for; a running one
+        # has nothing to do then.
+        if self.state != RUN:
+            self.wake()
 
     @staticmethod
     def wait_for(ready, timeout, sleep):
@@ -1469,10 +1542,11 @@ class _RingDispatcher(_Dispatcher):
         self.collect_lock = threading.Lock()
         self.handoff = collections.deque()  # (result, i, obj) for callbacks
         self.idle = False               # the dispatcher sleeps without a tick
-        self.stops_sent = 0
+        self.funcs = _FuncCache()
+        self.last_collect = 0.0         # when a caller last collected results
 
     def encode_task(self, job, i, func, args, kwds):
-        return queues._dumps_for_ring((func, args, kwds))
+        return _encode_ring_task(self.funcs.parent_key(func), args, kwds)
 
     def _backlog(self):
         # Workers take tasks straight from the ring; an imap's look-ahead bound (and
@@ -1522,6 +1596,7 @@ class _RingDispatcher(_Dispatcher):
             try:
                 self._collect(ready, deadline)
             finally:
+                self.last_collect = time.monotonic()
                 lock.release()
 
     def _collect(self, ready, deadline):
@@ -1556,6 +1631,8 @@ class _RingDispatcher(_Dispatcher):
                 self._route(tag, ok, obj, in_dispatcher)
                 obj = None
         finally:
+            if not in_dispatcher:
+                self.last_collect = time.monotonic()
             self.collect_lock.release()
 
     def _route(self, tag, ok, obj, in_dispatcher):
@@ -1674,9 +1751,11 @@ class _RingDispatcher(_Dispatcher):
             # Tick while results may come that nobody waits for; otherwise sleep until
             # a submit() wakes us (it looks at self.idle after adding its task).
             self.idle = True
-            if self.inflight or self.channel.results.has_data():
+            recent = self.collect_lock.locked() or \
+                time.monotonic() - self.last_collect < _QUIET_TICK
+            if recent or self.inflight or self.channel.results.has_data():
                 self.idle = False
-                tick = int(_BACKGROUND_TICK * 1000)
+                tick = int((_QUIET_TICK if recent else _BACKGROUND_TICK) * 1000)
                 timeout = tick if timeout is None else min(timeout, tick)
             poller = select.poll()
             handlers = {self.wake_r: None}
@@ -2072,12 +2151,44 @@ class Pool(object):
 # Results
 #
 
+class _Flag:
+    """A one-shot ``threading.Event`` (set once, never cleared) at a tenth of the
+    cost: one lock, held until the flag is set."""
+
+    __slots__ = ('_flag', '_lock')
+
+    def __init__(self):
+        self._flag = False
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def is_set(self):
+        return self._flag
+
+    def set(self):
+        if not self._flag:
+            self._flag = True
+            self._lock.release()
+
+    def wait(self, timeout=None):
+        if self._flag:
+            return True
+        if timeout is None:
+            got = self._lock.acquire()
+        else:
+            got = self._lock.acquire(True, max(timeout, 0))
+        if got:
+            # Let the next waiter through too.
+            self._lock.release()
+        return self._flag
+
+
 class ApplyResult(object):
     """The pending result of one ``apply_async`` call."""
 
     def __init__(self, pool, callback, error_callback):
         self._pool = pool
-        self._event = threading.Event()
+        self._event = _Flag()
         self._lock = threading.Lock()
         self._done = False
         self._job = next(job_counter)

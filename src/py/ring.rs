@@ -603,6 +603,12 @@ impl Ring {
         }
     }
 
+    /// Tells producers that this handle will wait for the next message soon (see
+    /// the core's `Ring::hold_spin`): a pool worker says so before it posts a result.
+    fn hold_spin(&self) {
+        self.inner.hold_spin();
+    }
+
     /// Whether a message (or part of one) waits to be read.
     fn has_data(&self) -> bool {
         self.inner.has_data()
