@@ -362,7 +362,8 @@ _TASK_RING_BYTES = 4 << 20
 _RESULT_RING_BYTES = 4 << 20
 _FAIL = 1 << 63             # result tag bit: the task raised (the value is the exception)
 _CTL = 1 << 62              # result tag bit: a control message, kind << 40 | worker id
-_SEQ_MASK = _CTL - 1
+_PACKED = 1 << 61           # result tag bit: a list of plain numbers, _core.pack_list()
+_SEQ_MASK = _PACKED - 1
 _WID_MASK = (1 << 40) - 1
 _STOP_TAG = 0               # task tag: exit (task numbers start at 1)
 _CTL_READY = 1              # the initializer has run
@@ -382,6 +383,9 @@ _QUIET_TICK = 0.05
 def _ctl_tag(kind, wid):
     return _CTL | (kind << 40) | wid
 
+
+# A list result at least this long is sent packed if it holds only plain numbers.
+_PACK_MIN = 16
 
 # Plain functions pickle by reference (module and name): their pickle is computed once
 # per function and cached on both sides, so a task carries the function as a short
@@ -469,6 +473,7 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
     put = channel.results.put_tagged
     claims = channel.claims
     hold_spin = channel.tasks.hold_spin
+    pack_list = _core.pack_list
     funcs = _FuncCache()
     dumps = queues._dumps_for_ring
     loads = _loads
@@ -520,7 +525,13 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
             tag = seq | _FAIL
         task = func = fkey = args = kwds = None
         try:
-            data = dumps(value)
+            data = None
+            if type(value) is list and len(value) >= _PACK_MIN:
+                data = pack_list(value)
+                if data is not None:
+                    tag |= _PACKED
+            if data is None:
+                data = dumps(value)
         except Exception as e:
             try:
                 wrapped = MaybeEncodingError(e, value)
@@ -1609,7 +1620,7 @@ class _RingDispatcher(_Dispatcher):
                 if left <= 0:
                     return
             try:
-                tag, ok, obj = get(_loads, True, left)
+                tag, ok, obj = get(_loads, True, left, None, 0, _PACKED)
             except queue.Empty:
                 continue
             except OSError:
@@ -1625,7 +1636,7 @@ class _RingDispatcher(_Dispatcher):
             get = self.channel.results.get_tagged
             while True:
                 try:
-                    tag, ok, obj = get(_loads, False)
+                    tag, ok, obj = get(_loads, False, None, None, 0, _PACKED)
                 except (queue.Empty, OSError):
                     return
                 self._route(tag, ok, obj, in_dispatcher)
@@ -1794,6 +1805,17 @@ class _RingDispatcher(_Dispatcher):
         proc = slot.proc
         # What it wrote before it died (its READY, a result) comes first.
         self.drain(True)
+        if not slot.ready and slot.init_error is None:
+            # A caller collecting results may hold the word of why it died (its
+            # initializer's exception): give it a moment to hand that over.
+            until = time.monotonic() + 0.2
+            while time.monotonic() < until:
+                self.drain(True)
+                if slot.ready or slot.init_error is not None or (
+                        not self.collect_lock.locked()
+                        and not self.channel.results.has_data()):
+                    break
+                time.sleep(0.001)
         seq = self.channel.claims.load_word(slot.index)
         lost = None
         with self.lock:
@@ -2022,8 +2044,20 @@ class Pool(object):
         submit = disp.submit
         drain = getattr(disp, 'drain', None)
         produced = 0
+        # With one item per task, a ring pool calls the function itself rather than
+        # through mapstar, and the task's result is the item's (not a list of one).
+        single = chunksize == 1 and disp.collects
+        result._single = single
+        started = time.perf_counter()
         try:
-            chunks = Pool._get_tasks(func, iterable, chunksize)
+            if single:
+                chunks = iter(iterable)
+            elif type(iterable) in (range, list, tuple):
+                # Slices: a range's chunks are ranges, which pickle in a few bytes.
+                chunks = ((func, iterable[at:at + chunksize])
+                          for at in range(0, len(iterable), chunksize))
+            else:
+                chunks = Pool._get_tasks(func, iterable, chunksize)
             batch = []
             while True:
                 try:
@@ -2035,11 +2069,27 @@ class Pool(object):
                     result._set(produced, (False, e))
                     produced += 1
                     break
-                batch.append((job, produced, encode(job, produced, mapper, (chunk,), {})))
-                chunk = None
+                if not single:
+                    payload = encode(job, produced, mapper, (chunk,), {})
+                elif mapper is mapstar:
+                    payload = encode(job, produced, func, (chunk,), None)
+                else:
+                    try:
+                        args = tuple(chunk)
+                    except Exception as e:
+                        # As the stdlib's starmap fails in the worker.
+                        result._set(produced, (False, e))
+                        produced += 1
+                        continue
+                    payload = encode(job, produced, func, args, None)
+                batch.append((job, produced, payload))
+                chunk = payload = None
                 produced += 1
-                # The first chunk goes at once, so a worker starts while we pickle on.
-                if produced == 1 or len(batch) >= 16:
+                # Tasks go out in batches, the first one as soon as pickling has taken
+                # a moment (a worker then starts while we pickle on); cheap tasks all go
+                # at once, before the workers take the CPUs.
+                if len(batch) >= 64 or (
+                        produced == len(batch) and time.perf_counter() - started > 2e-4):
                     submit(batch)
                     batch = []
                     if drain is not None:
@@ -2269,6 +2319,8 @@ class MapResult(ApplyResult):
             self._number_left = length // chunksize + bool(length % chunksize)
             self._chunks = self._number_left
 
+    _single = False
+
     def _set(self, i, success_result):
         success, result = success_result
         with self._lock:
@@ -2276,7 +2328,10 @@ class MapResult(ApplyResult):
                 return
             self._number_left -= 1
             if success and self._success:
-                self._value[i * self._chunksize:(i + 1) * self._chunksize] = result
+                if self._single:
+                    self._value[i] = result
+                else:
+                    self._value[i * self._chunksize:(i + 1) * self._chunksize] = result
             elif not success and self._success:
                 # Only the first exception is kept.
                 self._success = False

@@ -11,6 +11,7 @@ use pyo3::types::PyBytes;
 
 use crate::error::Error;
 
+pub(crate) mod codec;
 mod connection;
 mod process;
 mod ring;
@@ -97,5 +98,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sync::register(m)?;
     shm::register(m)?;
     ring::register(m)?;
+    codec::register(m)?;
     Ok(())
 }
