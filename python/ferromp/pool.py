@@ -797,9 +797,9 @@ class _Feed:
     """An imap in progress: where the feeder is in the caller's iterable."""
 
     __slots__ = ('result', 'source', 'func', 'chunksize', 'iterator', 'next_index',
-                 'blocked')
+                 'blocked', 'inline', 'lock')
 
-    def __init__(self, result, func, source, chunksize):
+    def __init__(self, result, func, source, chunksize, inline=False):
         self.result = result
         self.func = func
         self.source = source
@@ -807,6 +807,9 @@ class _Feed:
         self.iterator = None
         self.next_index = 0
         self.blocked = False
+        # Fed by the consumer's own thread while the pool runs (see feed_inline).
+        self.inline = inline
+        self.lock = threading.Lock()
 
 
 def _report_error(what='a ferromp pool callback'):
@@ -944,9 +947,26 @@ class _Dispatcher:
             self.feeds.append(feed)
             self.feed_cond.notify()
 
+    def feed_inline(self, feed):
+        """Tops up an inline feed's tasks from the consumer's thread: its source is a
+        list, tuple or range, whose iteration cannot block, so the consumer may pull
+        it without a hand-off to the feeder thread. Once the pool is closed the feeder
+        carries it on (then nobody may be consuming)."""
+        if self.state != RUN or not feed.lock.acquire(False):
+            return
+        try:
+            if self.state == RUN and feed in self.feeds:
+                self._produce(feed, self._feed_room(feed))
+        finally:
+            feed.lock.release()
+
     def taken(self, feed):
         # Called by IMapIterator.next(): the caller took one item of this feed. Wake
-        # the feeder only once half its look-ahead is free again.
+        # the feeder (or feed inline) only once half its look-ahead is free again.
+        if feed.inline:
+            if feed.next_index - feed.result._taken <= self.lookahead // 2:
+                self.feed_inline(feed)
+            return
         if feed.blocked and (feed.next_index - feed.result._taken
                              <= self.lookahead // 2):
             feed.blocked = False
@@ -1421,6 +1441,8 @@ class _Dispatcher:
                             break
                         ready = []
                         for f in self.feeds:
+                            if f.inline and self.state == RUN:
+                                continue
                             f.blocked = self._feed_room(f) <= 0
                             if not f.blocked:
                                 ready.append(f)
@@ -1443,7 +1465,8 @@ class _Dispatcher:
                         f.result._set_length(f.next_index + 1)
                     continue
                 for f in ready:
-                    self._produce(f)
+                    with f.lock:
+                        self._produce(f)
                 ready = f = None
         except BaseException:
             _report_error('the ferromp pool feeder thread')
@@ -1460,49 +1483,72 @@ class _Dispatcher:
             return self.feed_high
         return self.lookahead - (f.next_index - f.result._taken)
 
-    def _produce(self, f):
+    def _produce(self, f, limit=None):
         # A burst of tasks from one feed, until the queue is full enough; short, so the
         # dispatcher does not wait long for the GIL, and round-robin between feeds.
         job = f.result._job
-        for _ in range(min(self._feed_room(f), self.feed_high)):
-            if self._backlog() >= self.feed_high or self.state == TERMINATE:
-                return
-            idx = f.next_index
-            self.feeder_in_user_code = True
-            try:
-                if f.iterator is None:
+        kw = None if self.collects else {}
+        if limit is None:
+            limit = min(self._feed_room(f), self.feed_high)
+        batch = []
+        try:
+            for _ in range(limit):
+                if self._backlog() >= self.feed_high or self.state == TERMINATE:
+                    return
+                idx = f.next_index
+                self.feeder_in_user_code = True
+                try:
+                    if f.iterator is None:
+                        if f.chunksize == 1:
+                            f.iterator = iter(f.source)
+                        else:
+                            f.iterator = Pool._get_tasks(f.func, f.source, f.chunksize)
+                    item = next(f.iterator)
+                except StopIteration:
+                    self._submit_feed(f, batch)
+                    batch = []
+                    self._end_feed(f, idx)
+                    return
+                except Exception as e:
+                    self._submit_feed(f, batch)
+                    batch = []
+                    self._deliver(f.result, idx, (False, e))
+                    self._end_feed(f, idx + 1)
+                    return
+                finally:
+                    self.feeder_in_user_code = False
+                f.next_index = idx + 1
+                try:
                     if f.chunksize == 1:
-                        f.iterator = iter(f.source)
+                        payload = self.encode_task(job, idx, f.func, (item,), kw)
                     else:
-                        f.iterator = Pool._get_tasks(f.func, f.source, f.chunksize)
-                item = next(f.iterator)
-            except StopIteration:
-                self._end_feed(f, idx)
-                return
-            except Exception as e:
+                        payload = self.encode_task(job, idx, mapstar, (item,), {})
+                except Exception as e:
+                    self._deliver(f.result, idx, (False, e))
+                    continue
+                finally:
+                    item = None
+                batch.append((job, idx, payload))
+                if len(batch) >= 16:
+                    if not self._submit_feed(f, batch):
+                        return
+                    batch = []
+        finally:
+            if batch:
+                self._submit_feed(f, batch)
+
+    def _submit_feed(self, f, batch):
+        if not batch:
+            return True
+        try:
+            self.submit(batch, internal=True)
+        except Exception as e:
+            # Broken or terminated meanwhile: these items fail (a terminated pool's
+            # teardown has failed the whole iterator already).
+            for _, idx, _ in batch:
                 self._deliver(f.result, idx, (False, e))
-                self._end_feed(f, idx + 1)
-                return
-            finally:
-                self.feeder_in_user_code = False
-            f.next_index = idx + 1
-            try:
-                if f.chunksize == 1:
-                    payload = self.encode_task(job, idx, f.func, (item,), {})
-                else:
-                    payload = self.encode_task(job, idx, mapstar, (item,), {})
-            except Exception as e:
-                self._deliver(f.result, idx, (False, e))
-                continue
-            finally:
-                item = None
-            try:
-                self.submit([(job, idx, payload)], internal=True)
-            except Exception as e:
-                # Broken or terminated meanwhile: this item fails (a terminated pool's
-                # teardown has failed the whole iterator already).
-                self._deliver(f.result, idx, (False, e))
-                return
+            return False
+        return True
 
     def _end_feed(self, f, length):
         with self.feed_cond:
@@ -1621,12 +1667,17 @@ class _RingDispatcher(_Dispatcher):
                     return
             try:
                 tag, ok, obj = get(_loads, True, left, None, 0, _PACKED)
+                route(tag, ok, obj, False)
+                # Whatever else has come goes along, without waiting.
+                while True:
+                    tag, ok, obj = get(_loads, False, None, None, 0, _PACKED)
+                    route(tag, ok, obj, False)
             except queue.Empty:
                 continue
             except OSError:
                 return
-            route(tag, ok, obj, False)
-            obj = None
+            finally:
+                obj = None
 
     def drain(self, in_dispatcher=False):
         """Routes the results already in the ring, if no other thread is reading it."""
@@ -2127,14 +2178,18 @@ class Pool(object):
         # call; the items are pickled by the feeder as it pulls them.
         self._encode_task(func)
         result = result_class(self)
-        feed = _Feed(result, func, iterable, chunksize)
+        disp = self._disp
+        inline = disp.collects and type(iterable) in (range, list, tuple)
+        feed = _Feed(result, func, iterable, chunksize, inline)
         result._feed = feed
-        result._on_take = self._disp.taken
+        result._on_take = disp.taken
         try:
-            self._disp.add_feed(feed)
+            disp.add_feed(feed)
         except BaseException:
             self._cache._forget(result._job)
             raise
+        if inline:
+            disp.feed_inline(feed)
         if chunksize == 1:
             return result
         return (item for chunk in result for item in chunk)
@@ -2398,27 +2453,13 @@ class IMapIterator(object):
                 self._cond.wait(timeout)
 
     def next(self, timeout=None):
-        disp = self._disp
-        if disp.collects and not self._items:
-            # Collect results here (or wait for whoever does); then only look.
-            disp.wait_for(self._ready_to_take, timeout, self._sleep)
-            timeout = 0
-        with self._cond:
-            try:
-                item = self._items.popleft()
-            except IndexError:
-                if self._index == self._length:
-                    self._pool = None
-                    raise StopIteration from None
-                self._cond.wait(timeout)
-                try:
-                    item = self._items.popleft()
-                except IndexError:
-                    if self._index == self._length:
-                        self._pool = None
-                        raise StopIteration from None
-                    raise _context.TimeoutError from None
-            self._taken += 1
+        try:
+            # Items are only appended by others (deque operations are atomic).
+            item = self._items.popleft()
+        except IndexError:
+            item = self._next_slow(timeout)
+        # Only this thread counts (the feeder just reads it).
+        self._taken += 1
         if self._on_take is not None:
             self._on_take(self._feed)
         success, value = item
@@ -2427,6 +2468,31 @@ class IMapIterator(object):
         raise value
 
     __next__ = next
+
+    def _next_slow(self, timeout):
+        disp = self._disp
+        if disp.collects and not self._items:
+            feed = self._feed
+            if feed is not None and feed.inline:
+                disp.feed_inline(feed)
+            # Collect results here (or wait for whoever does); then only look.
+            disp.wait_for(self._ready_to_take, timeout, self._sleep)
+            timeout = 0
+        with self._cond:
+            try:
+                return self._items.popleft()
+            except IndexError:
+                if self._index == self._length:
+                    self._pool = None
+                    raise StopIteration from None
+                self._cond.wait(timeout)
+                try:
+                    return self._items.popleft()
+                except IndexError:
+                    if self._index == self._length:
+                        self._pool = None
+                        raise StopIteration from None
+                    raise _context.TimeoutError from None
 
     def _complete_locked(self):
         if self._index == self._length:
