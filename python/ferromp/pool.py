@@ -112,6 +112,7 @@ import types
 import warnings
 
 from . import _core
+from . import _spill
 from . import connection
 from . import context as _context
 from . import queues
@@ -430,7 +431,7 @@ class _FuncCache(dict):
         return func
 
 
-def _encode_ring_task(fkey, args, kwds):
+def _encode_ring_task(channel, fkey, args, kwds):
     # The plain pickler is about twice as fast as the general path for the common
     # task whose arguments are a few scalars.
     if not kwds and type(args) is tuple:
@@ -441,7 +442,7 @@ def _encode_ring_task(fkey, args, kwds):
                 break
         else:
             return _plain_dumps((fkey, args, None), 5)
-    return queues._dumps_for_ring((fkey, args, kwds))
+    return channel.dumps((fkey, args, kwds))
 
 
 class _Channel:
@@ -451,17 +452,23 @@ class _Channel:
         self.tasks = _core.Ring(_TASK_RING_BYTES, 0)
         self.results = _core.Ring(_RESULT_RING_BYTES, 0)
         self.claims = _core.Segment(64 * nslots)
+        self.spill = _spill.Table()
+        _spill.register(self.spill)
 
     def __getstate__(self):
         _context.assert_spawning(self)
         return (queues._ring_state(self.tasks), queues._ring_state(self.results),
-                reduction.DupFd(self.claims.fd))
+                reduction.DupFd(self.claims.fd), self.spill)
 
     def __setstate__(self, state):
-        tasks, results, claims = state
+        tasks, results, claims, self.spill = state
         self.tasks = queues._ring_rebuild(tasks)
         self.results = queues._ring_rebuild(results)
         self.claims = _core.Segment.from_fd(claims.detach())
+
+    def dumps(self, obj):
+        # Large pickle buffers (numpy arrays...) go through shared memory (see _spill).
+        return _spill.dumps(obj, queues._dumps_for_ring, self.spill)
 
 
 def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=None,
@@ -475,7 +482,7 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
     hold_spin = channel.tasks.hold_spin
     pack_list = _core.pack_list
     funcs = _FuncCache()
-    dumps = queues._dumps_for_ring
+    dumps = channel.dumps
     loads = _loads
 
     def wrap(exc):
@@ -1603,7 +1610,7 @@ class _RingDispatcher(_Dispatcher):
         self.last_collect = 0.0         # when a caller last collected results
 
     def encode_task(self, job, i, func, args, kwds):
-        return _encode_ring_task(self.funcs.parent_key(func), args, kwds)
+        return _encode_ring_task(self.channel, self.funcs.parent_key(func), args, kwds)
 
     def _backlog(self):
         # Workers take tasks straight from the ring; an imap's look-ahead bound (and
@@ -1900,6 +1907,8 @@ class _RingDispatcher(_Dispatcher):
 
     def _teardown(self, failure=None):
         super()._teardown(failure)
+        self.channel.spill.unlink_all()
+        _spill.unregister(self.channel.spill)
         self.inflight.clear()
         self.handoff.clear()
         self._nudge()

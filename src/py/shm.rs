@@ -149,6 +149,14 @@ impl PySegment {
         Ok(self.word(index)?.load(Ordering::Acquire))
     }
 
+    /// Sets the `index`-th word to `new` if it holds `expected`; whether it did.
+    fn cas_word(&self, index: usize, expected: u64, new: u64) -> PyResult<bool> {
+        Ok(self
+            .word(index)?
+            .compare_exchange(expected, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok())
+    }
+
     /// Stores `value` into the `index`-th 64-bit word, the words being 64 bytes apart
     /// (the pool's per-worker claims).
     fn store_word(&self, index: usize, value: u64) -> PyResult<()> {
