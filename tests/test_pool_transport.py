@@ -15,7 +15,6 @@ import time
 import numpy
 import pytest
 
-import ferromp
 from ferromp import pool as fpool
 from _helpers import wait_for
 
