@@ -223,12 +223,14 @@ def test_imap_over_a_list_is_bounded_then_finished_by_close(start_method):
 def test_callbacks_run_off_the_callers_thread(start_method, std_ctx):
     for ctx in (start_method, std_ctx):
         names = []
+
+        def note(_value, names=names):
+            names.append(threading.current_thread().name)
+
         with ctx.Pool(2) as p:
-            r = p.apply_async(sqr, (3,), callback=lambda v: names.append(
-                threading.current_thread().name))
+            r = p.apply_async(sqr, (3,), callback=note)
             assert r.get(60) == 9
-            m = p.map_async(sqr, range(10), callback=lambda v: names.append(
-                threading.current_thread().name))
+            m = p.map_async(sqr, range(10), callback=note)
             assert m.get(60) == [x * x for x in range(10)]
         assert len(names) == 2 and threading.current_thread().name not in names
 
