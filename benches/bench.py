@@ -21,6 +21,9 @@ import time
 # fork()s costlier, and the comparison is of the two libraries, not of this script.
 
 IMPLS = ('multiprocessing', 'ferromp')
+# Also measured for the Pool rows, when installed: concurrent.futures'
+# ProcessPoolExecutor on a stdlib context ('cf') and loky's ProcessPoolExecutor.
+EXECUTORS = ('cf', 'loky')
 
 
 # --- child targets (module level so spawn/forkserver children can import them) ---
@@ -252,7 +255,8 @@ def shm_create_attach(mp, n):
 
 
 # Workloads whose cost does not depend on the start method run under the first only.
-ANY_METHOD = {'lock acquire+release, uncontended', 'Value(get_lock) += 1, 1 process',
+ANY_METHOD = {'Serial loop, 200k tiny calls (no pool)',
+              'lock acquire+release, uncontended', 'Value(get_lock) += 1, 1 process',
               'Value.value read', 'Value.value write', 'RawValue.value read',
               'Array[i] read', 'SharedMemory create+attach+unlink',
               'Queue put+get, same process', 'SimpleQueue put+get, same process'}
@@ -434,6 +438,69 @@ def pool_numpy_rt(mp, n):
         return (time.perf_counter() - t) / n
 
 
+def serial_tiny(mp, n):
+    """The same 200k tiny calls in a plain loop, no pool (the bar a pool must beat)."""
+    [_tiny(x) for x in range(1000)]
+    t = time.perf_counter()
+    [_tiny(x) for x in range(n)]
+    return time.perf_counter() - t
+
+
+# --- the same pool workloads on concurrent.futures executors (stdlib, loky) ---------
+
+def _executor(impl, method):
+    if impl == 'cf':
+        import concurrent.futures
+        import multiprocessing
+        return concurrent.futures.ProcessPoolExecutor(
+            2, mp_context=multiprocessing.get_context(method))
+    import loky
+    return loky.ProcessPoolExecutor(2, context=loky.backend.get_context(method))
+
+
+def executor_workload(impl, method, title, n):
+    """The executor version of a Pool row: ``map`` with the Pool's default chunk size
+    for the 200k row (an executor's own default is 1), ``map`` / ``as_completed`` for
+    the chunksize=1 rows, ``submit().result()`` for the round trips."""
+    import concurrent.futures
+    if title == 'Pool start+map+close+join':
+        t = time.perf_counter()
+        for _ in range(n):
+            ex = _executor(impl, method)
+            list(ex.map(_tiny, range(10)))
+            ex.shutdown(wait=True)
+        return (time.perf_counter() - t) / n
+    ex = _executor(impl, method)
+    try:
+        list(ex.map(_tiny, range(100)))
+        if title == 'Pool map, 200k tiny tasks':
+            list(ex.map(_tiny, range(1000), chunksize=125))
+            t = time.perf_counter()
+            list(ex.map(_tiny, range(n), chunksize=-(-n // 8)))
+            return time.perf_counter() - t
+        if title == 'Pool apply, 100 MB numpy round trip':
+            import numpy
+            a = numpy.ones(100 * 10 ** 6 // 8)
+            ex.submit(_ident, a[:10]).result()
+            t = time.perf_counter()
+            for _ in range(n):
+                ex.submit(_ident, a).result()
+            return (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        if title in ('Pool map, chunksize=1', 'Pool imap, chunksize=1'):
+            for _ in ex.map(_tiny, range(n)):
+                pass
+        elif title == 'Pool imap_unordered, chunksize=1':
+            for f in concurrent.futures.as_completed([ex.submit(_tiny, i) for i in range(n)]):
+                f.result()
+        else:
+            for i in range(n):
+                ex.submit(_tiny, i).result()
+        return (time.perf_counter() - t) / n
+    finally:
+        ex.shutdown(wait=True)
+
+
 def manager_start(mp, n):
     """Manager() start (a running server process), seconds each; shutdown untimed."""
     mp.Manager().shutdown()  # warm up: imports, and the fork server if any
@@ -553,6 +620,7 @@ WORKLOADS = [
     ('Manager dict set+get from a child', manager_dict_child, 'msgs', 5000, 1000),
     ('Manager().Queue child->parent', manager_queue, 'msgs', 5000, 1000),
     ('Manager Lock acquire+release', manager_lock, 'time', 5000, 1000),
+    ('Serial loop, 200k tiny calls (no pool)', serial_tiny, 'time', 200000, 50000),
     ('Pool map, 200k tiny tasks', pool_map_tiny, 'time', 200000, 50000),
     ('Pool map, chunksize=1', pool_map_c1, 'time', 20000, 3000),
     ('Pool imap, chunksize=1', pool_imap_c1, 'time', 20000, 3000),
@@ -588,6 +656,11 @@ def _measure(impl, method, title, n):
 
 
 def _worker(impl, method, title, n):
+    if impl in EXECUTORS:
+        import warnings
+        warnings.simplefilter('ignore')
+        print(repr(executor_workload(impl, method, title, int(n))))
+        return
     ctx = importlib.import_module(impl).get_context(method)
     fn = {w[0]: w[1] for w in WORKLOADS}[title]
     print(repr(fn(ctx, int(n))))
@@ -608,7 +681,12 @@ def main(argv=None):
     print('ferromp %s vs multiprocessing (Python %s), %d CPUs, %d repeats, medians'
           % (ferromp.__version__, sys.version.split()[0], os.cpu_count(), repeat))
     print('ratio = ferromp/stdlib for times, stdlib/ferromp for rates: below 1 is better\n')
-    header = '%-36s %-11s %14s %14s %7s' % ('workload', 'method', 'stdlib', 'ferromp', 'ratio')
+    executors = [e for e in EXECUTORS
+                 if e == 'cf' or importlib.util.find_spec(e) is not None]
+    print('Pool rows also run on ProcessPoolExecutor: cf = concurrent.futures (stdlib '
+          'context), loky; (x) = ferromp/that\n')
+    header = '%-36s %-11s %14s %14s %7s %20s %20s' % (
+        'workload', 'method', 'stdlib', 'ferromp', 'ratio', 'cf', 'loky')
     print(header)
     print('-' * len(header))
     results = []
@@ -624,16 +702,24 @@ def main(argv=None):
             n = n_quick if args.quick else n_full
             if fn is start_join and method == 'spawn':
                 n = max(2, n // 3)
-            vals = {name: [] for name in IMPLS}
+            names = IMPLS
+            if title.startswith('Pool '):
+                names = IMPLS + tuple(executors)
+            vals = {name: [] for name in names}
             for _ in range(repeat):
-                for name in IMPLS:
+                for name in names:
                     vals[name].append(_measure(name, method, title, n))
             std = statistics.median(vals['multiprocessing'])
             fer = statistics.median(vals['ferromp'])
             ratio = fer / std if kind == 'time' else std / fer
-            results.append((title, method, std, fer, ratio))
-            print('%-36s %-11s %14s %14s %7.2f' % (title, method, fmt(kind, std),
-                                                   fmt(kind, fer), ratio), flush=True)
+            extra = {e: statistics.median(vals[e]) for e in names if e in EXECUTORS}
+            results.append((title, method, std, fer, ratio, extra))
+            cols = []
+            for e in EXECUTORS:
+                v = extra.get(e)
+                cols.append('' if v is None else '%s (%.2f)' % (fmt(kind, v), fer / v))
+            print('%-36s %-11s %14s %14s %7.2f %20s %20s' % (
+                title, method, fmt(kind, std), fmt(kind, fer), ratio, *cols), flush=True)
     return results
 
 

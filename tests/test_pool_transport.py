@@ -50,6 +50,11 @@ def kill_self_with(_arg):
     time.sleep(10)
 
 
+def segfault(_arg=None):
+    import ctypes
+    ctypes.string_at(0)
+
+
 class MyInt(int):
     pass
 
@@ -148,6 +153,17 @@ def test_worker_killed_holding_a_large_task(start_method):
         with pytest.raises(fpool.WorkerLostError):
             r.get(60)
         assert (p.apply(twice, (a,)) == 2).all()
+
+
+@pytest.mark.timeout(120)
+def test_worker_segfault_fails_only_its_task(start_method):
+    with start_method.Pool(2) as p:
+        others = [p.apply_async(sqr, (i, 0.01)) for i in range(10)]
+        r = p.apply_async(segfault)
+        err = pytest.raises(fpool.WorkerLostError, r.get, 60).value
+        assert err.exitcode == -signal.SIGSEGV and "SIGSEGV" in str(err)
+        assert [o.get(60) for o in others] == [i * i for i in range(10)]
+        assert p.map(sqr, range(30)) == [x * x for x in range(30)]
 
 
 # --- packed list results ----------------------------------------------------------------
