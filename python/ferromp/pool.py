@@ -467,6 +467,9 @@ class _Channel:
         self.claims = _core.Segment.from_fd(claims.detach())
 
     def dumps(self, obj):
+        t = type(obj)
+        if t in _PLAIN_ARG_TYPES or (t in _PLAIN_STR_TYPES and len(obj) < _PLAIN_STR_MAX):
+            return _plain_dumps(obj, 5)
         # Large pickle buffers (numpy arrays...) go through shared memory (see _spill).
         return _spill.dumps(obj, queues._dumps_for_ring, self.spill)
 
