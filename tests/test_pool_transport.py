@@ -1,7 +1,7 @@
 """The process pool's transport (issue 5), under fork, spawn and forkserver.
 
 Tasks and results travel through two shared rings, a worker's claim word names the
-task it holds, list results of plain numbers travel packed, large pickle buffers go
+task it holds, large pickle buffers go
 through a per-pool table of shared-memory segments, and an imap over a list, tuple or
 range is fed from the consumer's own thread. Results must match the stdlib's (the
 oracle) and nothing may be left in /dev/shm.
@@ -166,7 +166,7 @@ def test_worker_segfault_fails_only_its_task(start_method):
         assert p.map(sqr, range(30)) == [x * x for x in range(30)]
 
 
-# --- packed list results ----------------------------------------------------------------
+# --- list results ----------------------------------------------------------------
 
 @pytest.mark.timeout(120)
 def test_list_results_keep_their_types(start_method, std_ctx):
@@ -301,20 +301,3 @@ def test_idle_worker_killed_loses_nothing(start_method):
         except fpool.WorkerLostError:
             assert done == 50
         assert p.map(sqr, range(20)) == [x * x for x in range(20)]
-
-
-def test_packing_helpers_are_exact():
-    from ferromp import _core
-    for lst in LISTS.values():
-        packed = _core.pack_list(lst)
-        if packed is None:
-            continue
-        back = _core.unpack_list(packed)
-        assert back == lst and [type(x) for x in back] == [type(x) for x in lst]
-    assert _core.pack_list(LISTS["big ints"]) is None
-    assert _core.pack_list(LISTS["bools"]) is None
-    assert _core.pack_list(LISTS["int subclass"]) is None
-    assert _core.pack_list(LISTS["ints then a float"]) is None
-    assert _core.pack_list((1, 2, 3)) is None
-    with pytest.raises(ValueError):
-        _core.unpack_list(b"x" * 16)

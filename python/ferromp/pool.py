@@ -363,8 +363,7 @@ _TASK_RING_BYTES = 4 << 20
 _RESULT_RING_BYTES = 4 << 20
 _FAIL = 1 << 63             # result tag bit: the task raised (the value is the exception)
 _CTL = 1 << 62              # result tag bit: a control message, kind << 40 | worker id
-_PACKED = 1 << 61           # result tag bit: a list of plain numbers, _core.pack_list()
-_SEQ_MASK = _PACKED - 1
+_SEQ_MASK = _CTL - 1
 _WID_MASK = (1 << 40) - 1
 _STOP_TAG = 0               # task tag: exit (task numbers start at 1)
 _CTL_READY = 1              # the initializer has run
@@ -384,9 +383,6 @@ _QUIET_TICK = 0.05
 def _ctl_tag(kind, wid):
     return _CTL | (kind << 40) | wid
 
-
-# A list result at least this long is sent packed if it holds only plain numbers.
-_PACK_MIN = 16
 
 # Plain functions pickle by reference (module and name): their pickle is computed once
 # per function and cached on both sides, so a task carries the function as a short
@@ -483,7 +479,6 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
     put = channel.results.put_tagged
     claims = channel.claims
     hold_spin = channel.tasks.hold_spin
-    pack_list = _core.pack_list
     funcs = _FuncCache()
     dumps = channel.dumps
     loads = _loads
@@ -535,13 +530,7 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
             tag = seq | _FAIL
         task = func = fkey = args = kwds = None
         try:
-            data = None
-            if type(value) is list and len(value) >= _PACK_MIN:
-                data = pack_list(value)
-                if data is not None:
-                    tag |= _PACKED
-            if data is None:
-                data = dumps(value)
+            data = dumps(value)
         except Exception as e:
             try:
                 wrapped = MaybeEncodingError(e, value)
@@ -1676,11 +1665,11 @@ class _RingDispatcher(_Dispatcher):
                 if left <= 0:
                     return
             try:
-                tag, ok, obj = get(_loads, True, left, None, 0, _PACKED)
+                tag, ok, obj = get(_loads, True, left)
                 route(tag, ok, obj, False)
                 # Whatever else has come goes along, without waiting.
                 while True:
-                    tag, ok, obj = get(_loads, False, None, None, 0, _PACKED)
+                    tag, ok, obj = get(_loads, False)
                     route(tag, ok, obj, False)
             except queue.Empty:
                 continue
@@ -1697,7 +1686,7 @@ class _RingDispatcher(_Dispatcher):
             get = self.channel.results.get_tagged
             while True:
                 try:
-                    tag, ok, obj = get(_loads, False, None, None, 0, _PACKED)
+                    tag, ok, obj = get(_loads, False)
                 except (queue.Empty, OSError):
                     return
                 self._route(tag, ok, obj, in_dispatcher)

@@ -11,7 +11,6 @@ use pyo3::types::PyBytes;
 
 use crate::error::Error;
 
-pub(crate) mod codec;
 mod connection;
 mod process;
 mod ring;
@@ -98,6 +97,5 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sync::register(m)?;
     shm::register(m)?;
     ring::register(m)?;
-    codec::register(m)?;
     Ok(())
 }

@@ -567,10 +567,8 @@ impl Ring {
     /// loads(message))`, or `(tag, False, exception)` when `loads` raised an Exception.
     /// Waits as `get_obj` does. If `claims` is given, the tag is stored into its word
     /// `slot` before the ring lets go of the message, so a consumer that dies
-    /// afterwards leaves behind which message it held. A message whose tag has a bit
-    /// of `packed` set is a `pack_list()` encoding, decoded with `unpack_list()`.
-    #[pyo3(signature = (loads, block=true, timeout=None, claims=None, slot=0, packed=0))]
-    #[allow(clippy::too_many_arguments)]
+    /// afterwards leaves behind which message it held.
+    #[pyo3(signature = (loads, block=true, timeout=None, claims=None, slot=0))]
     fn get_tagged<'py>(
         &self,
         py: Python<'py>,
@@ -579,15 +577,12 @@ impl Ring {
         timeout: Option<f64>,
         claims: Option<&Bound<'py, PySegment>>,
         slot: usize,
-        packed: u64,
     ) -> PyResult<(u64, bool, Bound<'py, PyAny>)> {
         let claim = claims.map(|c| c.get().word(slot)).transpose()?;
         match self.take(py, block, timeout, claim)? {
             None => Err(empty_exc(py)?),
             Some(Landing::Tagged(tag, inband, objs)) => {
-                let r = if tag & packed != 0 {
-                    crate::py::codec::unpack_list(py, inband.bind(py)).map(|l| l.into_any())
-                } else if objs.is_empty() {
+                let r = if objs.is_empty() {
                     loads.call1((inband,))
                 } else {
                     let kw = PyDict::new(py);
