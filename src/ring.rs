@@ -675,6 +675,36 @@ impl Ring {
         done
     }
 
+    /// Writes the leading messages of `msgs` that fit right now, on an unbounded ring,
+    /// under one hold of the write lock, and wakes the consumers once at the end; never
+    /// waits. Returns how many were written (the caller writes the rest one by one).
+    /// One wake-up for a batch matters: waking a sleeping consumer can preempt the
+    /// producer on the spot, in the middle of its batch.
+    pub fn try_write_batch(&self, msgs: &[Msg<'_>]) -> usize {
+        if self.maxsize != 0 || self.wlock.try_acquire().is_err() {
+            return 0;
+        }
+        let h = self.h();
+        let mut n = 0;
+        if h.prod.0.open.load(Ordering::Relaxed) == 0 {
+            for msg in msgs {
+                let len = msg.len();
+                if !self.whole_fits(len) || self.free_space() < REC_HDR + pad8(len as u64) {
+                    break;
+                }
+                h.prod.0.slots.fetch_add(1, Ordering::SeqCst);
+                self.put_record_quiet(WHOLE, msg.fmt, msg.parts);
+                n += 1;
+            }
+        }
+        let _ = self.wlock.release();
+        if n > 0 {
+            Self::wake_unless_spinning(&h.data.0);
+            self.after_put();
+        }
+        n
+    }
+
     /// Writes `msg` (a slot already reserved) as one record if that can be done by
     /// `deadline`; false (nothing written, the slot still reserved) otherwise, and
     /// always for a message that needs chunks.
@@ -805,6 +835,12 @@ impl Ring {
     /// Copies one record (header + the concatenation of `parts`) at `head` and
     /// publishes it. The write lock is held and the space was checked.
     fn put_record(&self, kind: u16, fmt: u16, parts: &[&[u8]]) {
+        self.put_record_quiet(kind, fmt, parts);
+        Self::wake_unless_spinning(&self.h().data.0);
+    }
+
+    /// [`put_record`](Self::put_record) without the wake-up.
+    fn put_record_quiet(&self, kind: u16, fmt: u16, parts: &[&[u8]]) {
         let h = self.h();
         let head = h.prod.0.pos.load(Ordering::Relaxed);
         let len: usize = parts.iter().map(|p| p.len()).sum();
@@ -823,7 +859,6 @@ impl Ring {
             .0
             .pos
             .store(head + REC_HDR + pad8(len as u64), Ordering::SeqCst);
-        Self::wake_unless_spinning(&h.data.0);
     }
 
     fn after_put(&self) {

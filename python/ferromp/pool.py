@@ -1599,7 +1599,7 @@ class _RingDispatcher(_Dispatcher):
         self.handoff = collections.deque()  # (result, i, obj) for callbacks
         self.idle = False               # the dispatcher sleeps without a tick
         self.funcs = _FuncCache()
-        self.last_collect = 0.0         # when a caller last collected results
+        self.last_collect = 0.0         # when a caller last submitted or collected
 
     def encode_task(self, job, i, func, args, kwds):
         return _encode_ring_task(self.channel, self.funcs.parent_key(func), args, kwds)
@@ -1616,16 +1616,32 @@ class _RingDispatcher(_Dispatcher):
             raise ValueError("Pool not running")
         if self.broken is not None:
             raise self.broken_error()
+        self.last_collect = time.monotonic()
         inflight = self.inflight
-        put = self.channel.tasks.put_tagged
         seqs = self.seqs
-        for job, i, payload in tasks:
+        if len(tasks) == 1:
+            job, i, payload = tasks[0]
             seq = next(seqs)
             inflight[seq] = (job, i)
             try:
-                put(seq, payload)
+                self.channel.tasks.put_tagged(seq, payload)
             except BaseException:
                 inflight.pop(seq, None)
+                raise
+        else:
+            batch = []
+            for job, i, payload in tasks:
+                seq = next(seqs)
+                inflight[seq] = (job, i)
+                batch.append((seq, payload))
+            try:
+                # One wake-up for the batch: waking a worker can preempt us at once.
+                self.channel.tasks.put_tagged_many(batch)
+            except BaseException:
+                # Which of them went out is unknown: forget them all (results of any
+                # that run are dropped); the caller's job fails with this error.
+                for seq, _ in batch:
+                    inflight.pop(seq, None)
                 raise
         if self.idle:
             self.idle = False
@@ -1807,13 +1823,16 @@ class _RingDispatcher(_Dispatcher):
             self._run_handoff()
             if finished:
                 return      # the teardown fails whatever a broken pool left
-            self.drain(True)
-            self._run_handoff()
+            # A caller that submitted or collected lately will collect: unpickling
+            # results here would only keep it waiting for the GIL.
+            recent = self.collect_lock.locked() or \
+                time.monotonic() - self.last_collect < _QUIET_TICK
+            if not recent:
+                self.drain(True)
+                self._run_handoff()
             # Tick while results may come that nobody waits for; otherwise sleep until
             # a submit() wakes us (it looks at self.idle after adding its task).
             self.idle = True
-            recent = self.collect_lock.locked() or \
-                time.monotonic() - self.last_collect < _QUIET_TICK
             if recent or self.inflight or self.channel.results.has_data():
                 self.idle = False
                 tick = int((_QUIET_TICK if recent else _BACKGROUND_TICK) * 1000)

@@ -234,7 +234,73 @@ impl<'a> Parts<'a> {
     }
 }
 
+/// A tagged message in the making: its header (with the tag) and the borrowed bytes
+/// of its body (a pickle, or an envelope's in-band pickle and payloads).
+struct Tagged<'a> {
+    head: Vec<u8>,
+    body: Vec<&'a [u8]>,
+}
+
+impl<'a> Tagged<'a> {
+    fn of(tag: u64, data: &'a Bound<'_, PyAny>) -> PyResult<Self> {
+        let mut head = Vec::with_capacity(24);
+        let mut body: Vec<&'a [u8]> = Vec::with_capacity(2);
+        let mut header = |n: u32, inband: u64, table: &[u8]| {
+            head.extend_from_slice(&(24 + table.len() as u32).to_le_bytes());
+            head.extend_from_slice(&n.to_le_bytes());
+            head.extend_from_slice(&inband.to_le_bytes());
+            head.extend_from_slice(&tag.to_le_bytes());
+            head.extend_from_slice(table);
+        };
+        if let Ok(b) = data.cast::<PyBytes>() {
+            // SAFETY: `data` keeps the bytes object alive for 'a; bytes are immutable.
+            let sl = unsafe { std::slice::from_raw_parts(b.as_bytes().as_ptr(), b.len()?) };
+            header(0, sl.len() as u64, &[]);
+            body.push(sl);
+        } else {
+            let t = data.cast::<PyTuple>()?;
+            let mut items = Vec::with_capacity(t.len());
+            for item in t.iter() {
+                let b = item.cast_into::<PyBytes>()?;
+                // SAFETY: the tuple keeps each bytes object alive while `data` is
+                // borrowed, and bytes are immutable.
+                items.push(unsafe { std::slice::from_raw_parts(b.as_bytes().as_ptr(), b.len()?) });
+            }
+            let env = items.first().copied().unwrap_or(&[]);
+            if env.len() < 16 || items.len() < 2 {
+                return Err(pyo3::exceptions::PyValueError::new_err("bad envelope"));
+            }
+            let n = u32::from_le_bytes(env[4..8].try_into().unwrap());
+            let inband = u64::from_le_bytes(env[8..16].try_into().unwrap());
+            header(n, inband, &env[16..]);
+            body.extend_from_slice(&items[1..]);
+        }
+        Ok(Tagged { head, body })
+    }
+
+    fn parts(&self) -> Vec<&[u8]> {
+        let mut parts = Vec::with_capacity(1 + self.body.len());
+        parts.push(self.head.as_slice());
+        parts.extend_from_slice(&self.body);
+        parts
+    }
+}
+
 impl Ring {
+    /// Puts `msg` on an unbounded ring, waiting for room if needed.
+    fn put_unbounded(&self, py: Python<'_>, msg: Msg<'_>) -> PyResult<()> {
+        let r = &self.inner;
+        if !r.reserve(Some(Instant::now()), &mut || Ok(()))? {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "an unbounded ring was expected",
+            ));
+        }
+        if !r.try_write(msg) {
+            blocking(py, |intr| r.write(msg, intr))?;
+        }
+        Ok(())
+    }
+
     /// The body of `offer` for an encoded message and a deadline.
     fn offer_msg(
         &self,
@@ -510,55 +576,41 @@ impl Ring {
         slot: usize,
     ) -> PyResult<()> {
         let claim = claims.map(|c| c.get().word(slot)).transpose()?;
-        let mut head = Vec::with_capacity(24);
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(4);
-        let tagged = |head: &mut Vec<u8>, n: u32, inband: u64, table: &[u8]| {
-            head.extend_from_slice(&(24 + table.len() as u32).to_le_bytes());
-            head.extend_from_slice(&n.to_le_bytes());
-            head.extend_from_slice(&inband.to_le_bytes());
-            head.extend_from_slice(&tag.to_le_bytes());
-            head.extend_from_slice(table);
-        };
-        let t;
-        let mut rest: Vec<&[u8]> = Vec::new();
-        if let Ok(b) = data.cast::<PyBytes>() {
-            tagged(&mut head, 0, b.as_bytes().len() as u64, &[]);
-            rest.push(b.as_bytes());
-        } else {
-            t = data.cast::<PyTuple>()?;
-            let mut items = Vec::with_capacity(t.len());
-            for item in t.iter() {
-                let b = item.cast_into::<PyBytes>()?;
-                // SAFETY: the tuple keeps each bytes object alive while `data` is
-                // borrowed, and bytes are immutable.
-                items.push(unsafe { std::slice::from_raw_parts(b.as_bytes().as_ptr(), b.len()?) });
-            }
-            let env = items.first().copied().unwrap_or(&[]);
-            if env.len() < 16 || items.len() < 2 {
-                return Err(pyo3::exceptions::PyValueError::new_err("bad envelope"));
-            }
-            let n = u32::from_le_bytes(env[4..8].try_into().unwrap());
-            let inband = u64::from_le_bytes(env[8..16].try_into().unwrap());
-            tagged(&mut head, n, inband, &env[16..]);
-            rest.extend_from_slice(&items[1..]);
-        }
-        parts.push(&head);
-        parts.extend_from_slice(&rest);
+        let t = Tagged::of(tag, data)?;
+        let parts = t.parts();
         let msg = Msg {
             parts: &parts,
             fmt: ring::FMT_TAGGED,
         };
-        let r = &self.inner;
-        if !r.reserve(Some(Instant::now()), &mut || Ok(()))? {
-            return Err(pyo3::exceptions::PyValueError::new_err(
-                "put_tagged() needs an unbounded ring",
-            ));
-        }
-        if !r.try_write(msg) {
-            blocking(py, |intr| r.write(msg, intr))?;
-        }
+        self.put_unbounded(py, msg)?;
         if let Some(c) = claim {
             c.store(0, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// `put_tagged(tag, data)` for each `(tag, data)` of `items`, in order, waking the
+    /// consumers once for the lot when they all fit right away.
+    fn put_tagged_many(&self, py: Python<'_>, items: &Bound<'_, PyList>) -> PyResult<()> {
+        let pairs = items
+            .iter()
+            .map(|item| item.extract::<(u64, Bound<'_, PyAny>)>())
+            .collect::<PyResult<Vec<_>>>()?;
+        let tagged = pairs
+            .iter()
+            .map(|(tag, data)| Tagged::of(*tag, data))
+            .collect::<PyResult<Vec<_>>>()?;
+        let parts: Vec<Vec<&[u8]>> = tagged.iter().map(|t| t.parts()).collect();
+        let msgs: Vec<Msg<'_>> = parts
+            .iter()
+            .map(|p| Msg {
+                parts: p,
+                fmt: ring::FMT_TAGGED,
+            })
+            .collect();
+        let done = self.inner.try_write_batch(&msgs);
+        for msg in &msgs[done..] {
+            self.put_unbounded(py, *msg)?;
         }
         Ok(())
     }
