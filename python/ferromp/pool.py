@@ -480,6 +480,8 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
     claims = channel.claims
     hold_spin = channel.tasks.hold_spin
     funcs = _FuncCache()
+    plain = _PLAIN_ARG_TYPES
+    plain_dumps = _plain_dumps
     dumps = channel.dumps
     loads = _loads
 
@@ -518,7 +520,10 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
             fkey, args, kwds = task
             task = None
             try:
-                func = funcs.worker_func(fkey)
+                try:
+                    func = funcs[fkey]
+                except (KeyError, TypeError):
+                    func = funcs.worker_func(fkey)
                 value = func(*args) if kwds is None else func(*args, **kwds)
             except Exception as e:
                 value = wrap(e)
@@ -530,7 +535,7 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
             tag = seq | _FAIL
         task = func = fkey = args = kwds = None
         try:
-            data = dumps(value)
+            data = plain_dumps(value, 5) if type(value) in plain else dumps(value)
         except Exception as e:
             try:
                 wrapped = MaybeEncodingError(e, value)
@@ -1728,7 +1733,10 @@ class _RingDispatcher(_Dispatcher):
             self.handoff.append((r, where[1], obj))
             self.wake()
             return
-        self._deliver(r, where[1], obj)
+        try:
+            r._set(where[1], obj)
+        except BaseException:
+            _report_error()
 
     def _on_control(self, tag, ok, obj):
         kind = (tag >> 40) & 0xff
