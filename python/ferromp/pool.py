@@ -403,28 +403,20 @@ class _FuncCache(dict):
     def parent_key(self, func):
         if type(func) not in _FUNC_TYPES:
             return func
-        try:
-            return self[func]
-        except KeyError:
-            pass
-        data = _dumps(func)
-        if len(self) >= _FUNC_CACHE_MAX:
-            self.clear()
-        self[func] = data
-        return data
+        data = self.get(func)
+        return data if data is not None else self._remember(func, _dumps(func))
 
     def worker_func(self, key):
         if type(key) is not bytes:
             return key
-        try:
-            return self[key]
-        except KeyError:
-            pass
-        func = _loads(key)
+        func = self.get(key)
+        return func if func is not None else self._remember(key, _loads(key))
+
+    def _remember(self, key, value):
         if len(self) >= _FUNC_CACHE_MAX:
             self.clear()
-        self[key] = func
-        return func
+        self[key] = value
+        return value
 
 
 def _encode_ring_task(channel, fkey, args, kwds):

@@ -292,7 +292,7 @@ impl Ring {
         let r = &self.inner;
         if !r.reserve(Some(Instant::now()), &mut || Ok(()))? {
             return Err(pyo3::exceptions::PyValueError::new_err(
-                "an unbounded ring was expected",
+                "put() without a timeout needs an unbounded ring",
             ));
         }
         if !r.try_write(msg) {
@@ -529,17 +529,7 @@ impl Ring {
     /// room if needed.
     fn put(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let parts = Parts::of(data)?;
-        let msg = parts.msg();
-        let r = &self.inner;
-        if !r.reserve(Some(Instant::now()), &mut || Ok(()))? {
-            return Err(pyo3::exceptions::PyValueError::new_err(
-                "put() without a timeout needs an unbounded ring",
-            ));
-        }
-        if r.try_write(msg) {
-            return Ok(());
-        }
-        blocking(py, |intr| r.write(msg, intr))
+        self.put_unbounded(py, parts.msg())
     }
 
     /// Puts `obj` on an unbounded ring if it is a scalar that travels natively (see
@@ -550,16 +540,7 @@ impl Ring {
             return Ok(false);
         };
         let part = [enc.bytes()];
-        let msg = Msg { parts: &part, fmt };
-        let r = &self.inner;
-        if !r.reserve(Some(Instant::now()), &mut || Ok(()))? {
-            return Err(pyo3::exceptions::PyValueError::new_err(
-                "put() without a timeout needs an unbounded ring",
-            ));
-        }
-        if !r.try_write(msg) {
-            blocking(py, |intr| r.write(msg, intr))?;
-        }
+        self.put_unbounded(py, Msg { parts: &part, fmt })?;
         Ok(true)
     }
 
