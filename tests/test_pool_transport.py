@@ -199,6 +199,17 @@ def test_map_of_sequences_and_iterators_matches_stdlib(start_method, std_ctx):
         for src in sources:
             for chunksize in (None, 1, 7, 5000):
                 assert p.map(twice, src(), chunksize) == sp.map(twice, src(), chunksize)
+        # Items the core pickles itself (plain scalars) mixed with others.
+        mixed = [0, -1, 255, 65536, 2 ** 31, -(2 ** 63), 2 ** 70, 1.5, float("inf"), "",
+                 "é" * 300, b"\0" * 300, None, True, False, [2], (1, 2), MyInt(3),
+                 {"k": 1}] * 5
+        for src in (mixed, tuple(mixed)):
+            got = p.map(identity, src, 1)
+            assert got == sp.map(identity, src, 1)
+            assert [type(x) for x in got] == [type(x) for x in src]
+            assert list(p.imap(identity, src)) == list(src)
+            assert sorted(map(repr, p.imap_unordered(identity, src))) == \
+                sorted(map(repr, src))
         pairs = [(i, i + 1) for i in range(300)]
         for chunksize in (None, 1, 4):
             assert p.starmap(mul, pairs, chunksize) == sp.starmap(mul, pairs, chunksize)

@@ -373,6 +373,9 @@ _NONE_PICKLE = _dumps(None)
 # How long a collecting caller blocks on the result ring before it looks around again
 # (deaths and terminate() also nudge it at once; this only bounds a missed nudge).
 _COLLECT_SLICE = 0.1
+# submit_calls writes tasks in batches of this many, numbered from _BLOCK_BASE up.
+_CALL_BLOCK = 256
+_BLOCK_BASE = 1 << 48
 # How often the dispatcher collects results nobody waits for (callbacks, ready()), and
 # how often while callers collect themselves (then the tick would only take the GIL
 # and a CPU from them; a result with a callback is handed over at once anyway).
@@ -1486,6 +1489,9 @@ class _Dispatcher:
         kw = None if self.collects else {}
         if limit is None:
             limit = min(self._feed_room(f), self.feed_high)
+        if f.inline and f.chunksize == 1 and self.collects:
+            self._produce_calls(f, limit)
+            return
         batch = []
         try:
             for _ in range(limit):
@@ -1532,6 +1538,34 @@ class _Dispatcher:
         finally:
             if batch:
                 self._submit_feed(f, batch)
+
+    def _produce_calls(self, f, limit):
+        # An inline feed of single items: plain scalars go out natively (submit_calls),
+        # anything else the ordinary way.
+        job = f.result._job
+        src = f.source
+        n = len(src)
+        i = f.next_index
+        stop = min(n, i + limit)
+        while i < stop:
+            try:
+                i = self.submit_calls(job, f.func, src, i, stop)
+            except Exception as e:
+                self._deliver(f.result, i, (False, e))
+                return
+            if i < stop:
+                try:
+                    payload = self.encode_task(job, i, f.func, (src[i],), None)
+                except Exception as e:
+                    self._deliver(f.result, i, (False, e))
+                else:
+                    if not self._submit_feed(f, [(job, i, payload)]):
+                        return
+                i += 1
+            f.next_index = i
+        f.next_index = i
+        if i >= n:
+            self._end_feed(f, n)
 
     def _submit_feed(self, f, batch):
         if not batch:
@@ -1591,6 +1625,8 @@ class _RingDispatcher(_Dispatcher):
         self.wids = itertools.count(1)
         self.by_wid = {}
         self.seqs = itertools.count(1)
+        # Blocks of task numbers for submit_calls, far above the single ones.
+        self.seq_blocks = itertools.count(_BLOCK_BASE, _CALL_BLOCK)
         self.inflight = {}              # seq -> (job, i) of tasks not yet answered
         self.collect_lock = threading.Lock()
         self.handoff = collections.deque()  # (result, i, obj) for callbacks
@@ -1643,6 +1679,45 @@ class _RingDispatcher(_Dispatcher):
         if self.idle:
             self.idle = False
             self.wake()
+
+    def submit_calls(self, job, func, items, start, stop):
+        """Submits ``func(items[i])`` for ``i`` from ``start`` while the items are plain
+        scalars, up to ``stop`` (a list, tuple or range), each as its own task (index
+        ``i`` of ``job``). The core writes these tasks without the pickler, in batches
+        with one wake-up each. Returns the index it stopped at: ``stop``, or an item
+        the caller must submit the ordinary way."""
+        fkey = self.funcs.parent_key(func)
+        if type(fkey) is not bytes or start >= stop:
+            return start
+        if self.state == TERMINATE:
+            raise ValueError("Pool not running")
+        if self.broken is not None:
+            raise self.broken_error()
+        self.last_collect = time.monotonic()
+        inflight = self.inflight
+        put = self.channel.tasks.put_call_tasks
+        i = start
+        while i < stop:
+            k = min(stop - i, _CALL_BLOCK)
+            seq0 = next(self.seq_blocks)
+            # Recorded before the write: a result may come back before put returns.
+            inflight.update(zip(range(seq0, seq0 + k), zip(itertools.repeat(job),
+                                                           range(i, i + k))))
+            try:
+                w = put(seq0, fkey, items, i, i + k)
+            except BaseException:
+                for q in range(seq0, seq0 + k):
+                    inflight.pop(q, None)
+                raise
+            for q in range(seq0 + w, seq0 + k):
+                inflight.pop(q, None)
+            i += w
+            if w < k:
+                break
+        if self.idle:
+            self.idle = False
+            self.wake()
+        return i
 
     # -- collecting results (any thread) ------------------------------------------------
 
@@ -2121,7 +2196,18 @@ class Pool(object):
         result._single = single
         started = time.perf_counter()
         try:
-            if single:
+            if single and mapper is mapstar and type(iterable) in (range, list, tuple):
+                # Plain scalar items go out natively (see submit_calls); any other
+                # item the ordinary way, then on natively.
+                n = len(iterable)
+                while produced < n:
+                    produced = disp.submit_calls(job, func, iterable, produced, n)
+                    if produced < n:
+                        submit([(job, produced,
+                                 encode(job, produced, func, (iterable[produced],), None))])
+                        produced += 1
+                chunks = iter(())
+            elif single:
                 chunks = iter(iterable)
             elif type(iterable) in (range, list, tuple):
                 # Slices: a range's chunks are ranges, which pickle in a few bytes.

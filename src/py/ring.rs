@@ -234,6 +234,91 @@ impl<'a> Parts<'a> {
     }
 }
 
+/// Appends to `out` the pickle (protocol 5 opcodes, as `pickle.loads` reads them) of
+/// the pool task `(fkey, (item,), None)`: a function's cached pickle, a one-item
+/// argument tuple, no keywords. False, with `out` unchanged, when `item` is not an
+/// exact int, float, str, bytes, bool or None (the caller pickles that one).
+fn pickle_call_task(out: &mut Vec<u8>, fkey: &[u8], item: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let mark = out.len();
+    out.extend_from_slice(b"\x80\x05");
+    push_bytes(out, fkey);
+    if item.is_none() {
+        out.push(b'N');
+    } else if item.is_exact_instance_of::<PyBool>() {
+        out.push(if item.is_truthy()? { 0x88 } else { 0x89 });
+    } else if item.is_exact_instance_of::<PyInt>() {
+        match item.extract::<i64>() {
+            Ok(v) if (0..256).contains(&v) => out.extend_from_slice(&[b'K', v as u8]),
+            Ok(v) if (0..65536).contains(&v) => {
+                out.push(b'M');
+                out.extend_from_slice(&(v as u16).to_le_bytes());
+            }
+            Ok(v) if i32::try_from(v).is_ok() => {
+                out.push(b'J');
+                out.extend_from_slice(&(v as i32).to_le_bytes());
+            }
+            Ok(v) => {
+                // LONG1: the shortest two's complement, little endian.
+                let b = v.to_le_bytes();
+                let mut n = 8;
+                while n > 1 {
+                    let top = b[n - 1];
+                    let next_sign = b[n - 2] & 0x80;
+                    if (top == 0 && next_sign == 0) || (top == 0xff && next_sign != 0) {
+                        n -= 1;
+                    } else {
+                        break;
+                    }
+                }
+                out.extend_from_slice(&[0x8a, n as u8]);
+                out.extend_from_slice(&b[..n]);
+            }
+            Err(_) => {
+                out.truncate(mark);
+                return Ok(false);
+            }
+        }
+    } else if item.is_exact_instance_of::<PyFloat>() {
+        out.push(b'G');
+        out.extend_from_slice(&item.cast::<PyFloat>()?.value().to_be_bytes());
+    } else if item.is_exact_instance_of::<PyString>() {
+        let s = item.cast::<PyString>()?.to_cow()?;
+        let b = s.as_bytes();
+        if b.len() < 256 {
+            out.extend_from_slice(&[0x8c, b.len() as u8]);
+        } else if let Ok(n) = u32::try_from(b.len()) {
+            out.push(b'X');
+            out.extend_from_slice(&n.to_le_bytes());
+        } else {
+            out.truncate(mark);
+            return Ok(false);
+        }
+        out.extend_from_slice(b);
+    } else if item.is_exact_instance_of::<PyBytes>() {
+        push_bytes(out, item.cast::<PyBytes>()?.as_bytes());
+    } else {
+        out.truncate(mark);
+        return Ok(false);
+    }
+    // TUPLE1 (the arguments), NONE (no keywords), TUPLE3, STOP.
+    out.extend_from_slice(&[0x85, b'N', 0x87, b'.']);
+    Ok(true)
+}
+
+/// SHORT_BINBYTES or BINBYTES (or BINBYTES8) of `b`.
+fn push_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    if b.len() < 256 {
+        out.extend_from_slice(&[b'C', b.len() as u8]);
+    } else if let Ok(n) = u32::try_from(b.len()) {
+        out.push(b'B');
+        out.extend_from_slice(&n.to_le_bytes());
+    } else {
+        out.push(0x8e);
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+    }
+    out.extend_from_slice(b);
+}
+
 /// A tagged message in the making: its header (with the tag) and the borrowed bytes
 /// of its body (a pickle, or an envelope's in-band pickle and payloads).
 struct Tagged<'a> {
@@ -594,6 +679,52 @@ impl Ring {
             self.put_unbounded(py, *msg)?;
         }
         Ok(())
+    }
+
+    /// Writes pool tasks `(fkey, (item,), None)` for `items[start:stop]` (a list,
+    /// tuple or range), tagged `seq0`, `seq0 + 1`, ..., pickled here without the
+    /// pickler, in batches with one wake-up each. Stops before the first item that is
+    /// not a plain scalar (see `pickle_call_task`); returns how many it wrote.
+    fn put_call_tasks(
+        &self,
+        py: Python<'_>,
+        seq0: u64,
+        fkey: &Bound<'_, PyBytes>,
+        items: &Bound<'_, PyAny>,
+        start: usize,
+        stop: usize,
+    ) -> PyResult<usize> {
+        let fkey = fkey.as_bytes();
+        let mut buf: Vec<u8> = Vec::with_capacity((stop.saturating_sub(start)) * 64);
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        for i in start..stop {
+            let item = items.get_item(i)?;
+            let at = buf.len();
+            buf.extend_from_slice(&[0u8; 24]);
+            if !pickle_call_task(&mut buf, fkey, &item)? {
+                buf.truncate(at);
+                break;
+            }
+            let body = (buf.len() - at - 24) as u64;
+            let tag = seq0 + spans.len() as u64;
+            buf[at..at + 4].copy_from_slice(&24u32.to_le_bytes());
+            buf[at + 8..at + 16].copy_from_slice(&body.to_le_bytes());
+            buf[at + 16..at + 24].copy_from_slice(&tag.to_le_bytes());
+            spans.push((at, buf.len()));
+        }
+        let parts: Vec<[&[u8]; 1]> = spans.iter().map(|&(a, b)| [&buf[a..b]]).collect();
+        let msgs: Vec<Msg<'_>> = parts
+            .iter()
+            .map(|p| Msg {
+                parts: p,
+                fmt: ring::FMT_TAGGED,
+            })
+            .collect();
+        let done = self.inner.try_write_batch(&msgs);
+        for msg in &msgs[done..] {
+            self.put_unbounded(py, *msg)?;
+        }
+        Ok(msgs.len())
     }
 
     /// Takes the next message, which must be tagged, and returns `(tag, True,
