@@ -52,6 +52,8 @@ def kill_self_with(_arg):
 
 def segfault(_arg=None):
     import ctypes
+    import faulthandler
+    faulthandler.disable()      # a fork child inherits pytest's: no dump, just the crash
     ctypes.string_at(0)
 
 
