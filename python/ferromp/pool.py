@@ -1321,25 +1321,34 @@ class _Dispatcher:
             if task is not None:
                 lost = task
             if not slot.ready:
-                cause = slot.init_error
-                if cause is None:
-                    cause = _error_class('WorkerLostError')(
-                        '%s exited with code %s before it was ready'
-                        % (slot.describe(), _exit_description(exitcode)),
-                        getattr(proc, 'pid', None), exitcode)
-                self._failed_start(cause)
+                self._not_ready(slot, exitcode)
         util.debug('pool worker exited: %s' % slot.describe())
         if lost is not None:
-            r = self.cache.get(lost[0])
-            if r is not None:
-                if slot.threads:
-                    message = '%s exited while running this task' % slot.describe()
-                else:
-                    message = '%s died while running this task: exit code %s' % (
-                        slot.describe(), _exit_description(exitcode))
-                exc = _error_class('WorkerLostError')(
-                    message, getattr(proc, 'pid', None), exitcode)
-                self._deliver(r, lost[1], (False, exc))
+            self._lost(slot, exitcode, lost)
+
+    def _not_ready(self, slot, exitcode):
+        # A worker that died before it was ready: one more failed start.
+        cause = slot.init_error
+        if cause is None:
+            cause = _error_class('WorkerLostError')(
+                '%s exited with code %s before it was ready'
+                % (slot.describe(), _exit_description(exitcode)),
+                getattr(slot.proc, 'pid', None), exitcode)
+        self._failed_start(cause)
+
+    def _lost(self, slot, exitcode, lost):
+        # The task (job, i, ...) the dead worker held fails with WorkerLostError.
+        r = self.cache.get(lost[0])
+        if r is None:
+            return
+        if slot.threads:
+            message = '%s exited while running this task' % slot.describe()
+        else:
+            message = '%s died while running this task: exit code %s' % (
+                slot.describe(), _exit_description(exitcode))
+        exc = _error_class('WorkerLostError')(
+            message, getattr(slot.proc, 'pid', None), exitcode)
+        self._deliver(r, lost[1], (False, exc))
 
     # -- shutting down ------------------------------------------------------------------
 
@@ -1973,22 +1982,10 @@ class _RingDispatcher(_Dispatcher):
             if seq:
                 lost = self.inflight.pop(seq, None)
             if not slot.ready and lost is None:
-                cause = slot.init_error
-                if cause is None:
-                    cause = _error_class('WorkerLostError')(
-                        '%s exited with code %s before it was ready'
-                        % (slot.describe(), _exit_description(exitcode)),
-                        getattr(proc, 'pid', None), exitcode)
-                self._failed_start(cause)
+                self._not_ready(slot, exitcode)
         util.debug('pool worker exited: %s' % slot.describe())
         if lost is not None:
-            r = self.cache.get(lost[0])
-            if r is not None:
-                message = '%s died while running this task: exit code %s' % (
-                    slot.describe(), _exit_description(exitcode))
-                exc = _error_class('WorkerLostError')(
-                    message, getattr(proc, 'pid', None), exitcode)
-                self._deliver(r, lost[1], (False, exc))
+            self._lost(slot, exitcode, lost)
             self._nudge()
 
     def _teardown(self, failure=None):

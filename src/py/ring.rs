@@ -386,6 +386,16 @@ impl Ring {
         Ok(())
     }
 
+    /// Puts `msgs` on an unbounded ring in order: those that fit right away in one
+    /// batch with one wake-up, the rest one by one, waiting for room.
+    fn put_all(&self, py: Python<'_>, msgs: &[Msg<'_>]) -> PyResult<()> {
+        let done = self.inner.try_write_batch(msgs);
+        for msg in &msgs[done..] {
+            self.put_unbounded(py, *msg)?;
+        }
+        Ok(())
+    }
+
     /// The body of `offer` for an encoded message and a deadline.
     fn offer_msg(
         &self,
@@ -674,11 +684,7 @@ impl Ring {
                 fmt: ring::FMT_TAGGED,
             })
             .collect();
-        let done = self.inner.try_write_batch(&msgs);
-        for msg in &msgs[done..] {
-            self.put_unbounded(py, *msg)?;
-        }
-        Ok(())
+        self.put_all(py, &msgs)
     }
 
     /// Writes pool tasks `(fkey, (item,), None)` for `items[start:stop]` (a list,
@@ -720,10 +726,7 @@ impl Ring {
                 fmt: ring::FMT_TAGGED,
             })
             .collect();
-        let done = self.inner.try_write_batch(&msgs);
-        for msg in &msgs[done..] {
-            self.put_unbounded(py, *msg)?;
-        }
+        self.put_all(py, &msgs)?;
         Ok(msgs.len())
     }
 
