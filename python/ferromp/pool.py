@@ -1158,13 +1158,7 @@ class _Dispatcher:
                     return
                 self._maintain()
                 self._schedule(deliveries, sends)
-                finished = self.state != RUN and not self.slots and (
-                    not self.cache or self.broken is not None)
-                slots = list(self.slots)
-                timeout = None
-                if self.retry_at and self._wants_workers() \
-                        and len(self.slots) < self.processes:
-                    timeout = max(0, int((self.retry_at - time.monotonic()) * 1000))
+                finished, slots, timeout = self._loop_state()
                 watch = not self.threads and any(
                     s.task is not None or not s.ready for s in slots)
                 if watch:
@@ -1186,6 +1180,17 @@ class _Dispatcher:
             self._handle(events, handlers)
             if watch and time.monotonic() >= self.next_liveness:
                 self._check_liveness()
+
+    def _loop_state(self):
+        # (with self.lock) Whether the loop is done (closed or broken and no worker
+        # left), the slots to watch, and the poll timeout (ms) for the next attempt
+        # to start workers, if one is due.
+        finished = self.state != RUN and not self.slots and (
+            not self.cache or self.broken is not None)
+        timeout = None
+        if self.retry_at and self._wants_workers() and len(self.slots) < self.processes:
+            timeout = max(0, int((self.retry_at - time.monotonic()) * 1000))
+        return finished, list(self.slots), timeout
 
     def _check_liveness(self):
         # A fork worker's sentinel is a pipe whose write end the worker holds; a
@@ -1893,13 +1898,7 @@ class _RingDispatcher(_Dispatcher):
                     return
                 self._maintain()
                 self._schedule_ring()
-                finished = self.state != RUN and not self.slots and (
-                    not self.cache or self.broken is not None)
-                slots = list(self.slots)
-                timeout = None
-                if self.retry_at and self._wants_workers() \
-                        and len(self.slots) < self.processes:
-                    timeout = max(0, int((self.retry_at - time.monotonic()) * 1000))
+                finished, slots, timeout = self._loop_state()
                 watch = bool(self.inflight) or any(not s.ready for s in slots)
                 if watch:
                     left = max(0, int((self.next_liveness - time.monotonic()) * 1000))
