@@ -1,61 +1,44 @@
 """Process and thread pools: the stdlib's ``multiprocessing.pool`` API.
 
-This is the first, pure-Python Pool (issue 5 moves dispatch into the Rust core). It
-keeps the stdlib's public and semi-private names (``Pool``, ``ThreadPool``,
+It keeps the stdlib's public and semi-private names (``Pool``, ``ThreadPool``,
 ``ApplyResult``/``AsyncResult``, ``MapResult``, ``IMapIterator``,
 ``IMapUnorderedIterator``, ``RemoteTraceback``, ``MaybeEncodingError``, ``_pool``,
 ``_state``, ``_processes``, ``_cache``, ``_repopulate_pool()``, the state constants),
 its semantics and its messages, and adds one guarantee the stdlib lacks: a pool never
 hangs. Every wait ends with a result or an exception.
 
-Design
-======
+Design (``docs/architecture.md``, Pool, has the reasons and the figures)
+=========================================================================
 
-One channel pair per worker, no shared task queue
-    Each worker process gets its own task pipe and its own result pipe. The parent
-    therefore always knows which task a worker holds: it sends a worker a task only
-    when the worker holds none, so the task in flight on a worker is exactly the one
-    it is running (or, for a moment, about to read). A shared queue cannot give that
-    guarantee without a "started job X" report, and it has two failure modes the
-    stdlib suffers from: a worker killed while holding the queue's read lock, or half
-    way through reading or writing a frame, leaves the lock taken or the stream torn
-    for every other worker. With private pipes a death damages nothing shared; a torn
-    result frame on the dead worker's pipe is simply discarded.
+Process pools: two shared rings (``_RingDispatcher``, ``_Channel``, ``_ring_worker``)
+    Callers pickle their tasks and write them into one task ring of the core
+    (``_core.Ring``); any idle worker takes the next one and writes its result into
+    one result ring. Messages are tagged with task numbers. A worker's claim word (in a
+    small shared segment) names the task it holds from before the ring lets go of the
+    message until its result is in the result ring, so a worker that dies fails
+    exactly that task. The caller waiting for a result reads the result ring itself
+    (``wait_for``): no thread sits between a worker and the caller. The dispatcher
+    thread starts and replaces workers, gives death verdicts, runs callbacks and
+    collects results that nobody waits for. Large pickle buffers travel through the
+    pool's recycled shared-memory segments (``_spill``); tasks of plain scalars are
+    written by the core itself (``Ring.put_call_tasks``).
 
-    One task per worker at a time also keeps the stdlib's scheduling: a queued task
-    starts on the first worker that is free, never behind a long task on a busy one.
-    (Pipelining a second task per worker, with stealing, is the Rust dispatcher's job.)
+Thread pools: a queue per worker thread (``_Dispatcher``)
+    The dispatcher thread hands each idle thread one task at a time and reads their
+    results from an outbox, so a ThreadPool keeps the stdlib's scheduling.
 
-One dispatcher thread, non-blocking pipes
-    A single "dispatcher" thread polls the wake-up pipe, every worker's result pipe and
-    process sentinel, and the task pipes it has unwritten bytes for. The parent's ends
-    of the pipes are non-blocking and framed in the stdlib's wire format, so the
-    dispatcher never blocks on a worker: not on a full pipe, not on a dead reader
-    whose pipe end a sibling inherited under fork, not on a half-written result. It
-    sends tasks, reads results, runs callbacks (as the stdlib's result-handler thread
-    does), notices deaths and starts replacements. Workers use ordinary blocking
-    Connections. Deaths show on the process sentinels; since a fork worker's sentinel
-    stays silent if a process forked by another thread inherited its pipe end, the
-    dispatcher also asks waitpid once a second while a worker holds a task.
-
-    A second thread, the "feeder", exists only once ``imap``/``imap_unordered`` is
-    used: it pulls from the caller's iterables (user code that may block, so not on
-    the dispatcher), round-robin between concurrent imaps. It is demand driven: it
-    tops the queue of waiting tasks up to ``4 * processes + 16`` and sleeps until the
-    dispatcher has drained it to half, so it runs in short bursts and does not hold
-    the GIL while the dispatcher has results to read. Its look-ahead is bounded while
-    the pool runs (at most ``max(64, 8 * processes)`` tasks ahead of what the caller
-    has consumed), so an infinite generator does not exhaust memory; once the pool is
-    closed that bound is lifted, so that ``close(); join()`` completes the work, as in
-    the stdlib.
+imap
+    Reads its input lazily, at most ``max(64, 8 * processes)`` tasks ahead of the
+    consumer while the pool runs (an infinite generator works). A generator is pulled
+    by a feeder thread (it may block); a list, tuple or range is fed from the
+    consumer's own ``next()``. Once the pool is closed the feeder carries every imap
+    to its end, so that ``close(); join()`` completes the work, as in the stdlib.
 
 Pickling happens in the caller
     ``apply_async``, ``map_async`` and ``starmap_async`` pickle their tasks in the
     calling thread, so an unpicklable function or argument raises there, at the call.
-    ``map`` hands chunks to the dispatcher as they are pickled, so workers start on
-    the first chunk while the caller pickles the rest. ``imap`` checks its function at
-    the call and pickles items in the feeder; an item that fails to pickle fails that
-    item's result (as in the stdlib).
+    ``imap`` checks its function at the call and pickles items as it feeds them; an
+    item that fails to pickle fails that item's result (as in the stdlib).
 
 Errors of our own
     All derive from the stdlib's ``multiprocessing.ProcessError`` (the base the stdlib
@@ -70,10 +53,10 @@ Errors of our own
       block) came before the task finished. Every result still pending raises it.
     * ``BrokenPoolError(PoolError)``: new workers keep failing to start (the
       initializer raises, or the child dies before it reports ready, whatever killed
-      it) ``max(3, processes)`` times in a row. Tasks not yet started fail with it,
-      new calls raise it, and no more workers are started (no endless respawn loop);
-      tasks already running on live workers finish normally. Its ``__cause__`` is the
-      last failure, with the worker's traceback attached.
+      it) ``max(3, processes)`` times in a row. Tasks no live worker holds fail with
+      it, new calls raise it, and no more workers are started (no endless respawn
+      loop); tasks already running on live workers finish normally. Its ``__cause__``
+      is the last failure, with the worker's traceback attached.
 
     They are created on first use (module ``__getattr__``), like the stdlib exception
     classes in ``ferromp.context``, so a pool worker never imports the stdlib package.
@@ -87,10 +70,6 @@ Other decisions
       set and the pool keeps working (in the stdlib it kills the result handler).
     * A task that cannot be unpickled in the worker (or a result in the parent)
       fails with the unpickling error instead of killing the worker (or the pool).
-    * A task handed to a worker that dies before reading it is reported lost with
-      it: the parent cannot tell "received" from "about to read" without an extra
-      message per task. A worker that dies before it is ready (initializer not done)
-      never started its task, which goes back to the queue.
     * A pool belongs to the process that created it; in a forked child it reports
       "Pool not running" instead of hanging on its parent's threads.
 """
@@ -103,7 +82,6 @@ import os
 import queue
 import select
 import signal
-import struct
 import sys
 import threading
 import time
@@ -269,9 +247,9 @@ def worker(inqueue, outqueue, initializer=None, initargs=(), maxtasks=None,
     """The body of a pool worker.
 
     ``inqueue`` delivers tasks ``(job, i, func, args, kwds)`` (None means stop) and
-    ``outqueue`` takes ``(job, i, (success, value))``. For a process they are this
-    worker's own Connections (task pipe read end, result pipe write end); for a
-    thread, a ``queue.SimpleQueue`` and the pool's outbox."""
+    ``outqueue`` takes ``(job, i, (success, value))``: in a ThreadPool, a
+    ``queue.SimpleQueue`` and the pool's outbox (Connections work too, as in the
+    stdlib). Process pools run ``_ring_worker`` instead."""
     if maxtasks is not None and not (isinstance(maxtasks, int) and maxtasks >= 1):
         raise AssertionError("Maxtasks {!r} is not valid".format(maxtasks))
     if hasattr(outqueue, 'send_bytes'):
@@ -584,85 +562,6 @@ def _thread_worker(inqueue, outbox, initializer, initargs):
 # The parent's side of one worker
 #
 
-_HEADER = struct.Struct('!i')
-_LONG_HEADER = struct.Struct('!iQ')
-# Frames at least this long are read straight into their own buffer.
-_BIG_FRAME = 1 << 16
-_STOP = _dumps(None)
-
-
-def _frame_header(n):
-    if n > 0x7fffffff:
-        return _LONG_HEADER.pack(-1, n)
-    return _HEADER.pack(n)
-
-
-class _BadFrame(Exception):
-    pass
-
-
-class _FrameReader:
-    """Reassembles frames (the stdlib's wire format) from a non-blocking fd."""
-
-    __slots__ = ('buf', 'body', 'got')
-
-    def __init__(self):
-        self.buf = bytearray()
-        self.body = None    # the buffer of a large frame being filled in place
-        self.got = 0
-
-    def read(self, fd, out):
-        """Append the bodies of the frames ``fd`` has now to ``out``; False at EOF."""
-        while True:
-            if self.body is not None:
-                try:
-                    n = os.readv(fd, [memoryview(self.body)[self.got:]])
-                except BlockingIOError:
-                    return True
-                if n == 0:
-                    return False
-                self.got += n
-                if self.got == len(self.body):
-                    out.append(self.body)
-                    self.body = None
-                continue
-            try:
-                chunk = os.read(fd, _BIG_FRAME)
-            except BlockingIOError:
-                return True
-            if not chunk:
-                return False
-            self.buf += chunk
-            self._split(out)
-
-    def _split(self, out):
-        buf = self.buf
-        pos = 0
-        end = len(buf)
-        while end - pos >= 4:
-            n = _HEADER.unpack_from(buf, pos)[0]
-            hl = 4
-            if n == -1:
-                if end - pos < 12:
-                    break
-                n = _LONG_HEADER.unpack_from(buf, pos)[1]
-                hl = 12
-            elif n < 0:
-                raise _BadFrame('bad message length %d' % n)
-            start = pos + hl
-            if end - start >= n:
-                out.append(bytes(buf[start:start + n]))
-                pos = start + n
-                continue
-            if n >= _BIG_FRAME:
-                body = bytearray(n)
-                body[:end - start] = buf[start:end]
-                self.body, self.got = body, end - start
-                pos = end
-            break
-        del buf[:pos]
-
-
 class _Slot:
     """One worker and what the parent knows about it."""
 
@@ -680,89 +579,6 @@ class _Slot:
         name = getattr(self.proc, 'name', '?')
         pid = getattr(self.proc, 'pid', None)
         return 'pool worker %s (pid %s)' % (name, pid)
-
-
-class _ProcessSlot(_Slot):
-
-    def __init__(self, proc, task_conn, result_conn):
-        super().__init__(proc)
-        self.task_conn = task_conn
-        self.result_conn = result_conn
-        self.task_fd = task_conn.fileno()
-        self.result_fd = result_conn.fileno()
-        os.set_blocking(self.task_fd, False)
-        os.set_blocking(self.result_fd, False)
-        try:
-            self.sentinel = proc.sentinel
-        except (AttributeError, ValueError):
-            self.sentinel = None
-        self.reader = _FrameReader()
-        self.out = collections.deque()   # bytes not yet written to the task pipe
-        self.eof = False
-        self.broken_pipe = False
-
-    decode = staticmethod(_loads)
-
-    def push(self, payload):
-        header = _frame_header(len(payload))
-        if self.broken_pipe:
-            return
-        if self.out:
-            self.out.append(memoryview(header))
-            self.out.append(memoryview(payload))
-            return
-        try:
-            n = os.writev(self.task_fd, [header, payload])
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            # The worker is gone; its sentinel will tell.
-            self.broken_pipe = True
-            return
-        if n < len(header):
-            self.out.append(memoryview(header)[n:])
-            self.out.append(memoryview(payload))
-        elif n < len(header) + len(payload):
-            self.out.append(memoryview(payload)[n - len(header):])
-
-    def flush(self):
-        out = self.out
-        while out:
-            try:
-                n = os.write(self.task_fd, out[0])
-            except BlockingIOError:
-                return
-            except OSError:
-                self.broken_pipe = True
-                out.clear()
-                return
-            if n < len(out[0]):
-                out[0] = out[0][n:]
-            else:
-                out.popleft()
-
-    def send_stop(self):
-        self.stopping = True
-        self.push(_STOP)
-
-    def read(self, out):
-        if not self.eof:
-            if not self.reader.read(self.result_fd, out):
-                self.eof = True
-
-    def close(self):
-        self.out.clear()
-        self.task_conn.close()
-        self.result_conn.close()
-
-    def exitcode_after_exit(self):
-        # The sentinel fired, so the worker is exiting. (Unless it closed its own
-        # fds, the sentinel's among them, and runs on: then it is stopped here.)
-        self.proc.join(5)
-        if self.proc.exitcode is None:
-            self.proc.kill()
-            self.proc.join()
-        return self.proc.exitcode
 
 
 class _ThreadSlot(_Slot):
@@ -1035,35 +851,16 @@ class _Dispatcher:
     # -- workers (called with self.lock held) ---------------------------------------
 
     def _start_worker(self):
-        if self.threads:
-            inbox = queue.SimpleQueue()
-            slot = _ThreadSlot(inbox)
-            outbox = _ThreadOutbox(slot, self.outbox, self.wake)
-            w = self.Process(self.ctx, target=_thread_worker,
-                             args=(inbox, outbox, self.initializer, self.initargs))
-        else:
-            task_r, task_w = connection.Pipe(duplex=False)
-            result_r, result_w = connection.Pipe(duplex=False)
-            w = self.Process(self.ctx, target=worker,
-                             args=(task_r, result_w, self.initializer, self.initargs,
-                                   self.maxtasks, self.wrap_exception))
+        # A thread worker (process pools start theirs in _RingDispatcher).
+        inbox = queue.SimpleQueue()
+        slot = _ThreadSlot(inbox)
+        outbox = _ThreadOutbox(slot, self.outbox, self.wake)
+        w = self.Process(self.ctx, target=_thread_worker,
+                         args=(inbox, outbox, self.initializer, self.initargs))
         w.name = w.name.replace('Process', 'PoolWorker')
         w.daemon = True
-        try:
-            w.start()
-        except BaseException:
-            if not self.threads:
-                for c in (task_r, task_w, result_r, result_w):
-                    c.close()
-            raise
-        if self.threads:
-            slot.proc = w
-        else:
-            # The child has its ends now (inherited or passed); holding ours would
-            # hide the worker's death from the pipes.
-            task_r.close()
-            result_w.close()
-            slot = _ProcessSlot(w, task_w, result_r)
+        w.start()
+        slot.proc = w
         self.slots.append(slot)
         self.pool.append(w)
         util.debug('added worker')
@@ -1158,12 +955,7 @@ class _Dispatcher:
                     return
                 self._maintain()
                 self._schedule(deliveries, sends)
-                finished, slots, timeout = self._loop_state()
-                watch = not self.threads and any(
-                    s.task is not None or not s.ready for s in slots)
-                if watch:
-                    left = max(0, int((self.next_liveness - time.monotonic()) * 1000))
-                    timeout = left if timeout is None else min(timeout, left)
+                finished, _, timeout = self._loop_state()
             for s, payload in sends:
                 s.push(payload)
             for r, i, obj in deliveries:
@@ -1173,13 +965,11 @@ class _Dispatcher:
             deliveries = sends = s = payload = r = obj = None
             if finished:
                 return      # the teardown fails whatever a broken pool left
-            # Built after the writes above, so that a partly written task gets its
-            # POLLOUT.
-            poller, handlers = self._poll_set(slots)
-            events = poller.poll(timeout)
-            self._handle(events, handlers)
-            if watch and time.monotonic() >= self.next_liveness:
-                self._check_liveness()
+            # Thread workers report through the outbox, which rings the wake pipe.
+            poller = select.poll()
+            poller.register(self.wake_r, select.POLLIN)
+            if poller.poll(timeout):
+                self._drain_wake()
 
     def _loop_state(self):
         # (with self.lock) Whether the loop is done (closed or broken and no worker
@@ -1202,39 +992,6 @@ class _Dispatcher:
             if not s.threads and s in self.slots and s.proc.exitcode is not None:
                 self._on_exit(s)
 
-    def _poll_set(self, slots):
-        poller = select.poll()
-        handlers = {self.wake_r: (None, 'wake')}
-        poller.register(self.wake_r, select.POLLIN)
-        for s in slots:
-            if s.threads:
-                continue
-            if not s.eof:
-                poller.register(s.result_fd, select.POLLIN)
-                handlers[s.result_fd] = (s, 'result')
-            if s.out:
-                poller.register(s.task_fd, select.POLLOUT)
-                handlers[s.task_fd] = (s, 'write')
-            if s.sentinel is not None:
-                poller.register(s.sentinel, select.POLLIN)
-                handlers[s.sentinel] = (s, 'exit')
-        return poller, handlers
-
-    def _handle(self, events, handlers):
-        exits = []
-        for fd, _ in events:
-            slot, kind = handlers[fd]
-            if kind == 'wake':
-                self._drain_wake()
-            elif kind == 'result':
-                self._read_results(slot)
-            elif kind == 'write':
-                slot.flush()
-            else:
-                exits.append(slot)
-        for slot in exits:
-            self._on_exit(slot)
-
     def _drain_wake(self):
         try:
             while os.read(self.wake_r, 4096):
@@ -1243,7 +1000,7 @@ class _Dispatcher:
             pass
         # Cleared after draining, before looking at the queues (see wake()).
         self.wake_pending = False
-        if self.threads:
+        if self.outbox is not None:
             while True:
                 try:
                     slot, msg = self.outbox.get_nowait()
@@ -1254,17 +1011,6 @@ class _Dispatcher:
                 else:
                     self._on_message(slot, msg)
                 slot = msg = None
-
-    def _read_results(self, slot):
-        frames = []
-        try:
-            slot.read(frames)
-        except _BadFrame:
-            # The stream is unusable: treat the worker as lost.
-            slot.eof = True
-            slot.proc.kill()
-        for data in frames:
-            self._on_message(slot, data)
 
     def _on_message(self, slot, data):
         try:
@@ -1301,14 +1047,6 @@ class _Dispatcher:
             _report_error()
 
     def _on_exit(self, slot):
-        if not slot.threads:
-            frames = []
-            try:
-                slot.read(frames)
-            except _BadFrame:
-                pass
-            for data in frames:
-                self._on_message(slot, data)
         exitcode = slot.exitcode_after_exit()
         proc = slot.proc
         lost = None
@@ -1619,7 +1357,14 @@ class _RingSlot(_Slot):
     def close(self):
         pass
 
-    exitcode_after_exit = _ProcessSlot.exitcode_after_exit
+    def exitcode_after_exit(self):
+        # The sentinel fired, so the worker is exiting. (Unless it closed its own
+        # fds, the sentinel's among them, and runs on: then it is stopped here.)
+        self.proc.join(5)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
+        return self.proc.exitcode
 
 
 class _RingDispatcher(_Dispatcher):
