@@ -2354,19 +2354,24 @@ class IMapIterator(object):
             self._pool = None
 
     def _set(self, i, obj):
-        with self._cond:
+        cond = self._cond
+        with cond:
             if self._failed:
                 return
             if self._index == i:
                 self._items.append(obj)
                 self._index += 1
-                while self._index in self._unsorted:
-                    self._items.append(self._unsorted.pop(self._index))
-                    self._index += 1
-                self._notify()
+                unsorted = self._unsorted
+                if unsorted:
+                    while self._index in unsorted:
+                        self._items.append(unsorted.pop(self._index))
+                        self._index += 1
+                if cond._waiters:
+                    cond.notify()
             else:
                 self._unsorted[i] = obj
-            self._complete_locked()
+            if self._index == self._length:
+                self._complete_locked()
 
     def _set_length(self, length):
         with self._cond:
