@@ -191,6 +191,14 @@ impl<'a> Msg<'a> {
         Msg { parts, fmt: 0 }
     }
 
+    /// A tagged message ([`FMT_TAGGED`]): `parts` start with its header.
+    pub fn tagged(parts: &'a [&'a [u8]]) -> Msg<'a> {
+        Msg {
+            parts,
+            fmt: FMT_TAGGED,
+        }
+    }
+
     /// Its length in bytes.
     pub fn len(&self) -> usize {
         self.parts.iter().map(|p| p.len()).sum()
@@ -962,10 +970,7 @@ impl Ring {
         let _ = self.rlock.release();
         if matches!(out, Ok(Some(_))) {
             self.after_get();
-            self.drop_hold();
-            if self.has_data() {
-                Self::wake(&h.data.0);
-            }
+            self.pass_turn();
         }
         out
     }
@@ -1016,12 +1021,18 @@ impl Ring {
             }
             break r;
         };
-        self.drop_hold();
-        // Pass the turn on: a message left behind must not wait for a sleeper's timeout.
-        if self.has_data() {
-            Self::wake(&h.data.0);
-        }
+        self.pass_turn();
         r
+    }
+
+    /// After a get: ends this handle's spin hold, and wakes the sleepers if a message
+    /// is left behind and no consumer spins for it (it must not wait for a sleeper's
+    /// timeout).
+    fn pass_turn(&self) {
+        self.drop_hold();
+        if self.has_data() {
+            Self::wake_unless_spinning(&self.h().data.0);
+        }
     }
 
     fn after_get(&self) {

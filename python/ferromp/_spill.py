@@ -100,8 +100,9 @@ class Table:
                     empty = i
             elif n <= size <= 4 * n and (best is None or size < best[1]):
                 best = (i, size)
-        for i in ([best[0]] if best else []) + ([empty] if empty is not None else []) \
-                + list(range(SLOTS)):
+        # The best fit first, then a new segment, then any free one.
+        first = [i for i in (best and best[0], empty) if i is not None]
+        for i in first + list(range(SLOTS)):
             if words.cas_word(2 * i, _FREE, _BUSY):
                 return i
         return None
@@ -184,22 +185,18 @@ class _Mapping(mmap.mmap):
                 pass
 
 
-def load(table, inband, spills):
-    """The object ``dumps`` encoded: maps the segments and unpickles."""
-    return reduction.ForkingPickler.loads(
-        inband, buffers=[table.open(i, n) for i, n in spills])
-
-
 class _Spilled:
-    __slots__ = ('table', 'inband', 'spills')
+    """Pickles to a call of ``load``: the receiving side maps the segments."""
 
-    def __init__(self, table, inband, spills):
-        self.table = table
+    __slots__ = ('token', 'inband', 'spills')
+
+    def __init__(self, token, inband, spills):
+        self.token = token
         self.inband = inband
         self.spills = spills
 
     def __reduce__(self):
-        return _load_by_token, (self.table.token, self.inband, self.spills)
+        return load, (self.token, self.inband, self.spills)
 
 
 # The tables this process knows, by token: a message names its pool's table.
@@ -214,8 +211,12 @@ def unregister(table):
     _tables.pop(table.token, None)
 
 
-def _load_by_token(token, inband, spills):
-    return load(_tables[token], inband, spills)
+def load(token, inband, spills):
+    """The object ``dumps`` encoded: maps the segments of the pool's table (named
+    by ``token``) and unpickles."""
+    table = _tables[token]
+    return reduction.ForkingPickler.loads(
+        inband, buffers=[table.open(i, n) for i, n in spills])
 
 
 def dumps(obj, fallback, table):
@@ -249,4 +250,4 @@ def dumps(obj, fallback, table):
                 table.words.store_word(2 * i, _FREE)
             return fallback(obj)
         spills.append(got)
-    return reduction._dumps_bytes(_Spilled(table, f.getvalue(), spills))
+    return reduction._dumps_bytes(_Spilled(table.token, f.getvalue(), spills))

@@ -370,11 +370,11 @@ def _ctl_tag(kind, wid):
 # bytes object that the worker looks up instead of unpickling.
 _FUNC_TYPES = (types.FunctionType, types.BuiltinFunctionType)
 _FUNC_CACHE_MAX = 256
-# Arguments of these exact types pickle the same with the plain pickler as with
-# ForkingPickler, and never need out-of-band buffers when short.
-_PLAIN_ARG_TYPES = frozenset((int, float, bool, type(None)))
-_PLAIN_STR_TYPES = frozenset((str, bytes))
-_PLAIN_STR_MAX = 1024
+# Values of these exact types (strings and bytes when short) pickle the same with the
+# plain pickler as with ForkingPickler (see reduction).
+_PLAIN_ARG_TYPES = reduction._SCALAR_TYPES
+_PLAIN_STR_TYPES = reduction._STRING_TYPES
+_PLAIN_STR_MAX = reduction._PLAIN_MAX
 _plain_dumps = reduction._plain_dumps
 
 
@@ -857,13 +857,17 @@ class _Dispatcher:
         outbox = _ThreadOutbox(slot, self.outbox, self.wake)
         w = self.Process(self.ctx, target=_thread_worker,
                          args=(inbox, outbox, self.initializer, self.initargs))
-        w.name = w.name.replace('Process', 'PoolWorker')
-        w.daemon = True
-        w.start()
+        self._launch(w)
         slot.proc = w
         self.slots.append(slot)
         self.pool.append(w)
         util.debug('added worker')
+
+    @staticmethod
+    def _launch(w):
+        w.name = w.name.replace('Process', 'PoolWorker')
+        w.daemon = True
+        w.start()
 
     def _wants_workers(self):
         if self.broken is not None or self.state == TERMINATE:
@@ -1513,31 +1517,32 @@ class _RingDispatcher(_Dispatcher):
                     return
             try:
                 tag, ok, obj = get(_loads, True, left)
-                route(tag, ok, obj, False)
-                # Whatever else has come goes along, without waiting.
-                while True:
-                    tag, ok, obj = get(_loads, False)
-                    route(tag, ok, obj, False)
             except queue.Empty:
                 continue
             except OSError:
                 return
-            finally:
-                obj = None
+            route(tag, ok, obj, False)
+            obj = None
+            # Whatever else has come goes along, without waiting.
+            self._route_ready(False)
+
+    def _route_ready(self, in_dispatcher):
+        # Routes the results in the ring now, without waiting (collect_lock held).
+        get = self.channel.results.get_tagged
+        while True:
+            try:
+                tag, ok, obj = get(_loads, False)
+            except (queue.Empty, OSError):
+                return
+            self._route(tag, ok, obj, in_dispatcher)
+            obj = None
 
     def drain(self, in_dispatcher=False):
         """Routes the results already in the ring, if no other thread is reading it."""
         if not self.channel.results.has_data() or not self.collect_lock.acquire(False):
             return
         try:
-            get = self.channel.results.get_tagged
-            while True:
-                try:
-                    tag, ok, obj = get(_loads, False)
-                except (queue.Empty, OSError):
-                    return
-                self._route(tag, ok, obj, in_dispatcher)
-                obj = None
+            self._route_ready(in_dispatcher)
         finally:
             if not in_dispatcher:
                 self.last_collect = time.monotonic()
@@ -1597,10 +1602,8 @@ class _RingDispatcher(_Dispatcher):
         w = self.Process(self.ctx, target=_ring_worker,
                          args=(self.channel, index, wid, self.initializer, self.initargs,
                                self.maxtasks, self.wrap_exception))
-        w.name = w.name.replace('Process', 'PoolWorker')
-        w.daemon = True
         try:
-            w.start()
+            self._launch(w)
         except BaseException:
             self.free_indexes.append(index)
             raise

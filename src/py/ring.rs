@@ -319,6 +319,18 @@ fn push_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+/// Bytes of a tagged message's fixed header: `u32` header length, `u32` payload
+/// count, `u64` in-band length, `u64` tag (little endian), then the payload table.
+const TAGGED_HEAD: usize = 24;
+
+/// Writes the fixed header of a tagged message into `dst[..TAGGED_HEAD]`.
+fn tagged_head(dst: &mut [u8], table_len: usize, count: u32, inband: u64, tag: u64) {
+    dst[..4].copy_from_slice(&((TAGGED_HEAD + table_len) as u32).to_le_bytes());
+    dst[4..8].copy_from_slice(&count.to_le_bytes());
+    dst[8..16].copy_from_slice(&inband.to_le_bytes());
+    dst[16..24].copy_from_slice(&tag.to_le_bytes());
+}
+
 /// A tagged message in the making: its header (with the tag) and the borrowed bytes
 /// of its body (a pickle, or an envelope's in-band pickle and payloads).
 struct Tagged<'a> {
@@ -328,13 +340,11 @@ struct Tagged<'a> {
 
 impl<'a> Tagged<'a> {
     fn of(tag: u64, data: &'a Bound<'_, PyAny>) -> PyResult<Self> {
-        let mut head = Vec::with_capacity(24);
+        let mut head = Vec::with_capacity(TAGGED_HEAD);
         let mut body: Vec<&'a [u8]> = Vec::with_capacity(2);
         let mut header = |n: u32, inband: u64, table: &[u8]| {
-            head.extend_from_slice(&(24 + table.len() as u32).to_le_bytes());
-            head.extend_from_slice(&n.to_le_bytes());
-            head.extend_from_slice(&inband.to_le_bytes());
-            head.extend_from_slice(&tag.to_le_bytes());
+            head.resize(TAGGED_HEAD, 0);
+            tagged_head(&mut head, table.len(), n, inband, tag);
             head.extend_from_slice(table);
         };
         if let Ok(b) = data.cast::<PyBytes>() {
@@ -506,7 +516,7 @@ impl Ring {
             }
             ring::FMT_TAGGED => {
                 let tag = u64_at(head, 16)?;
-                let (inband, objs, segs) = envelope(py, head, 24, n)?;
+                let (inband, objs, segs) = envelope(py, head, TAGGED_HEAD, n)?;
                 // Stored before the ring moves past the message: a consumer that dies
                 // after this leaves the tag behind, one that dies before leaves the
                 // message to the next consumer (see the ring's read lock recovery).
@@ -654,11 +664,7 @@ impl Ring {
         let claim = claims.map(|c| c.get().word(slot)).transpose()?;
         let t = Tagged::of(tag, data)?;
         let parts = t.parts();
-        let msg = Msg {
-            parts: &parts,
-            fmt: ring::FMT_TAGGED,
-        };
-        self.put_unbounded(py, msg)?;
+        self.put_unbounded(py, Msg::tagged(&parts))?;
         if let Some(c) = claim {
             c.store(0, Ordering::Release);
         }
@@ -677,13 +683,7 @@ impl Ring {
             .map(|(tag, data)| Tagged::of(*tag, data))
             .collect::<PyResult<Vec<_>>>()?;
         let parts: Vec<Vec<&[u8]>> = tagged.iter().map(|t| t.parts()).collect();
-        let msgs: Vec<Msg<'_>> = parts
-            .iter()
-            .map(|p| Msg {
-                parts: p,
-                fmt: ring::FMT_TAGGED,
-            })
-            .collect();
+        let msgs: Vec<Msg<'_>> = parts.iter().map(|p| Msg::tagged(p)).collect();
         self.put_all(py, &msgs)
     }
 
@@ -706,26 +706,18 @@ impl Ring {
         for i in start..stop {
             let item = items.get_item(i)?;
             let at = buf.len();
-            buf.extend_from_slice(&[0u8; 24]);
+            buf.extend_from_slice(&[0u8; TAGGED_HEAD]);
             if !pickle_call_task(&mut buf, fkey, &item)? {
                 buf.truncate(at);
                 break;
             }
-            let body = (buf.len() - at - 24) as u64;
+            let body = (buf.len() - at - TAGGED_HEAD) as u64;
             let tag = seq0 + spans.len() as u64;
-            buf[at..at + 4].copy_from_slice(&24u32.to_le_bytes());
-            buf[at + 8..at + 16].copy_from_slice(&body.to_le_bytes());
-            buf[at + 16..at + 24].copy_from_slice(&tag.to_le_bytes());
+            tagged_head(&mut buf[at..], 0, 0, body, tag);
             spans.push((at, buf.len()));
         }
         let parts: Vec<[&[u8]; 1]> = spans.iter().map(|&(a, b)| [&buf[a..b]]).collect();
-        let msgs: Vec<Msg<'_>> = parts
-            .iter()
-            .map(|p| Msg {
-                parts: p,
-                fmt: ring::FMT_TAGGED,
-            })
-            .collect();
+        let msgs: Vec<Msg<'_>> = parts.iter().map(|p| Msg::tagged(p)).collect();
         self.put_all(py, &msgs)?;
         Ok(msgs.len())
     }
