@@ -368,9 +368,25 @@ def _ident(x):
     return x
 
 
+def _pid_after_nap(_):
+    time.sleep(0.002)
+    return os.getpid()
+
+
+def _warm(map_fn, workers=2):
+    """Runs small tasks through ``map_fn`` until every worker has answered one: a
+    worker still starting up (spawn takes ~100 ms) would share the CPUs with the
+    measured run, and the rows measure the work, not the pool's start (its own row)."""
+    deadline = time.monotonic() + 60
+    seen = set()
+    while len(seen) < workers and time.monotonic() < deadline:
+        seen.update(map_fn(_pid_after_nap, range(4 * workers)))
+
+
 def pool_map_tiny(mp, n):
     """Pool(2).map of n tiny tasks, default chunksize, seconds per map."""
     with mp.Pool(2) as pool:
+        _warm(lambda f, it: pool.map(f, it, chunksize=1))
         pool.map(_tiny, range(1000))
         t = time.perf_counter()
         pool.map(_tiny, range(n))
@@ -379,6 +395,7 @@ def pool_map_tiny(mp, n):
 
 def _pool_per_task(mp, n, how):
     with mp.Pool(2) as pool:
+        _warm(lambda f, it: pool.map(f, it, chunksize=1))
         pool.map(_tiny, range(100), chunksize=1)
         t = time.perf_counter()
         if how == 'map':
@@ -431,6 +448,7 @@ def pool_numpy_rt(mp, n):
     import numpy
     a = numpy.ones(100 * 10 ** 6 // 8)
     with mp.Pool(2) as pool:
+        _warm(lambda f, it: pool.map(f, it, chunksize=1))
         pool.apply(_ident, (a[:10],))
         t = time.perf_counter()
         for _ in range(n):
@@ -472,6 +490,7 @@ def executor_workload(impl, method, title, n):
         return (time.perf_counter() - t) / n
     ex = _executor(impl, method)
     try:
+        _warm(lambda f, it: list(ex.map(f, it)))
         list(ex.map(_tiny, range(100)))
         if title == 'Pool map, 200k tiny tasks':
             list(ex.map(_tiny, range(1000), chunksize=125))

@@ -171,9 +171,13 @@ pub const FMT_HEADED: u16 = 1;
 /// pool's task and result numbers): the ring treats both alike.
 pub const FMT_TAGGED: u16 = 7;
 
+/// A tagged message whose body is a packed array of numbers rather than a pickle (a
+/// pool's list result, see `py/packed.rs`): headed like the other two.
+pub const FMT_PACKED: u16 = 8;
+
 /// Whether messages of format `fmt` start with a header the allocator gets.
 pub fn is_headed(fmt: u16) -> bool {
-    fmt == FMT_HEADED || fmt == FMT_TAGGED
+    fmt == FMT_HEADED || fmt == FMT_TAGGED || fmt == FMT_PACKED
 }
 
 /// A message to put: the concatenation of `parts`, tagged with a format number that

@@ -8,6 +8,7 @@ oracle) and nothing may be left in /dev/shm.
 """
 
 import os
+import queue
 import signal
 import threading
 import time
@@ -61,6 +62,10 @@ class MyInt(int):
     pass
 
 
+class MyFloat(float):
+    pass
+
+
 LISTS = {
     "ints": list(range(-5, 100)),
     "floats": [i / 3 for i in range(100)],
@@ -77,6 +82,27 @@ LISTS = {
 
 def make_list(kind):
     return LISTS[kind]
+
+
+# Lists whose items are all exact ints or all exact floats travel packed (not pickled)
+# when they are a map chunk's result: each kind here is mapped item by item.
+PACKABLE = dict(LISTS)
+PACKABLE.update({
+    "int32 edges": [-(2 ** 31), 2 ** 31 - 1, 0, -1] * 10,
+    "just past int32": [2 ** 31, -(2 ** 31) - 1] * 10,
+    "past int64": [2 ** 63, -(2 ** 63) - 1] * 10,
+    "special floats": [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 5e-324] * 5,
+    "ints with a bool": [1, 2, True, 3] * 5,
+    "floats with a float subclass": [0.5, MyFloat(1.5)] * 5,
+})
+
+
+def item_of(kind, i):
+    return PACKABLE[kind][i]
+
+
+def pair_item(kind_i):
+    return PACKABLE[kind_i[0]][kind_i[1]]
 
 
 _COUNTER = None
@@ -182,6 +208,57 @@ def test_list_results_keep_their_types(start_method, std_ctx):
             assert p.map(f, range(1000)) == sp.map(f, range(1000))
             got = p.map(f, range(1000))
             assert [type(x) for x in got] == [type(x) for x in sp.map(f, range(1000))]
+
+
+def _same(got, want):
+    # repr compares NaN and -0.0 too, and the types must match item by item.
+    return ([repr(x) for x in got] == [repr(x) for x in want]
+            and [type(x) for x in got] == [type(x) for x in want])
+
+
+@pytest.mark.timeout(120)
+def test_map_chunks_of_numbers_match_stdlib(start_method, std_ctx):
+    # Chunks whose results are plain ints or floats come back packed; anything else
+    # (a bool, a subclass, an int beyond 64 bits, a mix) is pickled as before.
+    with start_method.Pool(2) as p, std_ctx.Pool(2) as sp:
+        for kind, items in PACKABLE.items():
+            args = [(kind, i) for i in range(len(items))]
+            for chunksize in (None, 1, 3, 7, len(args)):
+                got = p.starmap(item_of, args, chunksize)
+                assert _same(got, sp.starmap(item_of, args, chunksize)), (kind, chunksize)
+                got = p.map(pair_item, args, chunksize)
+                assert _same(got, items), (kind, chunksize)
+            got = p.map_async(pair_item, args, 5).get(60)
+            assert _same(got, items), kind
+            # imap's chunks are lists on the consumer's side, as in the stdlib.
+            assert _same(list(p.imap(pair_item, args, 4)), items), kind
+        seen = []
+        r = p.map_async(twice, range(1000), 9, callback=seen.append)
+        assert r.get(60) == [x * 2 for x in range(1000)]
+        assert wait_for(lambda: seen, 10) and seen[0] == [x * 2 for x in range(1000)]
+
+
+def test_packed_ring_messages_in_one_process():
+    from ferromp import _core
+    import pickle
+    ring = _core.Ring(1 << 16, 0)
+    assert ring.put_tagged_packed(5, [1, -2, 3])
+    assert ring.put_tagged_packed(6, [2 ** 40, 1])
+    assert ring.put_tagged_packed(7, [0.5, float("inf")])
+    for refused in ([], [1, 2.0], [True], [2 ** 64], ["a"]):
+        assert not ring.put_tagged_packed(8, refused)
+    tag, ok, packed = ring.get_tagged(pickle.loads, False)
+    assert (tag, ok, len(packed), packed.tolist()) == (5, True, 3, [1, -2, 3])
+    target = ["x"] * 5
+    packed.store(target, 2)
+    assert target == ["x", "x", 1, -2, 3]
+    with pytest.raises(IndexError):
+        packed.store(target, 3)
+    assert target == ["x", "x", 1, -2, 3]
+    assert ring.get_tagged(pickle.loads, False)[2].tolist() == [2 ** 40, 1]
+    assert ring.get_tagged(pickle.loads, False)[2].tolist() == [0.5, float("inf")]
+    with pytest.raises(queue.Empty):
+        ring.get_tagged(pickle.loads, False)
 
 
 # --- chunking and submission ------------------------------------------------------------

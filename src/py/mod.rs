@@ -12,6 +12,7 @@ use pyo3::types::PyBytes;
 use crate::error::Error;
 
 mod connection;
+mod packed;
 mod process;
 mod ring;
 pub(crate) mod shm;
@@ -97,5 +98,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sync::register(m)?;
     shm::register(m)?;
     ring::register(m)?;
+    packed::register(m)?;
     Ok(())
 }

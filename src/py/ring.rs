@@ -28,6 +28,7 @@ use pyo3::types::{
 };
 
 use crate::error::{Error, Result};
+use crate::py::packed::{self, Packed};
 use crate::py::shm::PySegment;
 use crate::py::{blocking, deadline, uninit_bytes};
 use crate::ring::{self, Dest, Msg};
@@ -152,6 +153,8 @@ enum Landing {
     Native(u16, Vec<u8>),
     /// A tagged message: its tag, in-band pickle and out-of-band payloads.
     Tagged(u64, Py<PyBytes>, Vec<Py<PyAny>>),
+    /// A tagged packed list of numbers: its tag, element kind and array.
+    Packed(u64, u32, Py<PyBytes>),
 }
 
 fn empty_exc(py: Python<'_>) -> PyResult<PyErr> {
@@ -525,6 +528,25 @@ impl Ring {
                 }
                 Ok((Landing::Tagged(tag, inband, objs), Dest::Many(segs)))
             }
+            ring::FMT_PACKED => {
+                // Header: u32 length (TAGGED_HEAD), u32 element kind, u64 count, u64 tag.
+                let kind = head
+                    .get(4..8)
+                    .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
+                    .ok_or(Error::BadLength(head.len() as i64))?;
+                let count = u64_at(head, 8)? as usize;
+                let tag = u64_at(head, 16)?;
+                if head.len() != TAGGED_HEAD
+                    || packed::width(kind).and_then(|w| w.checked_mul(count)) != Some(n)
+                {
+                    return Err(Error::BadLength(n as i64));
+                }
+                let (b, p) = new_bytes(py, n)?;
+                if let Some(c) = claim {
+                    c.store(tag, Ordering::Release);
+                }
+                Ok((Landing::Packed(tag, kind, b), Dest::One((p, n))))
+            }
             FMT_BYTES => {
                 let (b, p) = new_bytes(py, n)?;
                 Ok((Landing::Raw(b), Dest::One((p, n))))
@@ -671,6 +693,42 @@ impl Ring {
         Ok(())
     }
 
+    /// Puts `items` (a list) as a packed message tagged `tag` if every item is an exact
+    /// int within 64 bits, or every item an exact float (see `packed.rs`); then clears
+    /// word `slot` of `claims` as `put_tagged` does. Returns False, putting nothing,
+    /// for any other list (the caller pickles it).
+    #[pyo3(signature = (tag, items, claims=None, slot=0))]
+    fn put_tagged_packed(
+        &self,
+        py: Python<'_>,
+        tag: u64,
+        items: &Bound<'_, PyList>,
+        claims: Option<&Bound<'_, PySegment>>,
+        slot: usize,
+    ) -> PyResult<bool> {
+        let claim = claims.map(|c| c.get().word(slot)).transpose()?;
+        let Some((kind, body)) = packed::encode(items) else {
+            return Ok(false);
+        };
+        let mut head = [0u8; TAGGED_HEAD];
+        head[..4].copy_from_slice(&(TAGGED_HEAD as u32).to_le_bytes());
+        head[4..8].copy_from_slice(&kind.to_le_bytes());
+        head[8..16].copy_from_slice(&(items.len() as u64).to_le_bytes());
+        head[16..24].copy_from_slice(&tag.to_le_bytes());
+        let parts = [&head[..], &body[..]];
+        self.put_unbounded(
+            py,
+            Msg {
+                parts: &parts,
+                fmt: ring::FMT_PACKED,
+            },
+        )?;
+        if let Some(c) = claim {
+            c.store(0, Ordering::Release);
+        }
+        Ok(true)
+    }
+
     /// `put_tagged(tag, data)` for each `(tag, data)` of `items`, in order, waking the
     /// consumers once for the lot when they all fit right away.
     fn put_tagged_many(&self, py: Python<'_>, items: &Bound<'_, PyList>) -> PyResult<()> {
@@ -755,6 +813,10 @@ impl Ring {
                     }
                     Err(e) => Err(e),
                 }
+            }
+            Some(Landing::Packed(tag, kind, data)) => {
+                let obj = Bound::new(py, Packed::new(kind, data))?.into_any();
+                Ok((tag, true, obj))
             }
             Some(_) => Err(pyo3::exceptions::PyValueError::new_err(
                 "an untagged message on a tagged ring",
@@ -863,9 +925,9 @@ impl Ring {
     ) -> PyResult<Bound<'py, PyAny>> {
         match self.take(py, block, timeout, None)? {
             None => Err(empty_exc(py)?),
-            Some(Landing::Tagged(..)) => Err(pyo3::exceptions::PyValueError::new_err(
-                "a tagged message on a queue ring",
-            )),
+            Some(Landing::Tagged(..) | Landing::Packed(..)) => Err(
+                pyo3::exceptions::PyValueError::new_err("a tagged message on a queue ring"),
+            ),
             Some(Landing::Bytes(b)) => loads.call1((b,)),
             Some(Landing::Raw(b)) => Ok(b.into_bound(py).into_any()),
             Some(Landing::Native(fmt, v)) => decode_native(py, fmt, &v),
