@@ -175,9 +175,16 @@ pub const FMT_TAGGED: u16 = 7;
 /// pool's list result, see `py/packed.rs`): headed like the other two.
 pub const FMT_PACKED: u16 = 8;
 
+/// A tagged message whose body is one natively encoded scalar (a pool task's result
+/// that is a plain int, float, str, bytes, bool or None): headed as well.
+pub const FMT_TAGGED_NATIVE: u16 = 9;
+
 /// Whether messages of format `fmt` start with a header the allocator gets.
 pub fn is_headed(fmt: u16) -> bool {
-    fmt == FMT_HEADED || fmt == FMT_TAGGED || fmt == FMT_PACKED
+    matches!(
+        fmt,
+        FMT_HEADED | FMT_TAGGED | FMT_PACKED | FMT_TAGGED_NATIVE
+    )
 }
 
 /// A message to put: the concatenation of `parts`, tagged with a format number that

@@ -97,6 +97,17 @@ PACKABLE.update({
 })
 
 
+# Results of these exact types travel natively (not pickled); the others, and long
+# strings and bytes, are pickled: each must come back equal and of the same type.
+SCALARS = [0, -1, 2 ** 63 - 1, -(2 ** 63), 2 ** 63, -(2 ** 70), True, False, None,
+           0.25, float("inf"), -0.0, "", "héllo", "x" * (1 << 17), b"", b"\x00\xff",
+           b"y" * (1 << 17), MyInt(3), MyFloat(2.5), (1, 2)]
+
+
+def scalar_at(i):
+    return SCALARS[i]
+
+
 def item_of(kind, i):
     return PACKABLE[kind][i]
 
@@ -236,6 +247,16 @@ def test_map_chunks_of_numbers_match_stdlib(start_method, std_ctx):
         r = p.map_async(twice, range(1000), 9, callback=seen.append)
         assert r.get(60) == [x * 2 for x in range(1000)]
         assert wait_for(lambda: seen, 10) and seen[0] == [x * 2 for x in range(1000)]
+
+
+@pytest.mark.timeout(120)
+def test_scalar_results_match_stdlib(start_method, std_ctx):
+    idx = list(range(len(SCALARS)))
+    with start_method.Pool(2) as p, std_ctx.Pool(2) as sp:
+        want = sp.map(scalar_at, idx, 1)
+        assert _same(p.map(scalar_at, idx, 1), want)
+        assert _same(list(p.imap(scalar_at, idx)), want)
+        assert _same([p.apply(scalar_at, (i,)) for i in idx], want)
 
 
 def test_packed_ring_messages_in_one_process():

@@ -136,6 +136,9 @@ def _starmap_chunk(args):
 
 
 _PACKING_MAPPERS = {mapstar: _map_chunk, starmapstar: _starmap_chunk}
+# Results of these exact types travel natively (``Ring.put_tagged_obj``); an int beyond
+# 64 bits is pickled after all.
+_NATIVE_RESULT_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
 _Packed = _core.Packed
 
 
@@ -466,6 +469,9 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
     get = channel.tasks.get_tagged
     put = channel.results.put_tagged
     put_packed = channel.results.put_tagged_packed
+    put_obj = channel.results.put_tagged_obj
+    task_ring = channel.tasks
+    native = _NATIVE_RESULT_TYPES
     claims = channel.claims
     hold_spin = channel.tasks.hold_spin
     funcs = _FuncCache()
@@ -528,13 +534,17 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
         completed += 1
         # We wait for the next task right after the put: the parent need not wake an
         # idle sibling for it.
-        hold = maxtasks is None or completed < maxtasks
-        if packs:
-            if hold:
-                hold_spin()
-            if put_packed(tag, value, claims, slot):
-                value = None
-                continue
+        hold = task_ring if maxtasks is None or completed < maxtasks else None
+        # Plain scalars and lists of plain numbers go without the pickler.
+        if type(value) in native:
+            sent = put_obj(tag, value, claims, slot, hold)
+        elif packs:
+            sent = put_packed(tag, value, claims, slot, hold)
+        else:
+            sent = False
+        if sent:
+            value = None
+            continue
         try:
             data = plain_dumps(value, 5) if type(value) in plain else dumps(value)
         except Exception as e:
@@ -546,7 +556,7 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
             data = _dumps(wrapped)
             tag = seq | _FAIL
         value = None
-        if hold and not packs:
+        if hold is not None:
             hold_spin()
         put(tag, data, claims, slot)
         data = None
@@ -804,8 +814,11 @@ class _Dispatcher:
         # Called by IMapIterator.next(): the caller took one item of this feed. Wake
         # the feeder (or feed inline) only once half its look-ahead is free again.
         if feed.inline:
-            if feed.next_index - feed.result._taken <= self.lookahead // 2:
+            half = self.lookahead // 2
+            if feed.next_index - feed.result._taken <= half:
                 self.feed_inline(feed)
+            # Nothing to do until half the look-ahead is free again.
+            feed.result._wake_at = feed.next_index - half
             return
         if feed.blocked and (feed.next_index - feed.result._taken
                              <= self.lookahead // 2):
@@ -2325,7 +2338,10 @@ class IMapIterator(object):
     def __init__(self, pool):
         self._pool = pool
         self._disp = pool._disp
-        self._cond = threading.Condition(threading.Lock())
+        # _set takes the condition's lock directly: Condition's own __enter__ and
+        # __exit__ are Python code, half a microsecond per result.
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._job = next(job_counter)
         self._cache = pool._cache
         self._items = collections.deque()
@@ -2336,6 +2352,7 @@ class IMapIterator(object):
         self._taken = 0         # items handed to the caller (bounds the look-ahead)
         self._feed = None
         self._on_take = None
+        self._wake_at = 0       # _on_take is called once _taken reaches this
         self._cache[self._job] = self
 
     def __iter__(self):
@@ -2357,7 +2374,7 @@ class IMapIterator(object):
             item = self._next_slow(timeout)
         # Only this thread counts (the feeder just reads it).
         self._taken += 1
-        if self._on_take is not None:
+        if self._taken >= self._wake_at and self._on_take is not None:
             self._on_take(self._feed)
         success, value = item
         if success:
@@ -2405,7 +2422,7 @@ class IMapIterator(object):
 
     def _set(self, i, obj):
         cond = self._cond
-        with cond:
+        with self._mutex:
             if self._failed:
                 return
             if self._index == i:
@@ -2450,13 +2467,15 @@ class IMapUnorderedIterator(IMapIterator):
     """The iterator ``imap_unordered`` returns: results as they arrive."""
 
     def _set(self, i, obj):
-        with self._cond:
+        with self._mutex:
             if self._failed:
                 return
             self._items.append(obj)
             self._index += 1
-            self._notify()
-            self._complete_locked()
+            if self._cond._waiters:
+                self._cond.notify()
+            if self._index == self._length:
+                self._complete_locked()
 
 
 #

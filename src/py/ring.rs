@@ -127,6 +127,7 @@ fn decode_native<'py>(py: Python<'py>, fmt: u16, b: &[u8]) -> PyResult<Bound<'py
             .into_pyobject(py)?
             .into_any(),
         FMT_STR => PyString::new(py, std::str::from_utf8(b).map_err(|_| bad())?).into_any(),
+        FMT_BYTES => PyBytes::new(py, b).into_any(),
         FMT_FLOAT => PyFloat::new(
             py,
             f64::from_bits(u64::from_le_bytes(b.try_into().map_err(|_| bad())?)),
@@ -155,6 +156,8 @@ enum Landing {
     Tagged(u64, Py<PyBytes>, Vec<Py<PyAny>>),
     /// A tagged packed list of numbers: its tag, element kind and array.
     Packed(u64, u32, Py<PyBytes>),
+    /// A tagged native scalar: its tag, format and encoding.
+    TaggedNative(u64, u16, Vec<u8>),
 }
 
 fn empty_exc(py: Python<'_>) -> PyResult<PyErr> {
@@ -321,6 +324,9 @@ fn push_bytes(out: &mut Vec<u8>, b: &[u8]) {
     }
     out.extend_from_slice(b);
 }
+
+/// Longest scalar encoding `put_tagged_obj` sends natively.
+const TAGGED_NATIVE_MAX: usize = 1 << 16;
 
 /// Bytes of a tagged message's fixed header: `u32` header length, `u32` payload
 /// count, `u64` in-band length, `u64` tag (little endian), then the payload table.
@@ -547,6 +553,26 @@ impl Ring {
                 }
                 Ok((Landing::Packed(tag, kind, b), Dest::One((p, n))))
             }
+            ring::FMT_TAGGED_NATIVE => {
+                // Header: u32 length (TAGGED_HEAD), u32 scalar format, u64 length, u64 tag.
+                let fmt = head
+                    .get(4..8)
+                    .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
+                    .ok_or(Error::BadLength(head.len() as i64))?;
+                let tag = u64_at(head, 16)?;
+                if head.len() != TAGGED_HEAD
+                    || u64_at(head, 8)? != n as u64
+                    || !(FMT_INT as u32..=FMT_CONST as u32).contains(&fmt)
+                {
+                    return Err(Error::BadLength(n as i64));
+                }
+                let mut v = vec![0u8; n];
+                let p = v.as_mut_ptr();
+                if let Some(c) = claim {
+                    c.store(tag, Ordering::Release);
+                }
+                Ok((Landing::TaggedNative(tag, fmt as u16, v), Dest::One((p, n))))
+            }
             FMT_BYTES => {
                 let (b, p) = new_bytes(py, n)?;
                 Ok((Landing::Raw(b), Dest::One((p, n))))
@@ -693,11 +719,57 @@ impl Ring {
         Ok(())
     }
 
+    /// Puts `obj` as a message tagged `tag` if it is a scalar that travels natively
+    /// (see the FMT_ constants), after `hold.hold_spin()` if `hold` is given; then
+    /// clears word `slot` of `claims` as `put_tagged` does. Returns False, doing
+    /// nothing, for any other object (the caller pickles it).
+    #[pyo3(signature = (tag, obj, claims=None, slot=0, hold=None))]
+    fn put_tagged_obj(
+        &self,
+        py: Python<'_>,
+        tag: u64,
+        obj: &Bound<'_, PyAny>,
+        claims: Option<&Bound<'_, PySegment>>,
+        slot: usize,
+        hold: Option<&Bound<'_, Ring>>,
+    ) -> PyResult<bool> {
+        let claim = claims.map(|c| c.get().word(slot)).transpose()?;
+        let Some((fmt, enc)) = encode_native(obj)? else {
+            return Ok(false);
+        };
+        let body = enc.bytes();
+        if body.len() > TAGGED_NATIVE_MAX {
+            // A large str or bytes: pickled, so that its buffer can take the spill path.
+            return Ok(false);
+        }
+        let mut head = [0u8; TAGGED_HEAD];
+        head[..4].copy_from_slice(&(TAGGED_HEAD as u32).to_le_bytes());
+        head[4..8].copy_from_slice(&(fmt as u32).to_le_bytes());
+        head[8..16].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        head[16..24].copy_from_slice(&tag.to_le_bytes());
+        if let Some(h) = hold {
+            h.get().inner.hold_spin();
+        }
+        let parts = [&head[..], body];
+        self.put_unbounded(
+            py,
+            Msg {
+                parts: &parts,
+                fmt: ring::FMT_TAGGED_NATIVE,
+            },
+        )?;
+        if let Some(c) = claim {
+            c.store(0, Ordering::Release);
+        }
+        Ok(true)
+    }
+
     /// Puts `items` (a list) as a packed message tagged `tag` if every item is an exact
-    /// int within 64 bits, or every item an exact float (see `packed.rs`); then clears
-    /// word `slot` of `claims` as `put_tagged` does. Returns False, putting nothing,
+    /// int within 64 bits, or every item an exact float (see `packed.rs`), after
+    /// `hold.hold_spin()` if `hold` is given; then clears word `slot` of `claims` as
+    /// `put_tagged` does. Returns False, putting nothing,
     /// for any other list (the caller pickles it).
-    #[pyo3(signature = (tag, items, claims=None, slot=0))]
+    #[pyo3(signature = (tag, items, claims=None, slot=0, hold=None))]
     fn put_tagged_packed(
         &self,
         py: Python<'_>,
@@ -705,6 +777,7 @@ impl Ring {
         items: &Bound<'_, PyList>,
         claims: Option<&Bound<'_, PySegment>>,
         slot: usize,
+        hold: Option<&Bound<'_, Ring>>,
     ) -> PyResult<bool> {
         let claim = claims.map(|c| c.get().word(slot)).transpose()?;
         let Some((kind, body)) = packed::encode(items) else {
@@ -715,6 +788,9 @@ impl Ring {
         head[4..8].copy_from_slice(&kind.to_le_bytes());
         head[8..16].copy_from_slice(&(items.len() as u64).to_le_bytes());
         head[16..24].copy_from_slice(&tag.to_le_bytes());
+        if let Some(h) = hold {
+            h.get().inner.hold_spin();
+        }
         let parts = [&head[..], &body[..]];
         self.put_unbounded(
             py,
@@ -817,6 +893,9 @@ impl Ring {
             Some(Landing::Packed(tag, kind, data)) => {
                 let obj = Bound::new(py, Packed::new(kind, data))?.into_any();
                 Ok((tag, true, obj))
+            }
+            Some(Landing::TaggedNative(tag, fmt, v)) => {
+                Ok((tag, true, decode_native(py, fmt, &v)?))
             }
             Some(_) => Err(pyo3::exceptions::PyValueError::new_err(
                 "an untagged message on a tagged ring",
@@ -925,7 +1004,7 @@ impl Ring {
     ) -> PyResult<Bound<'py, PyAny>> {
         match self.take(py, block, timeout, None)? {
             None => Err(empty_exc(py)?),
-            Some(Landing::Tagged(..) | Landing::Packed(..)) => Err(
+            Some(Landing::Tagged(..) | Landing::Packed(..) | Landing::TaggedNative(..)) => Err(
                 pyo3::exceptions::PyValueError::new_err("a tagged message on a queue ring"),
             ),
             Some(Landing::Bytes(b)) => loads.call1((b,)),
