@@ -280,6 +280,13 @@ def test_packed_ring_messages_in_one_process():
     assert ring.get_tagged(pickle.loads, False)[2].tolist() == [0.5, float("inf")]
     with pytest.raises(queue.Empty):
         ring.get_tagged(pickle.loads, False)
+    # get_tagged_many takes what is there, up to its limit, without waiting.
+    assert ring.put_tagged_obj(1, "one") and ring.put_tagged_obj(2, None)
+    ring.put_tagged(3, pickle.dumps((1, 2)))
+    assert not ring.put_tagged_obj(4, 2 ** 64)
+    assert ring.get_tagged_many(pickle.loads, 2) == [(1, True, "one"), (2, True, None)]
+    assert ring.get_tagged_many(pickle.loads, 9) == [(3, True, (1, 2))]
+    assert ring.get_tagged_many(pickle.loads, 9) == []
 
 
 # --- chunking and submission ------------------------------------------------------------

@@ -1565,15 +1565,29 @@ class _RingDispatcher(_Dispatcher):
             self._route_ready(False)
 
     def _route_ready(self, in_dispatcher):
-        # Routes the results in the ring now, without waiting (collect_lock held).
-        get = self.channel.results.get_tagged
+        # Routes the results in the ring now, without waiting (collect_lock held),
+        # taking them a batch per call.
+        get_many = self.channel.results.get_tagged_many
+        route = self._route
         while True:
             try:
-                tag, ok, obj = get(_loads, False)
-            except (queue.Empty, OSError):
+                batch = get_many(_loads, 64)
+            except OSError:
                 return
-            self._route(tag, ok, obj, in_dispatcher)
-            obj = None
+            if not batch:
+                return
+            done = 0
+            try:
+                for tag, ok, obj in batch:
+                    done += 1
+                    route(tag, ok, obj, in_dispatcher)
+            except BaseException:
+                # (A KeyboardInterrupt, say.) The rest of the batch still goes where
+                # it belongs: other callers wait for it.
+                for tag, ok, obj in batch[done:]:
+                    route(tag, ok, obj, in_dispatcher)
+                raise
+            batch = obj = None
 
     def drain(self, in_dispatcher=False):
         """Routes the results already in the ring, if no other thread is reading it."""

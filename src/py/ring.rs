@@ -488,6 +488,41 @@ fn envelope(py: Python<'_>, head: &[u8], table: usize, n: usize) -> Result<Envel
     Ok((inband, objs, segs))
 }
 
+/// What `get_tagged` returns for a message: `(tag, True, object)`, or `(tag, False,
+/// exception)` when `loads` raised an Exception.
+fn tagged_result<'py>(
+    py: Python<'py>,
+    landing: Landing,
+    loads: &Bound<'py, PyAny>,
+) -> PyResult<(u64, bool, Bound<'py, PyAny>)> {
+    match landing {
+        Landing::Tagged(tag, inband, objs) => {
+            let r = if objs.is_empty() {
+                loads.call1((inband,))
+            } else {
+                let kw = PyDict::new(py);
+                kw.set_item("buffers", PyList::new(py, objs)?)?;
+                loads.call((inband,), Some(&kw))
+            };
+            match r {
+                Ok(obj) => Ok((tag, true, obj)),
+                Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(py) => {
+                    Ok((tag, false, e.into_value(py).into_bound(py).into_any()))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Landing::Packed(tag, kind, data) => {
+            let obj = Bound::new(py, Packed::new(kind, data))?.into_any();
+            Ok((tag, true, obj))
+        }
+        Landing::TaggedNative(tag, fmt, v) => Ok((tag, true, decode_native(py, fmt, &v)?)),
+        _ => Err(pyo3::exceptions::PyValueError::new_err(
+            "an untagged message on a tagged ring",
+        )),
+    }
+}
+
 impl Ring {
     /// The destination of a message: see [`ring::Ring::get`].
     fn landing(
@@ -874,33 +909,26 @@ impl Ring {
         let claim = claims.map(|c| c.get().word(slot)).transpose()?;
         match self.take(py, block, timeout, claim)? {
             None => Err(empty_exc(py)?),
-            Some(Landing::Tagged(tag, inband, objs)) => {
-                let r = if objs.is_empty() {
-                    loads.call1((inband,))
-                } else {
-                    let kw = PyDict::new(py);
-                    kw.set_item("buffers", PyList::new(py, objs)?)?;
-                    loads.call((inband,), Some(&kw))
-                };
-                match r {
-                    Ok(obj) => Ok((tag, true, obj)),
-                    Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(py) => {
-                        Ok((tag, false, e.into_value(py).into_bound(py).into_any()))
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            Some(Landing::Packed(tag, kind, data)) => {
-                let obj = Bound::new(py, Packed::new(kind, data))?.into_any();
-                Ok((tag, true, obj))
-            }
-            Some(Landing::TaggedNative(tag, fmt, v)) => {
-                Ok((tag, true, decode_native(py, fmt, &v)?))
-            }
-            Some(_) => Err(pyo3::exceptions::PyValueError::new_err(
-                "an untagged message on a tagged ring",
-            )),
+            Some(landing) => tagged_result(py, landing, loads),
         }
+    }
+
+    /// `get_tagged(loads, block=False)` for each message that is in the ring now, up to
+    /// `limit` of them, as a list (empty when there is none).
+    fn get_tagged_many<'py>(
+        &self,
+        py: Python<'py>,
+        loads: &Bound<'py, PyAny>,
+        limit: usize,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        while out.len() < limit {
+            match self.take(py, false, None, None)? {
+                None => break,
+                Some(landing) => out.append(tagged_result(py, landing, loads)?)?,
+            }
+        }
+        Ok(out)
     }
 
     /// Tells producers that this handle will wait for the next message soon (see
