@@ -179,11 +179,15 @@ pub const FMT_PACKED: u16 = 8;
 /// that is a plain int, float, str, bytes, bool or None): headed as well.
 pub const FMT_TAGGED_NATIVE: u16 = 9;
 
+/// A tagged pool task `func(item)` in native form: a function's cached pickle and one
+/// natively encoded scalar argument. Headed as well.
+pub const FMT_TAGGED_CALL: u16 = 10;
+
 /// Whether messages of format `fmt` start with a header the allocator gets.
 pub fn is_headed(fmt: u16) -> bool {
     matches!(
         fmt,
-        FMT_HEADED | FMT_TAGGED | FMT_PACKED | FMT_TAGGED_NATIVE
+        FMT_HEADED | FMT_TAGGED | FMT_PACKED | FMT_TAGGED_NATIVE | FMT_TAGGED_CALL
     )
 }
 

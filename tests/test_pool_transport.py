@@ -259,6 +259,54 @@ def test_scalar_results_match_stdlib(start_method, std_ctx):
         assert _same([p.apply(scalar_at, (i,)) for i in idx], want)
 
 
+def kill_on_seven(x):
+    if x == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)
+    return x * 2
+
+
+def pair_or_raise(x):
+    if x % 5 == 4:
+        raise KeyError(x)
+    return (x, x) if x % 3 == 0 else x
+
+
+@pytest.mark.timeout(120)
+def test_calls_run_by_the_core_match_stdlib(start_method, std_ctx):
+    # Plain calls with plain results run in the core's serve loop; a tuple result, an
+    # exception or a churning worker goes back to the Python loop mid-stream.
+    items = list(range(60))
+    with start_method.Pool(2) as p, std_ctx.Pool(2) as sp:
+        for f in (twice, pair_or_raise):
+            got = [p.apply_async(f, (x,)) for x in items]
+            want = [sp.apply_async(f, (x,)) for x in items]
+            for g, w in zip(got, want):
+                g.wait(60)
+                w.wait(60)
+                assert g.successful() == w.successful()
+                if g.successful():
+                    assert g.get() == w.get()
+                else:
+                    assert repr(pytest.raises(KeyError, g.get).value) == repr(
+                        pytest.raises(KeyError, w.get).value)
+        assert list(p.imap(twice, items)) == [x * 2 for x in items]
+        with pytest.raises(KeyError):
+            p.map(pair_or_raise, items, 1)
+    with start_method.Pool(2, maxtasksperchild=3) as p:
+        assert p.map(twice, items, 1) == [x * 2 for x in items]
+        assert sorted(p.imap_unordered(twice, items)) == [x * 2 for x in items]
+
+
+@pytest.mark.timeout(120)
+def test_worker_killed_in_a_core_run_call(start_method):
+    with start_method.Pool(2) as p:
+        r = p.map_async(kill_on_seven, range(20), 1)
+        with pytest.raises(fpool.WorkerLostError):
+            r.get(60)
+        assert p.map(twice, range(50), 1) == [x * 2 for x in range(50)]
+
+
 def test_packed_ring_messages_in_one_process():
     from ferromp import _core
     import pickle

@@ -366,6 +366,10 @@ _CTL_READY = 1              # the initializer has run
 _CTL_INIT_FAILED = 2        # the initializer raised (the value is the exception)
 _CTL_NUDGE = 3              # from the parent itself: a reader should look again
 _NONE_PICKLE = _dumps(None)
+# What Ring.serve returns with (see there), and its limit for a worker without
+# maxtasksperchild.
+_SERVE_LIMIT, _SERVE_TASK, _SERVE_RESULT, _SERVE_ERROR = range(4)
+_SERVE_FOREVER = 1 << 62
 # How long a collecting caller blocks on the result ring before it looks around again
 # (deaths and terminate() also nudge it at once; this only bounds a missed nudge).
 _COLLECT_SLICE = 0.1
@@ -466,7 +470,8 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
     """The body of a process pool worker: take a task, run it, put its result."""
     if maxtasks is not None and not (isinstance(maxtasks, int) and maxtasks >= 1):
         raise AssertionError("Maxtasks {!r} is not valid".format(maxtasks))
-    get = channel.tasks.get_tagged
+    serve = channel.tasks.serve
+    results = channel.results
     put = channel.results.put_tagged
     put_packed = channel.results.put_tagged_packed
     put_obj = channel.results.put_tagged_obj
@@ -503,16 +508,27 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
     completed = 0
     func = None
     while maxtasks is None or completed < maxtasks:
+        # The core runs the plain calls itself (Ring.serve) and comes back for anything
+        # else: a task to run here, or a result or exception to send.
+        limit = _SERVE_FOREVER if maxtasks is None else maxtasks - completed
         try:
-            seq, ok, task = get(loads, True, None, claims, slot)
+            done, what, seq, ok, task = serve(results, funcs, loads, claims, slot, limit)
         except (EOFError, OSError):
             util.debug('worker got EOFError or OSError -- exiting')
             break
-        if seq == _STOP_TAG:
+        completed += done
+        if what == _SERVE_LIMIT:
+            continue
+        tag = seq
+        if what == _SERVE_RESULT:
+            value = task
+        elif what == _SERVE_ERROR:
+            value = wrap(task)
+            tag = seq | _FAIL
+        elif seq == _STOP_TAG:
             util.debug('worker got sentinel -- exiting')
             break
-        tag = seq
-        if ok:
+        elif ok:
             fkey, args, kwds = task
             task = None
             try:

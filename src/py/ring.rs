@@ -158,6 +158,9 @@ enum Landing {
     Packed(u64, u32, Py<PyBytes>),
     /// A tagged native scalar: its tag, format and encoding.
     TaggedNative(u64, u16, Vec<u8>),
+    /// A tagged native call: its tag, the argument's format, the length of the
+    /// function's key, and the key followed by the argument's encoding.
+    Call(u64, u16, usize, Vec<u8>),
 }
 
 fn empty_exc(py: Python<'_>) -> PyResult<PyErr> {
@@ -240,90 +243,31 @@ impl<'a> Parts<'a> {
     }
 }
 
-/// Appends to `out` the pickle (protocol 5 opcodes, as `pickle.loads` reads them) of
-/// the pool task `(fkey, (item,), None)`: a function's cached pickle, a one-item
-/// argument tuple, no keywords. False, with `out` unchanged, when `item` is not an
-/// exact int, float, str, bytes, bool or None (the caller pickles that one).
-fn pickle_call_task(out: &mut Vec<u8>, fkey: &[u8], item: &Bound<'_, PyAny>) -> PyResult<bool> {
-    let mark = out.len();
-    out.extend_from_slice(b"\x80\x05");
-    push_bytes(out, fkey);
-    if item.is_none() {
-        out.push(b'N');
-    } else if item.is_exact_instance_of::<PyBool>() {
-        out.push(if item.is_truthy()? { 0x88 } else { 0x89 });
-    } else if item.is_exact_instance_of::<PyInt>() {
-        match item.extract::<i64>() {
-            Ok(v) if (0..256).contains(&v) => out.extend_from_slice(&[b'K', v as u8]),
-            Ok(v) if (0..65536).contains(&v) => {
-                out.push(b'M');
-                out.extend_from_slice(&(v as u16).to_le_bytes());
-            }
-            Ok(v) if i32::try_from(v).is_ok() => {
-                out.push(b'J');
-                out.extend_from_slice(&(v as i32).to_le_bytes());
-            }
-            Ok(v) => {
-                // LONG1: the shortest two's complement, little endian.
-                let b = v.to_le_bytes();
-                let mut n = 8;
-                while n > 1 {
-                    let top = b[n - 1];
-                    let next_sign = b[n - 2] & 0x80;
-                    if (top == 0 && next_sign == 0) || (top == 0xff && next_sign != 0) {
-                        n -= 1;
-                    } else {
-                        break;
-                    }
-                }
-                out.extend_from_slice(&[0x8a, n as u8]);
-                out.extend_from_slice(&b[..n]);
-            }
-            Err(_) => {
-                out.truncate(mark);
-                return Ok(false);
-            }
-        }
-    } else if item.is_exact_instance_of::<PyFloat>() {
-        out.push(b'G');
-        out.extend_from_slice(&item.cast::<PyFloat>()?.value().to_be_bytes());
-    } else if item.is_exact_instance_of::<PyString>() {
-        let s = item.cast::<PyString>()?.to_cow()?;
-        let b = s.as_bytes();
-        if b.len() < 256 {
-            out.extend_from_slice(&[0x8c, b.len() as u8]);
-        } else if let Ok(n) = u32::try_from(b.len()) {
-            out.push(b'X');
-            out.extend_from_slice(&n.to_le_bytes());
-        } else {
-            out.truncate(mark);
-            return Ok(false);
-        }
-        out.extend_from_slice(b);
-    } else if item.is_exact_instance_of::<PyBytes>() {
-        push_bytes(out, item.cast::<PyBytes>()?.as_bytes());
-    } else {
-        out.truncate(mark);
-        return Ok(false);
-    }
-    // TUPLE1 (the arguments), NONE (no keywords), TUPLE3, STOP.
-    out.extend_from_slice(&[0x85, b'N', 0x87, b'.']);
-    Ok(true)
+/// Writes the fixed header of a natively encoded tagged message (formats
+/// `FMT_PACKED`, `FMT_TAGGED_NATIVE`, `FMT_TAGGED_CALL`) into `dst[..TAGGED_HEAD]`:
+/// `u32` header length, `u32` kind (element kind or scalar format), `u64` count or
+/// length, `u64` tag.
+fn native_head(dst: &mut [u8], kind: u32, count: u64, tag: u64) {
+    dst[..4].copy_from_slice(&(TAGGED_HEAD as u32).to_le_bytes());
+    dst[4..8].copy_from_slice(&kind.to_le_bytes());
+    dst[8..16].copy_from_slice(&count.to_le_bytes());
+    dst[16..24].copy_from_slice(&tag.to_le_bytes());
 }
 
-/// SHORT_BINBYTES or BINBYTES (or BINBYTES8) of `b`.
-fn push_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    if b.len() < 256 {
-        out.extend_from_slice(&[b'C', b.len() as u8]);
-    } else if let Ok(n) = u32::try_from(b.len()) {
-        out.push(b'B');
-        out.extend_from_slice(&n.to_le_bytes());
-    } else {
-        out.push(0x8e);
-        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+/// The fields of a natively encoded tagged message's header (see [`native_head`]).
+fn read_native_head(head: &[u8]) -> Result<(u32, u64, u64)> {
+    if head.len() != TAGGED_HEAD {
+        return Err(Error::BadLength(head.len() as i64));
     }
-    out.extend_from_slice(b);
+    let kind = u32::from_le_bytes(head[4..8].try_into().unwrap());
+    Ok((kind, u64_at(head, 8)?, u64_at(head, 16)?))
 }
+
+/// What `Ring.serve` returns with (see there).
+const SERVE_LIMIT: u8 = 0;
+const SERVE_TASK: u8 = 1;
+const SERVE_RESULT: u8 = 2;
+const SERVE_ERROR: u8 = 3;
 
 /// Longest scalar encoding `put_tagged_obj` sends natively.
 const TAGGED_NATIVE_MAX: usize = 1 << 16;
@@ -488,6 +432,16 @@ fn envelope(py: Python<'_>, head: &[u8], table: usize, n: usize) -> Result<Envel
     Ok((inband, objs, segs))
 }
 
+/// Stores a tagged message's tag into the taker's claim word, if any, before the ring
+/// moves past the message: a consumer that dies after this leaves the tag behind, one
+/// that dies before leaves the message to the next consumer (see the ring's read lock
+/// recovery).
+fn store_claim(claim: Option<&AtomicU64>, tag: u64) {
+    if let Some(c) = claim {
+        c.store(tag, Ordering::Release);
+    }
+}
+
 /// What `get_tagged` returns for a message: `(tag, True, object)`, or `(tag, False,
 /// exception)` when `loads` raised an Exception.
 fn tagged_result<'py>(
@@ -517,6 +471,14 @@ fn tagged_result<'py>(
             Ok((tag, true, obj))
         }
         Landing::TaggedNative(tag, fmt, v) => Ok((tag, true, decode_native(py, fmt, &v)?)),
+        Landing::Call(tag, fmt, klen, v) => {
+            // The task as its pickled form reads: (fkey, (item,), None).
+            let fkey = PyBytes::new(py, &v[..klen]).into_any();
+            let item = decode_native(py, fmt, &v[klen..])?;
+            let args = PyTuple::new(py, [item])?.into_any();
+            let task = PyTuple::new(py, [fkey, args, py.None().into_bound(py)])?;
+            Ok((tag, true, task.into_any()))
+        }
         _ => Err(pyo3::exceptions::PyValueError::new_err(
             "an untagged message on a tagged ring",
         )),
@@ -561,52 +523,41 @@ impl Ring {
             ring::FMT_TAGGED => {
                 let tag = u64_at(head, 16)?;
                 let (inband, objs, segs) = envelope(py, head, TAGGED_HEAD, n)?;
-                // Stored before the ring moves past the message: a consumer that dies
-                // after this leaves the tag behind, one that dies before leaves the
-                // message to the next consumer (see the ring's read lock recovery).
-                if let Some(c) = claim {
-                    c.store(tag, Ordering::Release);
-                }
+                store_claim(claim, tag);
                 Ok((Landing::Tagged(tag, inband, objs), Dest::Many(segs)))
             }
             ring::FMT_PACKED => {
-                // Header: u32 length (TAGGED_HEAD), u32 element kind, u64 count, u64 tag.
-                let kind = head
-                    .get(4..8)
-                    .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
-                    .ok_or(Error::BadLength(head.len() as i64))?;
-                let count = u64_at(head, 8)? as usize;
-                let tag = u64_at(head, 16)?;
-                if head.len() != TAGGED_HEAD
-                    || packed::width(kind).and_then(|w| w.checked_mul(count)) != Some(n)
-                {
+                let (kind, count, tag) = read_native_head(head)?;
+                if packed::width(kind).and_then(|w| w.checked_mul(count as usize)) != Some(n) {
                     return Err(Error::BadLength(n as i64));
                 }
                 let (b, p) = new_bytes(py, n)?;
-                if let Some(c) = claim {
-                    c.store(tag, Ordering::Release);
-                }
+                store_claim(claim, tag);
                 Ok((Landing::Packed(tag, kind, b), Dest::One((p, n))))
             }
-            ring::FMT_TAGGED_NATIVE => {
-                // Header: u32 length (TAGGED_HEAD), u32 scalar format, u64 length, u64 tag.
-                let fmt = head
-                    .get(4..8)
-                    .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
-                    .ok_or(Error::BadLength(head.len() as i64))?;
-                let tag = u64_at(head, 16)?;
-                if head.len() != TAGGED_HEAD
-                    || u64_at(head, 8)? != n as u64
-                    || !(FMT_INT as u32..=FMT_CONST as u32).contains(&fmt)
-                {
+            ring::FMT_TAGGED_NATIVE | ring::FMT_TAGGED_CALL => {
+                // A scalar (FMT_TAGGED_NATIVE: the count is its length), or a call
+                // (FMT_TAGGED_CALL: the count is the length of the function's key,
+                // which comes before the argument).
+                let (kind, count, tag) = read_native_head(head)?;
+                let scalar = (FMT_INT as u32..=FMT_CONST as u32).contains(&kind);
+                let fits = if fmt == ring::FMT_TAGGED_NATIVE {
+                    count == n as u64
+                } else {
+                    count <= n as u64
+                };
+                if !scalar || !fits {
                     return Err(Error::BadLength(n as i64));
                 }
                 let mut v = vec![0u8; n];
                 let p = v.as_mut_ptr();
-                if let Some(c) = claim {
-                    c.store(tag, Ordering::Release);
-                }
-                Ok((Landing::TaggedNative(tag, fmt as u16, v), Dest::One((p, n))))
+                store_claim(claim, tag);
+                let landing = if fmt == ring::FMT_TAGGED_NATIVE {
+                    Landing::TaggedNative(tag, kind as u16, v)
+                } else {
+                    Landing::Call(tag, kind as u16, count as usize, v)
+                };
+                Ok((landing, Dest::One((p, n))))
             }
             FMT_BYTES => {
                 let (b, p) = new_bytes(py, n)?;
@@ -778,10 +729,7 @@ impl Ring {
             return Ok(false);
         }
         let mut head = [0u8; TAGGED_HEAD];
-        head[..4].copy_from_slice(&(TAGGED_HEAD as u32).to_le_bytes());
-        head[4..8].copy_from_slice(&(fmt as u32).to_le_bytes());
-        head[8..16].copy_from_slice(&(body.len() as u64).to_le_bytes());
-        head[16..24].copy_from_slice(&tag.to_le_bytes());
+        native_head(&mut head, fmt as u32, body.len() as u64, tag);
         if let Some(h) = hold {
             h.get().inner.hold_spin();
         }
@@ -819,10 +767,7 @@ impl Ring {
             return Ok(false);
         };
         let mut head = [0u8; TAGGED_HEAD];
-        head[..4].copy_from_slice(&(TAGGED_HEAD as u32).to_le_bytes());
-        head[4..8].copy_from_slice(&kind.to_le_bytes());
-        head[8..16].copy_from_slice(&(items.len() as u64).to_le_bytes());
-        head[16..24].copy_from_slice(&tag.to_le_bytes());
+        native_head(&mut head, kind, items.len() as u64, tag);
         if let Some(h) = hold {
             h.get().inner.hold_spin();
         }
@@ -856,10 +801,12 @@ impl Ring {
         self.put_all(py, &msgs)
     }
 
-    /// Writes pool tasks `(fkey, (item,), None)` for `items[start:stop]` (a list,
-    /// tuple or range), tagged `seq0`, `seq0 + 1`, ..., pickled here without the
-    /// pickler, in batches with one wake-up each. Stops before the first item that is
-    /// not a plain scalar (see `pickle_call_task`); returns how many it wrote.
+    /// Writes pool tasks `func(item)` for `items[start:stop]` (a list, tuple or range),
+    /// tagged `seq0`, `seq0 + 1`, ..., in native form (`FMT_TAGGED_CALL`: `fkey`, the
+    /// function's cached pickle, then the item's native encoding), in batches with one
+    /// wake-up each. Stops before the first item that is not a plain scalar (see
+    /// `encode_native`); returns how many it wrote. A worker reads them as
+    /// `(fkey, (item,), None)` (`get_tagged`) or runs them in `serve`.
     fn put_call_tasks(
         &self,
         py: Python<'_>,
@@ -874,19 +821,25 @@ impl Ring {
         let mut spans: Vec<(usize, usize)> = Vec::new();
         for i in start..stop {
             let item = items.get_item(i)?;
-            let at = buf.len();
-            buf.extend_from_slice(&[0u8; TAGGED_HEAD]);
-            if !pickle_call_task(&mut buf, fkey, &item)? {
-                buf.truncate(at);
+            let Some((fmt, enc)) = encode_native(&item)? else {
                 break;
-            }
-            let body = (buf.len() - at - TAGGED_HEAD) as u64;
+            };
+            let at = buf.len();
             let tag = seq0 + spans.len() as u64;
-            tagged_head(&mut buf[at..], 0, 0, body, tag);
+            buf.resize(at + TAGGED_HEAD, 0);
+            native_head(&mut buf[at..], fmt as u32, fkey.len() as u64, tag);
+            buf.extend_from_slice(fkey);
+            buf.extend_from_slice(enc.bytes());
             spans.push((at, buf.len()));
         }
         let parts: Vec<[&[u8]; 1]> = spans.iter().map(|&(a, b)| [&buf[a..b]]).collect();
-        let msgs: Vec<Msg<'_>> = parts.iter().map(|p| Msg::tagged(p)).collect();
+        let msgs: Vec<Msg<'_>> = parts
+            .iter()
+            .map(|p| Msg {
+                parts: p,
+                fmt: ring::FMT_TAGGED_CALL,
+            })
+            .collect();
         self.put_all(py, &msgs)?;
         Ok(msgs.len())
     }
@@ -911,6 +864,98 @@ impl Ring {
             None => Err(empty_exc(py)?),
             Some(landing) => tagged_result(py, landing, loads),
         }
+    }
+
+    /// Runs pool tasks from this ring (a pool's task ring) in a worker, without going
+    /// back to Python between them, while they are native calls (`put_call_tasks`) of
+    /// a function found in `funcs` (function key -> function) whose results are plain
+    /// scalars: each result goes natively into `results`, then this worker's claim
+    /// word (`claims`, `slot`) is cleared, as `put_tagged_obj` does. Stops after
+    /// `limit` tasks, or at the first task it cannot finish alone, and returns
+    /// `(done, what, tag, ok, obj)`: `done` tasks finished here, then `what` says what
+    /// the worker's Python loop must do:
+    /// - `SERVE_LIMIT`: nothing (the limit is reached);
+    /// - `SERVE_TASK`: run the task `(tag, ok, obj)` as `get_tagged` returns it;
+    /// - `SERVE_RESULT`: send `obj`, the result of task `tag`, the general way;
+    /// - `SERVE_ERROR`: send `obj`, the Exception that task `tag` raised.
+    ///
+    /// Before each result it puts (but the one that reaches `limit`) the worker
+    /// announces its next wait on this ring (`hold_spin`).
+    #[allow(clippy::too_many_arguments)]
+    fn serve<'py>(
+        &self,
+        py: Python<'py>,
+        results: &Bound<'py, Ring>,
+        funcs: &Bound<'py, PyDict>,
+        loads: &Bound<'py, PyAny>,
+        claims: &Bound<'py, PySegment>,
+        slot: usize,
+        limit: u64,
+    ) -> PyResult<(u64, u8, u64, bool, Bound<'py, PyAny>)> {
+        let seg = claims.get();
+        let claim = seg.word(slot)?;
+        let results = results.get();
+        let mut done = 0u64;
+        // The last function looked up, by its key: a map calls one function.
+        let mut last: Option<(Vec<u8>, Bound<'py, PyAny>)> = None;
+        while done < limit {
+            let Some(landing) = self.take(py, true, None, Some(claim))? else {
+                continue;
+            };
+            let (tag, fmt, klen, v) = match landing {
+                Landing::Call(tag, fmt, klen, v) if tag != 0 => (tag, fmt, klen, v),
+                other => {
+                    let (tag, ok, obj) = tagged_result(py, other, loads)?;
+                    return Ok((done, SERVE_TASK, tag, ok, obj));
+                }
+            };
+            let key = &v[..klen];
+            let func = match &last {
+                Some((k, f)) if k.as_slice() == key => f.clone(),
+                _ => match funcs.get_item(PyBytes::new(py, key))? {
+                    Some(f) => {
+                        last = Some((key.to_vec(), f.clone()));
+                        f
+                    }
+                    None => {
+                        // Not looked up in this process yet: the Python loop does it.
+                        let landing = Landing::Call(tag, fmt, klen, v);
+                        let (tag, ok, obj) = tagged_result(py, landing, loads)?;
+                        return Ok((done, SERVE_TASK, tag, ok, obj));
+                    }
+                },
+            };
+            let item = decode_native(py, fmt, &v[klen..])?;
+            let value = match func.call1((item,)) {
+                Ok(value) => value,
+                Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(py) => {
+                    let exc = e.into_value(py).into_bound(py).into_any();
+                    return Ok((done, SERVE_ERROR, tag, false, exc));
+                }
+                Err(e) => return Err(e),
+            };
+            let enc = match encode_native(&value)? {
+                Some((rfmt, enc)) if enc.bytes().len() <= TAGGED_NATIVE_MAX => (rfmt, enc),
+                _ => return Ok((done, SERVE_RESULT, tag, true, value)),
+            };
+            let body = enc.1.bytes();
+            let mut head = [0u8; TAGGED_HEAD];
+            native_head(&mut head, enc.0 as u32, body.len() as u64, tag);
+            if done + 1 < limit {
+                self.inner.hold_spin();
+            }
+            let parts = [&head[..], body];
+            results.put_unbounded(
+                py,
+                Msg {
+                    parts: &parts,
+                    fmt: ring::FMT_TAGGED_NATIVE,
+                },
+            )?;
+            claim.store(0, Ordering::Release);
+            done += 1;
+        }
+        Ok((done, SERVE_LIMIT, 0, true, py.None().into_bound(py)))
     }
 
     /// `get_tagged(loads, block=False)` for each message that is in the ring now, up to
@@ -1032,9 +1077,14 @@ impl Ring {
     ) -> PyResult<Bound<'py, PyAny>> {
         match self.take(py, block, timeout, None)? {
             None => Err(empty_exc(py)?),
-            Some(Landing::Tagged(..) | Landing::Packed(..) | Landing::TaggedNative(..)) => Err(
-                pyo3::exceptions::PyValueError::new_err("a tagged message on a queue ring"),
-            ),
+            Some(
+                Landing::Tagged(..)
+                | Landing::Packed(..)
+                | Landing::TaggedNative(..)
+                | Landing::Call(..),
+            ) => Err(pyo3::exceptions::PyValueError::new_err(
+                "a tagged message on a queue ring",
+            )),
             Some(Landing::Bytes(b)) => loads.call1((b,)),
             Some(Landing::Raw(b)) => Ok(b.into_bound(py).into_any()),
             Some(Landing::Native(fmt, v)) => decode_native(py, fmt, &v),
