@@ -1497,6 +1497,32 @@ class _RingDispatcher(_Dispatcher):
             self.idle = False
             self.wake()
 
+    def submit_call(self, job, func, args):
+        """Submits ``func(*args)`` (one argument) as task 0 of ``job`` if ``args[0]``
+        is a plain scalar, the way submit_calls does; returns whether it did."""
+        fkey = self.funcs.parent_key(func)
+        if type(fkey) is not bytes:
+            return False
+        if self.state == TERMINATE:
+            raise ValueError("Pool not running")
+        if self.broken is not None:
+            raise self.broken_error()
+        seq = next(self.seqs)
+        inflight = self.inflight
+        inflight[seq] = (job, 0)
+        try:
+            if not self.channel.tasks.put_call_tasks(seq, fkey, args, 0, 1):
+                del inflight[seq]
+                return False
+        except BaseException:
+            inflight.pop(seq, None)
+            raise
+        self.last_collect = time.monotonic()
+        if self.idle:
+            self.idle = False
+            self.wake()
+        return True
+
     def submit_calls(self, job, func, items, start, stop):
         """Submits ``func(items[i])`` for ``i`` from ``start`` while the items are plain
         scalars, up to ``stop`` (a list, tuple or range), each as its own task (index
@@ -1966,9 +1992,14 @@ class Pool(object):
         self._check_running()
         result = ApplyResult(self, callback, error_callback)
         job = result._job
+        disp = self._disp
         try:
-            payload = self._disp.encode_task(job, 0, func, args, kwds)
-            self._disp.submit([(job, 0, payload)])
+            # func(x) of a plain scalar x goes as a native call (see submit_calls).
+            if (disp.collects and not kwds and type(args) is tuple and len(args) == 1
+                    and disp.submit_call(job, func, args)):
+                return result
+            payload = disp.encode_task(job, 0, func, args, kwds)
+            disp.submit([(job, 0, payload)])
         except BaseException:
             self._cache._forget(job)
             raise
