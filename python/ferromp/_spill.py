@@ -29,7 +29,6 @@ import io
 import mmap
 import os
 import pickle
-import secrets
 
 from . import _core
 from . import reduction
@@ -48,7 +47,7 @@ class Table:
     """A pool's spill segments: shared by the pool's processes (pickled into them)."""
 
     def __init__(self, token=None, words=None, owner=None):
-        self.token = token or secrets.token_hex(6)
+        self.token = token or os.urandom(6).hex()
         self.words = words or _core.Segment(64 * 2 * SLOTS)
         self.owner = owner or os.getpid()
         self.maps = {}          # entry -> (size, mmap) this process writes through

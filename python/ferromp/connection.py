@@ -8,7 +8,6 @@ stays here, in the C pickler.
 
 __all__ = ['Client', 'Listener', 'Pipe', 'wait']
 
-import hmac
 import io
 import itertools
 import os
@@ -380,6 +379,7 @@ def deliver_challenge(connection, authkey):
     if not isinstance(authkey, bytes):
         raise ValueError(
             "Authkey must be bytes, not {0!s}".format(type(authkey)))
+    import hmac     # here: its import (hashlib) costs every process start 2 ms
     message = os.urandom(MESSAGE_LENGTH)
     connection.send_bytes(CHALLENGE + message)
     digest = hmac.new(authkey, message, 'md5').digest()
@@ -400,6 +400,7 @@ def answer_challenge(connection, authkey):
     if message[:len(CHALLENGE)] != CHALLENGE:
         raise context.AuthenticationError('message = %r' % message)
     message = message[len(CHALLENGE):]
+    import hmac
     digest = hmac.new(authkey, message, 'md5').digest()
     connection.send_bytes(digest)
     response = connection.recv_bytes(256)
