@@ -20,8 +20,11 @@ Process pools: two shared rings (``_RingDispatcher``, ``_Channel``, ``_ring_work
     (``wait_for``): no thread sits between a worker and the caller. The dispatcher
     thread starts and replaces workers, gives death verdicts, runs callbacks and
     collects results that nobody waits for. Large pickle buffers travel through the
-    pool's recycled shared-memory segments (``_spill``); tasks of plain scalars are
-    written by the core itself (``Ring.put_call_tasks``).
+    pool's recycled shared-memory segments (``_spill``). What is plain skips the
+    pickler: a call ``f(x)`` of a plain scalar is written by the core
+    (``Ring.put_call_tasks``) and run by the core's worker loop (``Ring.serve``), a
+    plain scalar result travels natively, and a map chunk's list of plain numbers
+    travels packed, stored straight into the map's result list (``_core.Packed``).
 
 Thread pools: a queue per worker thread (``_Dispatcher``)
     The dispatcher thread hands each idle thread one task at a time and reads their
