@@ -311,11 +311,11 @@ def test_packed_ring_messages_in_one_process():
     from ferromp import _core
     import pickle
     ring = _core.Ring(1 << 16, 0)
-    assert ring.put_tagged_packed(5, [1, -2, 3])
-    assert ring.put_tagged_packed(6, [2 ** 40, 1])
-    assert ring.put_tagged_packed(7, [0.5, float("inf")])
+    assert ring.put_tagged_plain(5, [1, -2, 3])
+    assert ring.put_tagged_plain(6, [2 ** 40, 1])
+    assert ring.put_tagged_plain(7, [0.5, float("inf")])
     for refused in ([], [1, 2.0], [True], [2 ** 64], ["a"]):
-        assert not ring.put_tagged_packed(8, refused)
+        assert not ring.put_tagged_plain(8, refused)
     tag, ok, packed = ring.get_tagged(pickle.loads, False)
     assert (tag, ok, len(packed), packed.tolist()) == (5, True, 3, [1, -2, 3])
     target = ["x"] * 5
@@ -329,9 +329,9 @@ def test_packed_ring_messages_in_one_process():
     with pytest.raises(queue.Empty):
         ring.get_tagged(pickle.loads, False)
     # get_tagged_many takes what is there, up to its limit, without waiting.
-    assert ring.put_tagged_obj(1, "one") and ring.put_tagged_obj(2, None)
+    assert ring.put_tagged_plain(1, "one") and ring.put_tagged_plain(2, None)
     ring.put_tagged(3, pickle.dumps((1, 2)))
-    assert not ring.put_tagged_obj(4, 2 ** 64)
+    assert not ring.put_tagged_plain(4, 2 ** 64)
     assert ring.get_tagged_many(pickle.loads, 2) == [(1, True, "one"), (2, True, None)]
     assert ring.get_tagged_many(pickle.loads, 9) == [(3, True, (1, 2))]
     assert ring.get_tagged_many(pickle.loads, 9) == []

@@ -139,7 +139,7 @@ def _starmap_chunk(args):
 
 
 _PACKING_MAPPERS = {mapstar: _map_chunk, starmapstar: _starmap_chunk}
-# Results of these exact types travel natively (``Ring.put_tagged_obj``); an int beyond
+# Results of these exact types travel natively (``Ring.put_tagged_plain``); an int beyond
 # 64 bits is pickled after all.
 _NATIVE_RESULT_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
 _Packed = _core.Packed
@@ -476,8 +476,7 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
     serve = channel.tasks.serve
     results = channel.results
     put = channel.results.put_tagged
-    put_packed = channel.results.put_tagged_packed
-    put_obj = channel.results.put_tagged_obj
+    put_plain = channel.results.put_tagged_plain
     task_ring = channel.tasks
     native = _NATIVE_RESULT_TYPES
     claims = channel.claims
@@ -555,13 +554,7 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
         # idle sibling for it.
         hold = task_ring if maxtasks is None or completed < maxtasks else None
         # Plain scalars and lists of plain numbers go without the pickler.
-        if type(value) in native:
-            sent = put_obj(tag, value, claims, slot, hold)
-        elif packs:
-            sent = put_packed(tag, value, claims, slot, hold)
-        else:
-            sent = False
-        if sent:
+        if (packs or type(value) in native) and put_plain(tag, value, claims, slot, hold):
             value = None
             continue
         try:

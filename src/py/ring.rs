@@ -269,7 +269,7 @@ const SERVE_TASK: u8 = 1;
 const SERVE_RESULT: u8 = 2;
 const SERVE_ERROR: u8 = 3;
 
-/// Longest scalar encoding `put_tagged_obj` sends natively.
+/// Longest scalar encoding `put_tagged_plain` sends natively.
 const TAGGED_NATIVE_MAX: usize = 1 << 16;
 
 /// Bytes of a tagged message's fixed header: `u32` header length, `u32` payload
@@ -486,6 +486,31 @@ fn tagged_result<'py>(
 }
 
 impl Ring {
+    /// Puts a natively encoded tagged message of format `fmt` (header fields `head`:
+    /// kind, count, tag; see [`native_head`]) with body `body`, after `hold`'s
+    /// `hold_spin` if given; then clears `claim` (the result is out).
+    fn put_native(
+        &self,
+        py: Python<'_>,
+        fmt: u16,
+        head: (u32, u64, u64),
+        body: &[u8],
+        claim: Option<&AtomicU64>,
+        hold: Option<&ring::Ring>,
+    ) -> PyResult<()> {
+        let mut h = [0u8; TAGGED_HEAD];
+        native_head(&mut h, head.0, head.1, head.2);
+        if let Some(r) = hold {
+            r.hold_spin();
+        }
+        let parts = [&h[..], body];
+        self.put_unbounded(py, Msg { parts: &parts, fmt })?;
+        if let Some(c) = claim {
+            c.store(0, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// The destination of a message: see [`ring::Ring::get`].
     fn landing(
         &self,
@@ -705,12 +730,14 @@ impl Ring {
         Ok(())
     }
 
-    /// Puts `obj` as a message tagged `tag` if it is a scalar that travels natively
-    /// (see the FMT_ constants), after `hold.hold_spin()` if `hold` is given; then
-    /// clears word `slot` of `claims` as `put_tagged` does. Returns False, doing
-    /// nothing, for any other object (the caller pickles it).
+    /// Puts `obj` as a message tagged `tag` without the pickler, if it is a scalar
+    /// that travels natively (see the FMT_ constants; str and bytes up to 64 KiB) or a
+    /// list whose items are all exact ints within 64 bits or all exact floats (packed,
+    /// see `packed.rs`), after `hold.hold_spin()` if `hold` is given; then clears word
+    /// `slot` of `claims` as `put_tagged` does. Returns False, doing nothing, for any
+    /// other object (the caller pickles it).
     #[pyo3(signature = (tag, obj, claims=None, slot=0, hold=None))]
-    fn put_tagged_obj(
+    fn put_tagged_plain(
         &self,
         py: Python<'_>,
         tag: u64,
@@ -720,6 +747,15 @@ impl Ring {
         hold: Option<&Bound<'_, Ring>>,
     ) -> PyResult<bool> {
         let claim = claims.map(|c| c.get().word(slot)).transpose()?;
+        let hold = hold.map(|h| &h.get().inner);
+        if let Ok(items) = obj.cast_exact::<PyList>() {
+            let Some((kind, body)) = packed::encode(items) else {
+                return Ok(false);
+            };
+            let head = (kind, items.len() as u64, tag);
+            self.put_native(py, ring::FMT_PACKED, head, &body, claim, hold)?;
+            return Ok(true);
+        }
         let Some((fmt, enc)) = encode_native(obj)? else {
             return Ok(false);
         };
@@ -728,60 +764,8 @@ impl Ring {
             // A large str or bytes: pickled, so that its buffer can take the spill path.
             return Ok(false);
         }
-        let mut head = [0u8; TAGGED_HEAD];
-        native_head(&mut head, fmt as u32, body.len() as u64, tag);
-        if let Some(h) = hold {
-            h.get().inner.hold_spin();
-        }
-        let parts = [&head[..], body];
-        self.put_unbounded(
-            py,
-            Msg {
-                parts: &parts,
-                fmt: ring::FMT_TAGGED_NATIVE,
-            },
-        )?;
-        if let Some(c) = claim {
-            c.store(0, Ordering::Release);
-        }
-        Ok(true)
-    }
-
-    /// Puts `items` (a list) as a packed message tagged `tag` if every item is an exact
-    /// int within 64 bits, or every item an exact float (see `packed.rs`), after
-    /// `hold.hold_spin()` if `hold` is given; then clears word `slot` of `claims` as
-    /// `put_tagged` does. Returns False, putting nothing,
-    /// for any other list (the caller pickles it).
-    #[pyo3(signature = (tag, items, claims=None, slot=0, hold=None))]
-    fn put_tagged_packed(
-        &self,
-        py: Python<'_>,
-        tag: u64,
-        items: &Bound<'_, PyList>,
-        claims: Option<&Bound<'_, PySegment>>,
-        slot: usize,
-        hold: Option<&Bound<'_, Ring>>,
-    ) -> PyResult<bool> {
-        let claim = claims.map(|c| c.get().word(slot)).transpose()?;
-        let Some((kind, body)) = packed::encode(items) else {
-            return Ok(false);
-        };
-        let mut head = [0u8; TAGGED_HEAD];
-        native_head(&mut head, kind, items.len() as u64, tag);
-        if let Some(h) = hold {
-            h.get().inner.hold_spin();
-        }
-        let parts = [&head[..], &body[..]];
-        self.put_unbounded(
-            py,
-            Msg {
-                parts: &parts,
-                fmt: ring::FMT_PACKED,
-            },
-        )?;
-        if let Some(c) = claim {
-            c.store(0, Ordering::Release);
-        }
+        let head = (fmt as u32, body.len() as u64, tag);
+        self.put_native(py, ring::FMT_TAGGED_NATIVE, head, body, claim, hold)?;
         Ok(true)
     }
 
@@ -870,7 +854,7 @@ impl Ring {
     /// back to Python between them, while they are native calls (`put_call_tasks`) of
     /// a function found in `funcs` (function key -> function) whose results are plain
     /// scalars: each result goes natively into `results`, then this worker's claim
-    /// word (`claims`, `slot`) is cleared, as `put_tagged_obj` does. Stops after
+    /// word (`claims`, `slot`) is cleared, as `put_tagged_plain` does. Stops after
     /// `limit` tasks, or at the first task it cannot finish alone, and returns
     /// `(done, what, tag, ok, obj)`: `done` tasks finished here, then `what` says what
     /// the worker's Python loop must do:
@@ -939,20 +923,9 @@ impl Ring {
                 _ => return Ok((done, SERVE_RESULT, tag, true, value)),
             };
             let body = enc.1.bytes();
-            let mut head = [0u8; TAGGED_HEAD];
-            native_head(&mut head, enc.0 as u32, body.len() as u64, tag);
-            if done + 1 < limit {
-                self.inner.hold_spin();
-            }
-            let parts = [&head[..], body];
-            results.put_unbounded(
-                py,
-                Msg {
-                    parts: &parts,
-                    fmt: ring::FMT_TAGGED_NATIVE,
-                },
-            )?;
-            claim.store(0, Ordering::Release);
+            let head = (enc.0 as u32, body.len() as u64, tag);
+            let hold = (done + 1 < limit).then_some(&self.inner);
+            results.put_native(py, ring::FMT_TAGGED_NATIVE, head, body, Some(claim), hold)?;
             done += 1;
         }
         Ok((done, SERVE_LIMIT, 0, true, py.None().into_bound(py)))
