@@ -100,7 +100,8 @@ PACKABLE.update({
 # Results of these exact types travel natively (not pickled); the others, and long
 # strings and bytes, are pickled: each must come back equal and of the same type.
 SCALARS = [0, -1, 2 ** 63 - 1, -(2 ** 63), 2 ** 63, -(2 ** 70), True, False, None,
-           0.25, float("inf"), -0.0, "", "héllo", "x" * (1 << 17), b"", b"\x00\xff",
+           0.25, float("inf"), -0.0, "", "héllo", "a\udc80b", "x" * (1 << 17), b"",
+           b"\x00\xff",
            b"y" * (1 << 17), MyInt(3), MyFloat(2.5), (1, 2)]
 
 

@@ -392,7 +392,7 @@ class _Color(enum.IntEnum):
 def _native_cases():
     return [0, -1, 2 ** 63 - 1, -2 ** 63, 2 ** 63, -2 ** 64 - 5, 10 ** 40, True, False,
             None, 0.0, -0.0, 1e308, float('inf'), '', 'héllo wörld ✓', '\x00', b'',
-            b'\x00\xff', 'x' * 300000, b'y' * 300000, _MyInt(7), _MyStr('s'),
+            b'\x00\xff', 'x' * 300000, b'y' * 300000, 'a\udc80b', _MyInt(7), _MyStr('s'),
             _Color.RED, bytearray(b'ba'), 3 + 4j]
 
 

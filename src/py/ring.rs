@@ -90,8 +90,12 @@ fn encode_native<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Option<(u16, Native<
             .map(|v| (FMT_INT, Native::Inline(v.to_le_bytes(), 8))));
     }
     if obj.is_exact_instance_of::<PyString>() {
-        let s = obj.cast::<PyString>()?.to_cow()?.into_owned();
-        return Ok(Some((FMT_STR, Native::Owned(s))));
+        // A str with lone surrogates has no UTF-8 form: pickle takes it (as the
+        // stdlib does, with "surrogatepass").
+        return Ok(match obj.cast::<PyString>()?.to_cow() {
+            Ok(s) => Some((FMT_STR, Native::Owned(s.into_owned()))),
+            Err(_) => None,
+        });
     }
     if obj.is_exact_instance_of::<PyBytes>() {
         let b = obj.cast::<PyBytes>()?;
