@@ -308,6 +308,37 @@ def test_worker_killed_in_a_core_run_call(start_method):
         assert p.map(twice, range(50), 1) == [x * 2 for x in range(50)]
 
 
+class LenLies:
+    """An iterable whose len() is off by ``lie`` from what it yields."""
+
+    def __init__(self, n, lie):
+        self.n, self.lie = n, lie
+
+    def __len__(self):
+        return self.n + self.lie
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+
+@pytest.mark.timeout(120)
+def test_map_over_a_wrong_len(start_method, std_ctx):
+    # Chunks are laid out by len(). A chunk past a short len() grows the list, as the
+    # stdlib's slice assignment does, and the result waits for every chunk the
+    # iterable yielded (the stdlib counts len()'s chunks: with chunksize=1 it returns
+    # before the last result, and it hangs when len() is too long). A len() too long
+    # leaves the missing tail None.
+    want = [x * 2 for x in range(20)]
+    with start_method.Pool(2) as p, std_ctx.Pool(2) as sp:
+        for lie in (-1, -3):
+            for chunksize in (None, 1, 5, 7):
+                got = p.map_async(twice, LenLies(20, lie), chunksize).get(60)
+                assert got == want, (lie, chunksize)
+        # Where the stdlib's count of chunks happens to be right, the two agree.
+        assert p.map(twice, LenLies(20, -1), 5) == sp.map(twice, LenLies(20, -1), 5)
+        assert p.map(twice, LenLies(20, 2), 5) == want + [None, None]
+
+
 def test_packed_ring_messages_in_one_process():
     from ferromp import _core
     import pickle

@@ -2332,6 +2332,7 @@ class MapResult(ApplyResult):
         else:
             self._number_left = length // chunksize + bool(length % chunksize)
             self._chunks = self._number_left
+        self._counted = chunksize <= 0
 
     _single = False
 
@@ -2344,18 +2345,29 @@ class MapResult(ApplyResult):
             if success and self._success:
                 if self._value is None:
                     self._value = [None] * self._length
+                v = self._value
                 if self._single:
-                    self._value[i] = result
-                elif type(result) is _Packed:
-                    result.store(self._value, i * self._chunksize)
+                    if i >= len(v):
+                        v.extend([None] * (i + 1 - len(v)))     # see below
+                    v[i] = result
                 else:
-                    self._value[i * self._chunksize:(i + 1) * self._chunksize] = result
+                    at = i * self._chunksize
+                    n = len(result)
+                    if at + n > len(v):
+                        # Past the end: the iterable's len() was short. The list
+                        # grows to hold the chunk, whatever order chunks come in.
+                        v.extend([None] * (at + n - len(v)))
+                    if type(result) is _Packed:
+                        result.store(v, at)
+                    else:
+                        v[at:at + n] = result
             elif not success and self._success:
                 # Only the first exception is kept.
                 self._success = False
                 self._value = result
-            # Ready only once every chunk is in, failed or not.
-            finished = self._done = self._number_left <= 0
+            # Ready only once every chunk is in, failed or not, and the caller has
+            # said how many there are (_expect_chunks).
+            finished = self._done = self._number_left <= 0 and self._counted
         if finished:
             self._finish()
 
@@ -2365,12 +2377,13 @@ class MapResult(ApplyResult):
                 self._value = [None] * self._length
 
     def _expect_chunks(self, n):
-        # The iterable produced fewer chunks than its len() promised (it raised, or
-        # its len() was wrong): do not wait for chunks that will never come.
+        # All the tasks are out: n chunks, fewer than len() promised if the iterable
+        # raised, more or fewer if its len() was wrong. Wait for just those.
         with self._lock:
-            if self._done or n >= self._chunks:
+            self._counted = True
+            if self._done:
                 return
-            self._number_left -= self._chunks - n
+            self._number_left += n - self._chunks
             self._chunks = n
             finished = self._done = self._number_left <= 0
         if finished:
