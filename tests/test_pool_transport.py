@@ -308,6 +308,23 @@ def test_worker_killed_in_a_core_run_call(start_method):
         assert p.map(twice, range(50), 1) == [x * 2 for x in range(50)]
 
 
+@pytest.mark.timeout(120)
+def test_bound_builtin_method_sees_its_objects_changes(start_method, std_ctx):
+    # A function's pickle is cached, but not a bound builtin method's: it carries its
+    # object's state (found by a review helper: dict.get saw the dict's old contents).
+    with start_method.Pool(2) as p, std_ctx.Pool(2) as sp:
+        got, want = [], []
+        for pool, out in ((p, got), (sp, want)):
+            d = {1: "a"}
+            out.append(pool.apply_async(d.get, (1,)).get(60))
+            d[1] = "b"
+            out.append(pool.apply_async(d.get, (1,)).get(60))
+            out.append(pool.map(d.get, [1, 1, 1]))
+            d[1] = "c"
+            out.append(list(pool.imap(d.get, [1, 1])))
+        assert got == want == ["a", "b", ["b", "b", "b"], ["c", "c"]]
+
+
 class LenLies:
     """An iterable whose len() is off by ``lie`` from what it yields."""
 

@@ -407,10 +407,15 @@ class _FuncCache(dict):
     """function -> its pickle (parent side), pickle -> function (worker side)."""
 
     def parent_key(self, func):
-        if type(func) not in _FUNC_TYPES:
+        data = self.get(func) if type(func) in _FUNC_TYPES else None
+        if data is not None:
+            return data
+        if type(func) not in _FUNC_TYPES or not isinstance(
+                getattr(func, '__self__', None), (types.ModuleType, type(None))):
+            # A bound builtin method (dict.get of one dict...) pickles its object's
+            # state, which may change: pickled afresh each time.
             return func
-        data = self.get(func)
-        return data if data is not None else self._remember(func, _dumps(func))
+        return self._remember(func, _dumps(func))
 
     def worker_func(self, key):
         if type(key) is not bytes:
