@@ -141,7 +141,7 @@ def _starmap_chunk(args):
 _PACKING_MAPPERS = {mapstar: _map_chunk, starmapstar: _starmap_chunk}
 # Results of these exact types travel natively (``Ring.put_tagged_plain``); an int beyond
 # 64 bits is pickled after all.
-_NATIVE_RESULT_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
+_NATIVE_RESULT_TYPES = reduction._SCALAR_TYPES | reduction._STRING_TYPES
 _Packed = _core.Packed
 
 
@@ -528,7 +528,7 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
             continue
         tag = seq
         if what == _SERVE_RESULT:
-            value = task
+            value = task    # the core found it not plain: it is pickled below
         elif what == _SERVE_ERROR:
             value = wrap(task)
             tag = seq | _FAIL
@@ -559,7 +559,8 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
         # idle sibling for it.
         hold = task_ring if maxtasks is None or completed < maxtasks else None
         # Plain scalars and lists of plain numbers go without the pickler.
-        if (packs or type(value) in native) and put_plain(tag, value, claims, slot, hold):
+        if (packs or (type(value) in native and what != _SERVE_RESULT)) and put_plain(
+                tag, value, claims, slot, hold):
             value = None
             continue
         try:
@@ -1462,12 +1463,22 @@ class _RingDispatcher(_Dispatcher):
 
     # -- submitting (any thread) ------------------------------------------------------
 
-    def submit(self, tasks, internal=False):
+    def _may_submit(self, internal=False):
         if self.state == TERMINATE or (self.state != RUN and not internal):
             raise ValueError("Pool not running")
         if self.broken is not None:
             raise self.broken_error()
+
+    def _submitted(self):
+        # A caller submitted: it will collect (see _loop), and an idle dispatcher
+        # must look at the new tasks.
         self.last_collect = time.monotonic()
+        if self.idle:
+            self.idle = False
+            self.wake()
+
+    def submit(self, tasks, internal=False):
+        self._may_submit(internal)
         inflight = self.inflight
         seqs = self.seqs
         if len(tasks) == 1:
@@ -1494,9 +1505,7 @@ class _RingDispatcher(_Dispatcher):
                 for seq, _ in batch:
                     inflight.pop(seq, None)
                 raise
-        if self.idle:
-            self.idle = False
-            self.wake()
+        self._submitted()
 
     def submit_call(self, job, func, args):
         """Submits ``func(*args)`` (one argument) as task 0 of ``job`` if ``args[0]``
@@ -1504,10 +1513,7 @@ class _RingDispatcher(_Dispatcher):
         fkey = self.funcs.parent_key(func)
         if type(fkey) is not bytes:
             return False
-        if self.state == TERMINATE:
-            raise ValueError("Pool not running")
-        if self.broken is not None:
-            raise self.broken_error()
+        self._may_submit(internal=True)
         seq = next(self.seqs)
         inflight = self.inflight
         inflight[seq] = (job, 0)
@@ -1518,10 +1524,7 @@ class _RingDispatcher(_Dispatcher):
         except BaseException:
             inflight.pop(seq, None)
             raise
-        self.last_collect = time.monotonic()
-        if self.idle:
-            self.idle = False
-            self.wake()
+        self._submitted()
         return True
 
     def submit_calls(self, job, func, items, start, stop):
@@ -1533,11 +1536,8 @@ class _RingDispatcher(_Dispatcher):
         fkey = self.funcs.parent_key(func)
         if type(fkey) is not bytes or start >= stop:
             return start
-        if self.state == TERMINATE:
-            raise ValueError("Pool not running")
-        if self.broken is not None:
-            raise self.broken_error()
-        self.last_collect = time.monotonic()
+        # (internal: after close() the feeder still submits what imaps have left)
+        self._may_submit(internal=True)
         inflight = self.inflight
         put = self.channel.tasks.put_call_tasks
         i = start
@@ -1558,9 +1558,7 @@ class _RingDispatcher(_Dispatcher):
             i += w
             if w < k:
                 break
-        if self.idle:
-            self.idle = False
-            self.wake()
+        self._submitted()
         return i
 
     # -- collecting results (any thread) ------------------------------------------------

@@ -267,6 +267,16 @@ fn read_native_head(head: &[u8]) -> Result<(u32, u64, u64)> {
     Ok((kind, u64_at(head, 8)?, u64_at(head, 16)?))
 }
 
+/// A pool result's native encoding (see `encode_native`), or None when it must be
+/// pickled: also a str or bytes longer than `TAGGED_NATIVE_MAX`, so that its buffer can
+/// take the spill path (a str that long is turned down before it is copied).
+fn encode_result<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Option<(u16, Native<'a>)>> {
+    if obj.is_exact_instance_of::<PyString>() && obj.len()? > TAGGED_NATIVE_MAX {
+        return Ok(None);
+    }
+    Ok(encode_native(obj)?.filter(|(_, enc)| enc.bytes().len() <= TAGGED_NATIVE_MAX))
+}
+
 /// What `Ring.serve` returns with (see there).
 const SERVE_LIMIT: u8 = 0;
 const SERVE_TASK: u8 = 1;
@@ -439,7 +449,7 @@ fn envelope(py: Python<'_>, head: &[u8], table: usize, n: usize) -> Result<Envel
 /// Stores a tagged message's tag into the taker's claim word, if any, before the ring
 /// moves past the message: a consumer that dies after this leaves the tag behind, one
 /// that dies before leaves the message to the next consumer (see the ring's read lock
-/// recovery).
+/// recovery). A worker stores 0 once its result is in the result ring.
 fn store_claim(claim: Option<&AtomicU64>, tag: u64) {
     if let Some(c) = claim {
         c.store(tag, Ordering::Release);
@@ -509,9 +519,7 @@ impl Ring {
         }
         let parts = [&h[..], body];
         self.put_unbounded(py, Msg { parts: &parts, fmt })?;
-        if let Some(c) = claim {
-            c.store(0, Ordering::Release);
-        }
+        store_claim(claim, 0);
         Ok(())
     }
 
@@ -728,9 +736,7 @@ impl Ring {
         let t = Tagged::of(tag, data)?;
         let parts = t.parts();
         self.put_unbounded(py, Msg::tagged(&parts))?;
-        if let Some(c) = claim {
-            c.store(0, Ordering::Release);
-        }
+        store_claim(claim, 0);
         Ok(())
     }
 
@@ -760,14 +766,10 @@ impl Ring {
             self.put_native(py, ring::FMT_PACKED, head, &body, claim, hold)?;
             return Ok(true);
         }
-        let Some((fmt, enc)) = encode_native(obj)? else {
+        let Some((fmt, enc)) = encode_result(obj)? else {
             return Ok(false);
         };
         let body = enc.bytes();
-        if body.len() > TAGGED_NATIVE_MAX {
-            // A large str or bytes: pickled, so that its buffer can take the spill path.
-            return Ok(false);
-        }
         let head = (fmt as u32, body.len() as u64, tag);
         self.put_native(py, ring::FMT_TAGGED_NATIVE, head, body, claim, hold)?;
         Ok(true)
@@ -922,12 +924,11 @@ impl Ring {
                 }
                 Err(e) => return Err(e),
             };
-            let enc = match encode_native(&value)? {
-                Some((rfmt, enc)) if enc.bytes().len() <= TAGGED_NATIVE_MAX => (rfmt, enc),
-                _ => return Ok((done, SERVE_RESULT, tag, true, value)),
+            let Some((rfmt, enc)) = encode_result(&value)? else {
+                return Ok((done, SERVE_RESULT, tag, true, value));
             };
-            let body = enc.1.bytes();
-            let head = (enc.0 as u32, body.len() as u64, tag);
+            let body = enc.bytes();
+            let head = (rfmt as u32, body.len() as u64, tag);
             let hold = (done + 1 < limit).then_some(&self.inner);
             results.put_native(py, ring::FMT_TAGGED_NATIVE, head, body, Some(claim), hold)?;
             done += 1;
