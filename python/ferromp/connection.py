@@ -12,7 +12,6 @@ import io
 import itertools
 import os
 import sys
-import tempfile
 import time
 
 from . import _core
@@ -47,6 +46,7 @@ def _check_timeout(t):
 
 def arbitrary_address(family):
     """A fresh address of the given family for a Listener."""
+    import tempfile  # here, not at the top: a spawned child seldom needs it (~6 ms)
     if family == 'AF_INET':
         return ('localhost', 0)
     if family == 'AF_UNIX':
