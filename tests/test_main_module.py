@@ -175,6 +175,52 @@ def test_guarded_script_run_from_elsewhere(tmp_path, method):
     assert_same(results)
 
 
+
+# What the re-imported main module sees of itself while it runs and afterwards: the
+# stdlib runs it with runpy.run_path; ferromp reads a .py file itself (no pkgutil).
+NAMESPACE = textwrap.dedent("""\
+    # -*- coding: latin-1 -*-
+    import importlib
+    import os
+    import sys
+
+    MP, METHOD = sys.argv[1], sys.argv[2]
+    mp = importlib.import_module(MP)
+    ME = sys.modules.get(__name__)
+    print("import", __name__, repr(__package__), __spec__,
+          type(__loader__).__name__, __cached__,
+          __doc__, "caf\xe9",
+          os.path.basename(__file__), sys.argv[0] == __file__,
+          ME is not None and vars(ME) is globals(), flush=True)
+
+
+    def target():
+        main = sys.modules["__main__"]
+        print("child", os.path.basename(sys.argv[0]), main.__name__,
+              sys.modules.get("__mp_main__") is main,
+              target.__globals__ is vars(main), target.__globals__["ME"] is main,
+              sorted(k for k in vars(main) if k.startswith("__")), flush=True)
+
+
+    if __name__ == "__main__":
+        p = mp.get_context(METHOD).Process(target=target)
+        p.start()
+        p.join()
+        print("exitcode", p.exitcode, flush=True)
+""")
+
+
+def test_reimported_main_namespace_matches_stdlib(tmp_path, method):
+    script = tmp_path / "namespace.py"
+    script.write_bytes(NAMESPACE.encode("latin-1"))
+    results = run_both(lambda lib: [str(script), lib, method], cwd=tmp_path)
+    ours = results["ferromp"]
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.splitlines()[-1] == "exitcode 0"
+    if method != "fork":
+        assert "import __mp_main__ '' None NoneType None None café" in ours.stdout
+    assert_same(results)
+
 @pytest.mark.timeout(120)
 def test_unguarded_script_fails_cleanly(tmp_path, method):
     script = tmp_path / "unguarded.py"
