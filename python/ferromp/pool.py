@@ -1601,7 +1601,7 @@ class _RingDispatcher(_Dispatcher):
                 continue
             except OSError:
                 return
-            route(tag, ok, obj, False)
+            route(((tag, ok, obj),), False)
             obj = None
             # Whatever else has come goes along, without waiting.
             self._route_ready(False)
@@ -1610,7 +1610,6 @@ class _RingDispatcher(_Dispatcher):
         # Routes the results in the ring now, without waiting (collect_lock held),
         # taking them a batch per call.
         get_many = self.channel.results.get_tagged_many
-        route = self._route
         while True:
             try:
                 batch = get_many(_loads, 64)
@@ -1618,18 +1617,8 @@ class _RingDispatcher(_Dispatcher):
                 return
             if not batch:
                 return
-            done = 0
-            try:
-                for tag, ok, obj in batch:
-                    done += 1
-                    route(tag, ok, obj, in_dispatcher)
-            except BaseException:
-                # (A KeyboardInterrupt, say.) The rest of the batch still goes where
-                # it belongs: other callers wait for it.
-                for tag, ok, obj in batch[done:]:
-                    route(tag, ok, obj, in_dispatcher)
-                raise
-            batch = obj = None
+            self._route(batch, in_dispatcher)
+            batch = None
 
     def drain(self, in_dispatcher=False):
         """Routes the results already in the ring, if no other thread is reading it."""
@@ -1642,26 +1631,39 @@ class _RingDispatcher(_Dispatcher):
                 self.last_collect = time.monotonic()
             self.collect_lock.release()
 
-    def _route(self, tag, ok, obj, in_dispatcher):
-        if tag & _CTL:
-            self._on_control(tag, ok, obj)
-            return
-        where = self.inflight.pop(tag & _SEQ_MASK, None)
-        if where is None:
-            return      # answered already (failed by a death verdict, or terminated)
-        r = self.cache.get(where[0])
-        if r is None:
-            return
-        obj = (ok and not tag & _FAIL, obj)
-        if r._has_callbacks and not in_dispatcher:
-            # Callbacks run in the dispatcher thread, as in the stdlib's result handler.
-            self.handoff.append((r, where[1], obj))
-            self.wake()
-            return
+    def _route(self, batch, in_dispatcher):
+        """Hands each ``(tag, ok, obj)`` of ``batch`` to its result. One loop for the
+        batch, not a call per result: this is most of the caller's work per task."""
+        inflight_pop = self.inflight.pop
+        cache_get = self.cache.get
+        rest = iter(batch)
         try:
-            r._set(where[1], obj)
+            for tag, ok, obj in rest:
+                if tag & _CTL:
+                    self._on_control(tag, ok, obj)
+                    continue
+                where = inflight_pop(tag & _SEQ_MASK, None)
+                if where is None:
+                    continue    # answered already (failed by a death verdict, or terminated)
+                r = cache_get(where[0])
+                if r is None:
+                    continue
+                obj = (ok and not tag & _FAIL, obj)
+                if r._has_callbacks and not in_dispatcher:
+                    # Callbacks run in the dispatcher thread, as in the stdlib's result
+                    # handler.
+                    self.handoff.append((r, where[1], obj))
+                    self.wake()
+                    continue
+                try:
+                    r._set(where[1], obj)
+                except BaseException:
+                    _report_error()
         except BaseException:
-            _report_error()
+            # (A KeyboardInterrupt, say.) The rest of the batch still goes where it
+            # belongs: other callers wait for it.
+            self._route(list(rest), in_dispatcher)
+            raise
 
     def _on_control(self, tag, ok, obj):
         kind = (tag >> 40) & 0xff
