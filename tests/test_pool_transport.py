@@ -7,9 +7,11 @@ range is fed from the consumer's own thread. Results must match the stdlib's (th
 oracle) and nothing may be left in /dev/shm.
 """
 
+import collections
 import os
 import queue
 import signal
+import textwrap
 import threading
 import time
 
@@ -17,6 +19,7 @@ import numpy
 import pytest
 
 from ferromp import pool as fpool
+import _helpers
 from _helpers import wait_for
 
 BIG = 3 << 20       # bytes: above the spill threshold (1 MiB)
@@ -377,13 +380,101 @@ def test_packed_ring_messages_in_one_process():
     assert ring.get_tagged(pickle.loads, False)[2].tolist() == [0.5, float("inf")]
     with pytest.raises(queue.Empty):
         ring.get_tagged(pickle.loads, False)
-    # get_tagged_many takes what is there, up to its limit, without waiting.
+    # get_tagged_into appends what is there, up to its limit, without waiting unless
+    # told to.
     assert ring.put_tagged_plain(1, "one") and ring.put_tagged_plain(2, None)
     ring.put_tagged(3, pickle.dumps((1, 2)))
     assert not ring.put_tagged_plain(4, 2 ** 64)
-    assert ring.get_tagged_many(pickle.loads, 2) == [(1, True, "one"), (2, True, None)]
-    assert ring.get_tagged_many(pickle.loads, 9) == [(3, True, (1, 2))]
-    assert ring.get_tagged_many(pickle.loads, 9) == []
+    into = collections.deque([(0, True, "before")])
+    assert ring.get_tagged_into(pickle.loads, 2, into) == 2
+    assert list(into) == [(0, True, "before"), (1, True, "one"), (2, True, None)]
+    into.clear()
+    assert ring.get_tagged_into(pickle.loads, 9, into) == 1
+    assert list(into) == [(3, True, (1, 2))]
+    assert ring.get_tagged_into(pickle.loads, 9, into) == 0
+    t = time.monotonic()
+    assert ring.get_tagged_into(pickle.loads, 9, into, True, 0.05) == 0
+    assert time.monotonic() - t >= 0.04 and len(into) == 1
+
+
+def test_results_interrupted_while_unpickled_are_kept():
+    """A KeyboardInterrupt raised while a result is unpickled: the results taken before
+    it are kept, that one comes back as a failure carrying the interrupt, the rest stay
+    in the ring, and the interrupt is raised."""
+    from ferromp import _core
+    import pickle
+    ring = _core.Ring(1 << 16, 0)
+    for tag, value in ((1, "a"), (2, "b"), (3, "c")):
+        ring.put_tagged(tag, pickle.dumps(value))
+
+    def loads(data, **kw):
+        value = pickle.loads(data, **kw)
+        if value == "b":
+            raise KeyboardInterrupt("while unpickling b")
+        return value
+    into = collections.deque()
+    with pytest.raises(KeyboardInterrupt, match="while unpickling b"):
+        ring.get_tagged_into(loads, 9, into)
+    (t1, ok1, v1), (t2, ok2, v2) = into
+    assert (t1, ok1, v1) == (1, True, "a")
+    assert (t2, ok2, type(v2)) == (2, False, KeyboardInterrupt)
+    assert ring.get_tagged(pickle.loads, False) == (3, True, "c")
+
+
+INTERRUPT_AT_ROUTE = textwrap.dedent("""
+    import sys, time
+    import ferromp
+
+    def f(x):
+        return x
+
+    def interrupt_route(frame, event, arg):
+        # The pending-signal check at a function's start is where Ctrl-C lands after
+        # the results are taken from the ring and before they are routed.
+        if event == "call" and frame.f_code.co_name == "_route" and not fired:
+            fired.append(1)
+            raise KeyboardInterrupt("before routing")
+
+    fired = []
+    if __name__ == "__main__":
+        with ferromp.get_context(sys.argv[1]).Pool(2) as p:
+            p.map(f, range(10))
+            rs = [p.apply_async(f, (i,)) for i in range(2000)]
+            sys.settrace(interrupt_route)
+            try:
+                rs[-1].get(30)
+            except KeyboardInterrupt as e:
+                print("interrupted:", e, flush=True)
+            sys.settrace(None)
+            got = [r.get(30) for r in rs]
+            print("all results:", got == list(range(2000)), flush=True)
+            print("pool answers:", p.apply(f, (7,)), flush=True)
+        m = ferromp.get_context(sys.argv[1]).Pool(2)
+        it = m.imap(f, range(3000), chunksize=1)
+        sys.settrace(interrupt_route)
+        fired.clear()
+        try:
+            for _ in it:
+                pass
+        except KeyboardInterrupt as e:
+            print("interrupted:", e, flush=True)
+        sys.settrace(None)
+        m.close()
+        m.join()
+        print("joined", flush=True)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_between_taking_and_routing_loses_no_result(tmp_path, start_method):
+    script = tmp_path / "interrupt_route.py"
+    script.write_text(INTERRUPT_AT_ROUTE)
+    r = _helpers.run_script([str(script), start_method.get_start_method()],
+                            cwd=tmp_path, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "interrupted: before routing", "all results: True", "pool answers: 7",
+        "interrupted: before routing", "joined"], r.stderr
 
 
 # --- chunking and submission ------------------------------------------------------------

@@ -368,6 +368,7 @@ _STOP_TAG = 0               # task tag: exit (task numbers start at 1)
 _CTL_READY = 1              # the initializer has run
 _CTL_INIT_FAILED = 2        # the initializer raised (the value is the exception)
 _CTL_NUDGE = 3              # from the parent itself: a reader should look again
+_TAKE_BATCH = 64            # results taken from the ring per core call
 _NONE_PICKLE = _dumps(None)
 # What Ring.serve returns with (see there), and its limit for a worker without
 # maxtasksperchild.
@@ -1450,6 +1451,7 @@ class _RingDispatcher(_Dispatcher):
         self.inflight = {}              # seq -> (job, i) of tasks not yet answered
         self.collect_lock = threading.Lock()
         self.handoff = collections.deque()  # (result, i, obj) for callbacks
+        self.unrouted = collections.deque()  # (tag, ok, obj) taken from the ring
         self.idle = False               # the dispatcher sleeps without a tick
         self.funcs = _FuncCache()
         self.last_collect = 0.0         # when a caller last submitted or collected
@@ -1587,42 +1589,48 @@ class _RingDispatcher(_Dispatcher):
                 lock.release()
 
     def _collect(self, ready, deadline):
-        get = self.channel.results.get_tagged
-        route = self._route
+        take = self.channel.results.get_tagged_into
+        unrouted = self.unrouted
         while not ready() and not self.torn_down:
+            if unrouted:
+                # Taken by a caller that was interrupted before it routed them all.
+                self._route(False)
+                continue
             left = _COLLECT_SLICE
             if deadline is not None:
                 left = min(left, deadline - time.monotonic())
                 if left <= 0:
                     return
             try:
-                tag, ok, obj = get(_loads, True, left)
-            except queue.Empty:
-                continue
+                if not take(_loads, _TAKE_BATCH, unrouted, True, left):
+                    continue
             except OSError:
                 return
-            route(((tag, ok, obj),), False)
-            obj = None
+            self._route(False)
             # Whatever else has come goes along, without waiting.
             self._route_ready(False)
 
     def _route_ready(self, in_dispatcher):
         # Routes the results in the ring now, without waiting (collect_lock held),
         # taking them a batch per call.
-        get_many = self.channel.results.get_tagged_many
+        take = self.channel.results.get_tagged_into
+        unrouted = self.unrouted
         while True:
-            try:
-                batch = get_many(_loads, 64)
-            except OSError:
-                return
-            if not batch:
-                return
-            self._route(batch, in_dispatcher)
-            batch = None
+            if not unrouted:
+                try:
+                    if not take(_loads, _TAKE_BATCH, unrouted):
+                        return
+                except OSError:
+                    return
+            self._route(in_dispatcher)
+
+    def results_waiting(self):
+        """Whether results wait to be routed, in the ring or taken already."""
+        return bool(self.unrouted) or self.channel.results.has_data()
 
     def drain(self, in_dispatcher=False):
         """Routes the results already in the ring, if no other thread is reading it."""
-        if not self.channel.results.has_data() or not self.collect_lock.acquire(False):
+        if not self.results_waiting() or not self.collect_lock.acquire(False):
             return
         try:
             self._route_ready(in_dispatcher)
@@ -1631,39 +1639,37 @@ class _RingDispatcher(_Dispatcher):
                 self.last_collect = time.monotonic()
             self.collect_lock.release()
 
-    def _route(self, batch, in_dispatcher):
-        """Hands each ``(tag, ok, obj)`` of ``batch`` to its result. One loop for the
-        batch, not a call per result: this is most of the caller's work per task."""
+    def _route(self, in_dispatcher):
+        """Hands each result taken from the ring (``self.unrouted``, ``(tag, ok, obj)``
+        each) to its result object, in one loop: this is most of the caller's work per
+        task. The results wait in ``unrouted`` until then, so a KeyboardInterrupt in
+        between loses none: whoever collects next routes them."""
+        unrouted = self.unrouted
+        take_next = unrouted.popleft
         inflight_pop = self.inflight.pop
         cache_get = self.cache.get
-        rest = iter(batch)
-        try:
-            for tag, ok, obj in rest:
-                if tag & _CTL:
-                    self._on_control(tag, ok, obj)
-                    continue
-                where = inflight_pop(tag & _SEQ_MASK, None)
-                if where is None:
-                    continue    # answered already (failed by a death verdict, or terminated)
-                r = cache_get(where[0])
-                if r is None:
-                    continue
-                obj = (ok and not tag & _FAIL, obj)
-                if r._has_callbacks and not in_dispatcher:
-                    # Callbacks run in the dispatcher thread, as in the stdlib's result
-                    # handler.
-                    self.handoff.append((r, where[1], obj))
-                    self.wake()
-                    continue
-                try:
-                    r._set(where[1], obj)
-                except BaseException:
-                    _report_error()
-        except BaseException:
-            # (A KeyboardInterrupt, say.) The rest of the batch still goes where it
-            # belongs: other callers wait for it.
-            self._route(list(rest), in_dispatcher)
-            raise
+        while unrouted:
+            tag, ok, obj = take_next()
+            if tag & _CTL:
+                self._on_control(tag, ok, obj)
+                continue
+            where = inflight_pop(tag & _SEQ_MASK, None)
+            if where is None:
+                continue    # answered already (failed by a death verdict, or terminated)
+            r = cache_get(where[0])
+            if r is None:
+                continue
+            obj = (ok and not tag & _FAIL, obj)
+            if r._has_callbacks and not in_dispatcher:
+                # Callbacks run in the dispatcher thread, as in the stdlib's result
+                # handler.
+                self.handoff.append((r, where[1], obj))
+                self.wake()
+                continue
+            try:
+                r._set(where[1], obj)
+            except BaseException:
+                _report_error()
 
     def _on_control(self, tag, ok, obj):
         kind = (tag >> 40) & 0xff
@@ -1760,7 +1766,7 @@ class _RingDispatcher(_Dispatcher):
             # Tick while results may come that nobody waits for; otherwise sleep until
             # a submit() wakes us (it looks at self.idle after adding its task).
             self.idle = True
-            if recent or self.inflight or self.channel.results.has_data():
+            if recent or self.inflight or self.results_waiting():
                 self.idle = False
                 tick = int((_QUIET_TICK if recent else _BACKGROUND_TICK) * 1000)
                 timeout = tick if timeout is None else min(timeout, tick)
@@ -1809,7 +1815,7 @@ class _RingDispatcher(_Dispatcher):
                 self.drain(True)
                 if slot.ready or slot.init_error is not None or (
                         not self.collect_lock.locked()
-                        and not self.channel.results.has_data()):
+                        and not self.results_waiting()):
                     break
                 time.sleep(0.001)
         seq = self.channel.claims.load_word(slot.index)

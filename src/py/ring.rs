@@ -463,6 +463,24 @@ fn tagged_result<'py>(
     landing: Landing,
     loads: &Bound<'py, PyAny>,
 ) -> PyResult<(u64, bool, Bound<'py, PyAny>)> {
+    let mut interrupted = None;
+    let r = tagged_result_kept(py, landing, loads, &mut interrupted)?;
+    match interrupted {
+        Some(e) => Err(e),
+        None => Ok(r),
+    }
+}
+
+/// [`tagged_result`], except that an error of `loads` that is not an `Exception` (a
+/// KeyboardInterrupt raised while a result is unpickled) does not lose the message's
+/// tag: the result comes back as failed with that error, which is also left in
+/// `interrupted` for the caller to raise once the result is safe.
+fn tagged_result_kept<'py>(
+    py: Python<'py>,
+    landing: Landing,
+    loads: &Bound<'py, PyAny>,
+    interrupted: &mut Option<PyErr>,
+) -> PyResult<(u64, bool, Bound<'py, PyAny>)> {
     match landing {
         Landing::Tagged(tag, inband, objs) => {
             let r = if objs.is_empty() {
@@ -477,7 +495,11 @@ fn tagged_result<'py>(
                 Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(py) => {
                     Ok((tag, false, e.into_value(py).into_bound(py).into_any()))
                 }
-                Err(e) => Err(e),
+                Err(e) => {
+                    let value = e.value(py).clone().into_any();
+                    *interrupted = Some(e);
+                    Ok((tag, false, value))
+                }
             }
         }
         Landing::Packed(tag, kind, data) => {
@@ -936,22 +958,50 @@ impl Ring {
         Ok((done, SERVE_LIMIT, 0, true, py.None().into_bound(py)))
     }
 
-    /// `get_tagged(loads, block=False)` for each message that is in the ring now, up to
-    /// `limit` of them, as a list (empty when there is none).
-    fn get_tagged_many<'py>(
+    /// Takes up to `limit` results, as `get_tagged` gives them, and appends them to
+    /// `into` (a deque); returns how many. The first waits up to `timeout` if `block`;
+    /// the others are taken only if they are there now. What is taken is in `into`
+    /// before any Python code runs after it, so an interruption loses nothing: a
+    /// KeyboardInterrupt raised while one result is unpickled makes that result a
+    /// failure carrying it, appended with the others, and is raised after.
+    #[pyo3(signature = (loads, limit, into, block=false, timeout=None))]
+    fn get_tagged_into<'py>(
         &self,
         py: Python<'py>,
         loads: &Bound<'py, PyAny>,
         limit: usize,
-    ) -> PyResult<Bound<'py, PyList>> {
+        into: &Bound<'py, PyAny>,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<usize> {
         let out = PyList::empty(py);
+        let mut failure = None;
         while out.len() < limit {
-            match self.take(py, false, None, None)? {
-                None => break,
-                Some(landing) => out.append(tagged_result(py, landing, loads)?)?,
+            let first = out.is_empty();
+            let landing = match self.take(py, block && first, timeout.filter(|_| first), None) {
+                Ok(Some(landing)) => landing,
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            match tagged_result_kept(py, landing, loads, &mut failure) {
+                Ok(r) => out.append(r)?,
+                Err(e) => failure = Some(e),
+            }
+            if failure.is_some() {
+                break;
             }
         }
-        Ok(out)
+        let n = out.len();
+        if n > 0 {
+            into.call_method1(pyo3::intern!(py, "extend"), (out,))?;
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
     }
 
     /// Tells producers that this handle will wait for the next message soon (see
