@@ -257,11 +257,13 @@ def _run_path(path, run_name):
                          __package__=run_name.rpartition('.')[0], __spec__=None)
         exec(code, namespace)
     finally:
-        sys.argv[0] = saved_argv0
-        if saved_module is _MISSING:
-            del sys.modules[run_name]
-        else:
-            sys.modules[run_name] = saved_module
+        try:
+            sys.argv[0] = saved_argv0   # (fails if the code emptied sys.argv, as in runpy)
+        finally:
+            if saved_module is _MISSING:
+                del sys.modules[run_name]
+            else:
+                sys.modules[run_name] = saved_module
     # run_path returns a copy too: the globals of the running code stay its own.
     return namespace.copy()
 
