@@ -232,7 +232,7 @@ def _run_path(path, run_name):
     (3.5 ms of a spawned child's start, most of it ``typing``) for the common case: a
     ``.py`` file. The namespace, ``sys.argv[0]`` and ``sys.modules[run_name]`` while
     the code runs, and what is restored afterwards, are run_path's. Anything else (a
-    directory, a zip app, a ``.pyc``) goes to run_path itself."""
+    directory, a zip app (even one named ``.py``), a ``.pyc``) goes to run_path itself."""
     if not (path.endswith('.py') and os.path.isfile(path)):
         import runpy
         return runpy.run_path(path, run_name=run_name)
@@ -241,7 +241,9 @@ def _run_path(path, run_name):
     from _frozen_importlib_external import MAGIC_NUMBER
     with io.open_code(os.path.abspath(path)) as f:
         source = f.read()
-    if source[:len(MAGIC_NUMBER)] == MAGIC_NUMBER:  # compiled code named .py
+    if source[:len(MAGIC_NUMBER)] == MAGIC_NUMBER or b'\0' in source:
+        # Compiled code named .py, or a zip archive (source has no NUL): run_path knows
+        # what to do.
         import runpy
         return runpy.run_path(path, run_name=run_name)
     code = compile(source, path, 'exec')
