@@ -386,14 +386,14 @@ def test_packed_ring_messages_in_one_process():
     ring.put_tagged(3, pickle.dumps((1, 2)))
     assert not ring.put_tagged_plain(4, 2 ** 64)
     into = collections.deque([(0, True, "before")])
-    assert ring.get_tagged_into(pickle.loads, 2, into) == 2
+    assert ring.get_tagged_into(pickle.loads, 2, into.append) == 2
     assert list(into) == [(0, True, "before"), (1, True, "one"), (2, True, None)]
     into.clear()
-    assert ring.get_tagged_into(pickle.loads, 9, into) == 1
+    assert ring.get_tagged_into(pickle.loads, 9, into.append) == 1
     assert list(into) == [(3, True, (1, 2))]
-    assert ring.get_tagged_into(pickle.loads, 9, into) == 0
+    assert ring.get_tagged_into(pickle.loads, 9, into.append) == 0
     t = time.monotonic()
-    assert ring.get_tagged_into(pickle.loads, 9, into, True, 0.05) == 0
+    assert ring.get_tagged_into(pickle.loads, 9, into.append, True, 0.05) == 0
     assert time.monotonic() - t >= 0.04 and len(into) == 1
 
 
@@ -414,7 +414,7 @@ def test_results_interrupted_while_unpickled_are_kept():
         return value
     into = collections.deque()
     with pytest.raises(KeyboardInterrupt, match="while unpickling b"):
-        ring.get_tagged_into(loads, 9, into)
+        ring.get_tagged_into(loads, 9, into.append)
     (t1, ok1, v1), (t2, ok2, v2) = into
     assert (t1, ok1, v1) == (1, True, "a")
     assert (t2, ok2, type(v2)) == (2, False, KeyboardInterrupt)

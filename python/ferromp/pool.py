@@ -1602,7 +1602,7 @@ class _RingDispatcher(_Dispatcher):
                 if left <= 0:
                     return
             try:
-                if not take(_loads, _TAKE_BATCH, unrouted, True, left):
+                if not take(_loads, _TAKE_BATCH, unrouted.append, True, left):
                     continue
             except OSError:
                 return
@@ -1618,7 +1618,7 @@ class _RingDispatcher(_Dispatcher):
         while True:
             if not unrouted:
                 try:
-                    if not take(_loads, _TAKE_BATCH, unrouted):
+                    if not take(_loads, _TAKE_BATCH, unrouted.append):
                         return
                 except OSError:
                     return

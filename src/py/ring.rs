@@ -958,50 +958,39 @@ impl Ring {
         Ok((done, SERVE_LIMIT, 0, true, py.None().into_bound(py)))
     }
 
-    /// Takes up to `limit` results, as `get_tagged` gives them, and appends them to
-    /// `into` (a deque); returns how many. The first waits up to `timeout` if `block`;
-    /// the others are taken only if they are there now. What is taken is in `into`
-    /// before any Python code runs after it, so an interruption loses nothing: a
-    /// KeyboardInterrupt raised while one result is unpickled makes that result a
-    /// failure carrying it, appended with the others, and is raised after.
-    #[pyo3(signature = (loads, limit, into, block=false, timeout=None))]
+    /// Takes up to `limit` results, as `get_tagged` gives them, and passes each to
+    /// `append` (a deque's, say) as soon as it is taken; returns how many. The first
+    /// waits up to `timeout` if `block`; the others are taken only if they are there
+    /// now. A result is handed over before any Python code runs after it, so an
+    /// interruption loses nothing: a KeyboardInterrupt raised while one result is
+    /// unpickled makes that result a failure carrying it, handed over like the
+    /// others, and is raised after.
+    #[pyo3(signature = (loads, limit, append, block=false, timeout=None))]
     fn get_tagged_into<'py>(
         &self,
         py: Python<'py>,
         loads: &Bound<'py, PyAny>,
         limit: usize,
-        into: &Bound<'py, PyAny>,
+        append: &Bound<'py, PyAny>,
         block: bool,
         timeout: Option<f64>,
     ) -> PyResult<usize> {
-        let out = PyList::empty(py);
+        let mut n = 0;
         let mut failure = None;
-        while out.len() < limit {
-            let first = out.is_empty();
-            let landing = match self.take(py, block && first, timeout.filter(|_| first), None) {
-                Ok(Some(landing)) => landing,
-                Ok(None) => break,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            };
-            match tagged_result_kept(py, landing, loads, &mut failure) {
-                Ok(r) => out.append(r)?,
-                Err(e) => failure = Some(e),
-            }
-            if failure.is_some() {
+        while n < limit {
+            let first = n == 0;
+            let Some(landing) = self.take(py, block && first, timeout.filter(|_| first), None)?
+            else {
                 break;
+            };
+            let r = tagged_result_kept(py, landing, loads, &mut failure)?;
+            append.call1((r,))?;
+            n += 1;
+            if let Some(e) = failure {
+                return Err(e);
             }
         }
-        let n = out.len();
-        if n > 0 {
-            into.call_method1(pyo3::intern!(py, "extend"), (out,))?;
-        }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(n),
-        }
+        Ok(n)
     }
 
     /// Tells producers that this handle will wait for the next message soon (see
