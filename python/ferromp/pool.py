@@ -1592,22 +1592,20 @@ class _RingDispatcher(_Dispatcher):
         take = self.channel.results.get_tagged_into
         unrouted = self.unrouted
         while not ready() and not self.torn_down:
-            if unrouted:
-                # Taken by a caller that was interrupted before it routed them all.
-                self._route(False)
-                continue
-            left = _COLLECT_SLICE
-            if deadline is not None:
-                left = min(left, deadline - time.monotonic())
-                if left <= 0:
+            # (Results already taken, by a caller interrupted before it routed them
+            # all, go first.)
+            if not unrouted:
+                left = _COLLECT_SLICE
+                if deadline is not None:
+                    left = min(left, deadline - time.monotonic())
+                    if left <= 0:
+                        return
+                try:
+                    if not take(_loads, _TAKE_BATCH, unrouted.append, True, left):
+                        continue
+                except OSError:
                     return
-            try:
-                if not take(_loads, _TAKE_BATCH, unrouted.append, True, left):
-                    continue
-            except OSError:
-                return
-            self._route(False)
-            # Whatever else has come goes along, without waiting.
+            # These, and whatever else has come, without waiting.
             self._route_ready(False)
 
     def _route_ready(self, in_dispatcher):
