@@ -8,6 +8,7 @@
 
 pub mod connection;
 pub mod error;
+pub mod message;
 pub mod process;
 pub mod ring;
 pub mod shm;

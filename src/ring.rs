@@ -24,8 +24,8 @@
 //! format) and its payload padded to 8 bytes, so a header never straddles the end of
 //! the buffer (a payload may: it is copied in two pieces). The format is the message's,
 //! given by the producer and handed to the consumer's allocator ([`Msg`], [`Alloc`]);
-//! the ring itself only reads it to find a message header ([`FMT_HEADED`]) at the
-//! start.
+//! the ring itself only reads it to find a message header at the start (see
+//! [`crate::message::Format::is_headed`]).
 //!
 //! * `WHOLE`: a complete message.
 //! * `FIRST` + `MORE`...: a message too large to sit in the buffer at once. The first
@@ -84,6 +84,7 @@ use nix::errno::Errno;
 
 use crate::connection::Intr;
 use crate::error::{Error, Result};
+use crate::message::Format;
 use crate::shm::Segment;
 use crate::spin;
 use crate::sync::futex::{self, Wake};
@@ -162,38 +163,9 @@ struct Header {
 const HEADER: usize = std::mem::size_of::<Header>();
 const _: () = assert!(STATE_SIZE <= 64 && HEADER % 64 == 0);
 
-/// The one message format the ring itself looks into: such a message starts with a
-/// header whose first 4 bytes (little endian) give its length, and the consumer's
-/// allocator gets that header (see [`Ring::get`]).
-pub const FMT_HEADED: u16 = 1;
-
-/// A headed message, like [`FMT_HEADED`], whose header also carries a 64-bit tag (the
-/// pool's task and result numbers): the ring treats both alike.
-pub const FMT_TAGGED: u16 = 7;
-
-/// A tagged message whose body is a packed array of numbers rather than a pickle (a
-/// pool's list result, see `py/packed.rs`): headed like the other two.
-pub const FMT_PACKED: u16 = 8;
-
-/// A tagged message whose body is one natively encoded scalar (a pool task's result
-/// that is a plain int, float, str, bytes, bool or None): headed as well.
-pub const FMT_TAGGED_NATIVE: u16 = 9;
-
-/// A tagged pool task `func(item)` in native form: a function's cached pickle and one
-/// natively encoded scalar argument. Headed as well.
-pub const FMT_TAGGED_CALL: u16 = 10;
-
-/// Whether messages of format `fmt` start with a header the allocator gets.
-pub fn is_headed(fmt: u16) -> bool {
-    matches!(
-        fmt,
-        FMT_HEADED | FMT_TAGGED | FMT_PACKED | FMT_TAGGED_NATIVE | FMT_TAGGED_CALL
-    )
-}
-
 /// A message to put: the concatenation of `parts`, tagged with a format number that
-/// the consumer's allocator gets. The ring gives no meaning to formats other than
-/// [`FMT_HEADED`].
+/// the consumer's allocator gets (see [`crate::message::Format`]). The ring only asks
+/// whether the format is headed.
 #[derive(Clone, Copy, Debug)]
 pub struct Msg<'a> {
     pub parts: &'a [&'a [u8]],
@@ -204,14 +176,6 @@ impl<'a> Msg<'a> {
     /// A plain message in one piece.
     pub fn plain(parts: &'a [&'a [u8]]) -> Msg<'a> {
         Msg { parts, fmt: 0 }
-    }
-
-    /// A tagged message ([`FMT_TAGGED`]): `parts` start with its header.
-    pub fn tagged(parts: &'a [&'a [u8]]) -> Msg<'a> {
-        Msg {
-            parts,
-            fmt: FMT_TAGGED,
-        }
     }
 
     /// Its length in bytes.
@@ -995,7 +959,7 @@ impl Ring {
     ///
     /// `alloc(fmt, len, head)` gives the destination of a message of format `fmt`
     /// (as given to the put): buffers whose lengths add up to `len`, plus the value to
-    /// return. A message of format [`FMT_HEADED`] starts with a header whose first
+    /// return. A message of a headed format starts with a header whose first
     /// 4 bytes (little endian) give its length; `head` is that header, and `len`
     /// counts what follows it (for other formats `head` is empty). The buffers must stay valid until the value is returned.
     /// The deadline covers waiting for a message to start; once a chunked message has
@@ -1120,7 +1084,7 @@ impl Ring {
             }
         };
         let mut head = Vec::new();
-        if is_headed(fmt) {
+        if Format::from_u16(fmt).is_ok_and(Format::is_headed) {
             // The envelope header sits in the first record (its writer makes sure).
             let mut n = [0u8; 4];
             if rd.in_rec < 4 {

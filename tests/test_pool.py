@@ -701,8 +701,8 @@ def test_worker_death_noticed_when_its_sentinel_stays_silent(ctx):
     r, w = os.pipe()
     try:
         assert p.apply(sqr, (2,)) == 4
-        with p._disp.lock:
-            for slot in p._disp.slots:
+        with p._engine.lock:
+            for slot in p._engine.slots:
                 slot.sentinel = r
         t = time.monotonic()
         err = error_of(p.apply, kill_self)

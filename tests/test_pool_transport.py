@@ -362,13 +362,13 @@ def test_map_over_a_wrong_len(start_method, std_ctx):
 def test_packed_ring_messages_in_one_process():
     from ferromp import _core
     import pickle
-    ring = _core.Ring(1 << 16, 0)
-    assert ring.put_tagged_plain(5, [1, -2, 3])
-    assert ring.put_tagged_plain(6, [2 ** 40, 1])
-    assert ring.put_tagged_plain(7, [0.5, float("inf")])
+    ring = _core.PoolRing(1 << 16, _core.Segment(64))
+    assert ring.put_plain(5, [1, -2, 3])
+    assert ring.put_plain(6, [2 ** 40, 1])
+    assert ring.put_plain(7, [0.5, float("inf")])
     for refused in ([], [1, 2.0], [True], [2 ** 64], ["a"]):
-        assert not ring.put_tagged_plain(8, refused)
-    tag, ok, packed = ring.get_tagged(pickle.loads, False)
+        assert not ring.put_plain(8, refused)
+    tag, ok, packed = ring.take(pickle.loads, False)
     assert (tag, ok, len(packed), packed.tolist()) == (5, True, 3, [1, -2, 3])
     target = ["x"] * 5
     packed.store(target, 2)
@@ -376,24 +376,24 @@ def test_packed_ring_messages_in_one_process():
     with pytest.raises(IndexError):
         packed.store(target, 3)
     assert target == ["x", "x", 1, -2, 3]
-    assert ring.get_tagged(pickle.loads, False)[2].tolist() == [2 ** 40, 1]
-    assert ring.get_tagged(pickle.loads, False)[2].tolist() == [0.5, float("inf")]
+    assert ring.take(pickle.loads, False)[2].tolist() == [2 ** 40, 1]
+    assert ring.take(pickle.loads, False)[2].tolist() == [0.5, float("inf")]
     with pytest.raises(queue.Empty):
-        ring.get_tagged(pickle.loads, False)
-    # get_tagged_into appends what is there, up to its limit, without waiting unless
+        ring.take(pickle.loads, False)
+    # take_into appends what is there, up to its limit, without waiting unless
     # told to.
-    assert ring.put_tagged_plain(1, "one") and ring.put_tagged_plain(2, None)
-    ring.put_tagged(3, pickle.dumps((1, 2)))
-    assert not ring.put_tagged_plain(4, 2 ** 64)
+    assert ring.put_plain(1, "one") and ring.put_plain(2, None)
+    ring.put(3, pickle.dumps((1, 2)))
+    assert not ring.put_plain(4, 2 ** 64)
     into = collections.deque([(0, True, "before")])
-    assert ring.get_tagged_into(pickle.loads, 2, into.append) == 2
+    assert ring.take_into(pickle.loads, 2, into.append) == 2
     assert list(into) == [(0, True, "before"), (1, True, "one"), (2, True, None)]
     into.clear()
-    assert ring.get_tagged_into(pickle.loads, 9, into.append) == 1
+    assert ring.take_into(pickle.loads, 9, into.append) == 1
     assert list(into) == [(3, True, (1, 2))]
-    assert ring.get_tagged_into(pickle.loads, 9, into.append) == 0
+    assert ring.take_into(pickle.loads, 9, into.append) == 0
     t = time.monotonic()
-    assert ring.get_tagged_into(pickle.loads, 9, into.append, True, 0.05) == 0
+    assert ring.take_into(pickle.loads, 9, into.append, True, 0.05) == 0
     assert time.monotonic() - t >= 0.04 and len(into) == 1
 
 
@@ -403,9 +403,9 @@ def test_results_interrupted_while_unpickled_are_kept():
     in the ring, and the interrupt is raised."""
     from ferromp import _core
     import pickle
-    ring = _core.Ring(1 << 16, 0)
+    ring = _core.PoolRing(1 << 16, _core.Segment(64))
     for tag, value in ((1, "a"), (2, "b"), (3, "c")):
-        ring.put_tagged(tag, pickle.dumps(value))
+        ring.put(tag, pickle.dumps(value))
 
     def loads(data, **kw):
         value = pickle.loads(data, **kw)
@@ -414,11 +414,11 @@ def test_results_interrupted_while_unpickled_are_kept():
         return value
     into = collections.deque()
     with pytest.raises(KeyboardInterrupt, match="while unpickling b"):
-        ring.get_tagged_into(loads, 9, into.append)
+        ring.take_into(loads, 9, into.append)
     (t1, ok1, v1), (t2, ok2, v2) = into
     assert (t1, ok1, v1) == (1, True, "a")
     assert (t2, ok2, type(v2)) == (2, False, KeyboardInterrupt)
-    assert ring.get_tagged(pickle.loads, False) == (3, True, "c")
+    assert ring.take(pickle.loads, False) == (3, True, "c")
 
 
 INTERRUPT_AT_ROUTE = textwrap.dedent("""

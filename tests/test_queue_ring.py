@@ -327,7 +327,7 @@ def test_stdlib_process_pool_executor_on_a_ferromp_context(ctx):
 def test_ring_capacity_is_shared_memory_not_a_pipe():
     q = ferromp.Queue()
     assert q._ring.capacity >= 1 << 20
-    r, w = q._ring.bell_fds
+    _, r, w = q._ring.fds
     assert os.get_blocking(r) is False
 
 
@@ -369,10 +369,11 @@ def test_out_of_band_envelope_pickle_is_the_stdlib_pickle():
     from ferromp import queues
     obj = [b'x' * 70000, bytearray(b'y' * 80000), 'text']
     env = queues._dumps_for_ring(obj)
-    assert isinstance(env, tuple) and len(env) == 4
-    head, body, p1, p2 = env
-    assert (p1, p2) == (obj[0], bytes(obj[1]))
-    assert pickle.loads(body, buffers=[p1, bytearray(p2)]) == obj
+    assert isinstance(env, tuple) and len(env) == 3
+    body, p1, p2 = env
+    assert (p1, p2) == (obj[0], obj[1])
+    assert (type(p1), type(p2)) == (bytes, bytearray)
+    assert pickle.loads(body, buffers=[p1, p2]) == obj
 
 
 # --- scalars travel natively, everything else pickled: types must survive -------

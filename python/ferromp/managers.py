@@ -1332,9 +1332,6 @@ def _local(address):
         return False
 
 
-def _ring_fds(ring):
-    r, w = ring.bell_fds
-    return [ring.fd, r, w]
 
 
 def _ring_get(ring, sock, loads):
@@ -1377,7 +1374,7 @@ class _RingLink(object):
         req = _core.Ring(_RING_BYTES, 0)
         rep = _core.Ring(_RING_BYTES, 0)
         sock.send((None, '#use_rings', (), {}))
-        reduction.sendfds(sock, _ring_fds(req) + _ring_fds(rep))
+        reduction.sendfds(sock, list(req.fds) + list(rep.fds))
         kind, result = sock.recv()
         if kind != '#RETURN' or result is not True:
             return sock

@@ -2,50 +2,53 @@
 
 It keeps the stdlib's public and semi-private names (``Pool``, ``ThreadPool``,
 ``ApplyResult``/``AsyncResult``, ``MapResult``, ``IMapIterator``,
-``IMapUnorderedIterator``, ``RemoteTraceback``, ``MaybeEncodingError``, ``_pool``,
-``_state``, ``_processes``, ``_cache``, ``_repopulate_pool()``, the state constants),
-its semantics and its messages, and adds one guarantee the stdlib lacks: a pool never
-hangs. Every wait ends with a result or an exception.
+``IMapUnorderedIterator``, ``RemoteTraceback``, ``MaybeEncodingError``, ``worker``,
+``_pool``, ``_state``, ``_processes``, ``_cache``, ``_repopulate_pool()``, the state
+constants), its semantics and its messages, and adds one guarantee the stdlib lacks: a
+pool never hangs. Every wait ends with a result or an exception.
 
-Design (``docs/architecture.md``, Pool, has the reasons and the figures)
-=========================================================================
+How it is built (``docs/architecture.md``, "Pool", has the reasons)
+=====================================================================
 
-Process pools: two shared rings (``_RingDispatcher``, ``_Channel``, ``_ring_worker``)
-    Callers pickle their tasks and write them into one task ring of the core
-    (``_core.Ring``); any idle worker takes the next one and writes its result into
-    one result ring. Messages are tagged with task numbers. A worker's claim word (in a
-    small shared segment) names the task it holds from before the ring lets go of the
-    message until its result is in the result ring, so a worker that dies fails
-    exactly that task. The caller waiting for a result reads the result ring itself
-    (``wait_for``): no thread sits between a worker and the caller. The dispatcher
-    thread starts and replaces workers, gives death verdicts, runs callbacks and
-    collects results that nobody waits for. Large pickle buffers travel through the
-    pool's recycled shared-memory segments (``_spill``). What is plain skips the
-    pickler: a call ``f(x)`` of a plain scalar is written by the core
-    (``Ring.put_call_tasks``) and run by the core's worker loop (``Ring.serve``), a
-    plain scalar result travels natively, and a map chunk's list of plain numbers
-    travels packed, stored straight into the map's result list (``_core.Packed``).
+The front (``Pool``, ``ThreadPool``, the result classes) turns every call into tasks of
+one shape, "``func(item)`` (or ``func(*item)``) for each item of a list, as tasks
+``i0, i0 + 1, ...`` of a job", and hands them to its engine's ``submit``:
 
-Thread pools: a queue per worker thread (``_Dispatcher``)
-    The dispatcher thread hands each idle thread one task at a time and reads their
-    results from an outbox, so a ThreadPool keeps the stdlib's scheduling.
+* ``apply_async(f, args)``: one task, ``f(*args)``;
+* ``map``: one task per chunk, ``_map_chunk((f, chunk))``, or, with ``chunksize=1``,
+  ``f(item)`` per item;
+* ``imap``: the same, a burst at a time, fed as the caller consumes.
 
-imap
-    Reads its input lazily, at most ``max(64, 8 * processes)`` tasks ahead of the
-    consumer while the pool runs (an infinite generator works). A generator is pulled
-    by a feeder thread (it may block); a list, tuple or range is fed from the
-    consumer's own ``next()``. Once the pool is closed the feeder carries every imap
-    to its end, so that ``close(); join()`` completes the work, as in the stdlib.
+Two engines carry the tasks:
 
-Pickling happens in the caller
-    ``apply_async``, ``map_async`` and ``starmap_async`` pickle their tasks in the
-    calling thread, so an unpicklable function or argument raises there, at the call.
-    ``imap`` checks its function at the call and pickles items as it feeds them; an
-    item that fails to pickle fails that item's result (as in the stdlib).
+``_ProcessEngine`` (``Pool``)
+    Two shared-memory rings of the core (``_core.PoolRing``): callers write tasks into
+    the task ring, any idle worker takes the next, results come back through the
+    result ring. Each task carries a number (its tag); ``inflight`` maps it to its
+    ``(job, index)``. A worker's claim word names the task it holds, so a worker that
+    dies fails exactly that task. The caller waiting for a result reads the result ring
+    itself (``wait_for``); the engine's thread starts and replaces workers, gives death
+    verdicts, runs callbacks and collects the results nobody waits for. Plain tasks and
+    results skip the pickler (``_core.PoolRing``: native calls, scalars, packed lists
+    of numbers); large pickle buffers travel through recycled shared memory
+    (``_spill``).
+
+``_ThreadEngine`` (``ThreadPool``)
+    A queue per worker thread; the engine's thread hands each idle thread one task at a
+    time and reads their results from an outbox, as the stdlib schedules.
+
+Every worker, thread or process, runs ``_work``: take a task, run it, post the result.
+Process workers take and post through the rings (``_RingSide``), and the core runs the
+plain calls itself (``PoolRing.serve``) until one needs Python; thread workers and the
+stdlib-compatible ``worker()`` take and post through queues (``_QueueSide``).
+
+Pickling happens in the caller: ``apply_async``, ``map_async`` and ``starmap_async``
+pickle their tasks in the calling thread, so an unpicklable function or argument raises
+there, at the call. ``imap`` checks its function at the call and pickles items as it
+feeds them; an item that fails to pickle fails that item's result (as in the stdlib).
 
 Errors of our own
-    All derive from the stdlib's ``multiprocessing.ProcessError`` (the base the stdlib
-    uses for its own errors), so ``except multiprocessing.ProcessError`` catches them:
+    All derive from the stdlib's ``multiprocessing.ProcessError``:
 
     * ``PoolError(ProcessError)``: the common base.
     * ``WorkerLostError(PoolError)``: the worker running the task died (SIGKILL, OOM
@@ -55,20 +58,18 @@ Errors of our own
     * ``PoolTerminatedError(PoolError)``: ``terminate()`` (or leaving a ``with``
       block) came before the task finished. Every result still pending raises it.
     * ``BrokenPoolError(PoolError)``: new workers keep failing to start (the
-      initializer raises, or the child dies before it reports ready, whatever killed
-      it) ``max(3, processes)`` times in a row. Tasks no live worker holds fail with
-      it, new calls raise it, and no more workers are started (no endless respawn
-      loop); tasks already running on live workers finish normally. Its ``__cause__``
-      is the last failure, with the worker's traceback attached.
+      initializer raises, or the child dies before it reports ready)
+      ``max(3, processes)`` times in a row. Tasks no live worker holds fail with it,
+      new calls raise it, and no more workers are started; tasks already running on
+      live workers finish normally. Its ``__cause__`` is the last failure.
 
     They are created on first use (module ``__getattr__``), like the stdlib exception
     classes in ``ferromp.context``, so a pool worker never imports the stdlib package.
 
 Other decisions
     * ``terminate()`` sends SIGTERM, waits up to a second, then SIGKILLs stragglers;
-      thread workers cannot be stopped, so a ThreadPool's busy threads are abandoned
-      (they exit once their current task returns) and ``join()`` does not wait for
-      them.
+      a ThreadPool's busy threads are abandoned (they exit once their current task
+      returns) and ``join()`` does not wait for them.
     * An exception raised by a callback is printed to stderr; the result is still
       set and the pool keeps working (in the stdlib it kills the result handler).
     * A task that cannot be unpickled in the worker (or a result in the parent)
@@ -112,6 +113,9 @@ job_counter = itertools.count()
 
 _dumps = reduction._dumps_bytes
 _loads = reduction.ForkingPickler.loads
+_is_plain = reduction.is_plain
+_plain_dumps = reduction._plain_dumps
+_SEQUENCES = (list, tuple, range)
 
 
 def mapstar(args):
@@ -126,9 +130,10 @@ def starmapstar(args):
     return [func(*item) for item in items]
 
 
-# A process pool's map and starmap send their chunks through these two instead, which
-# tell the worker that the chunk's result goes to a MapResult: a list of plain numbers
-# may then travel packed (see ``_core.Packed``), not pickled.
+# map and starmap send their chunks through these two, which tell a process worker
+# that the chunk's result goes to a MapResult: a list of plain numbers may then travel
+# packed (see ``_core.Packed``), not pickled. (imap's chunks use mapstar: an
+# IMapIterator hands the list itself to the caller.)
 def _map_chunk(args):
     return mapstar(args)
 
@@ -137,10 +142,7 @@ def _starmap_chunk(args):
     return starmapstar(args)
 
 
-_PACKING_MAPPERS = {mapstar: _map_chunk, starmapstar: _starmap_chunk}
-# Results of these exact types travel natively (``Ring.put_tagged_plain``); an int beyond
-# 64 bits is pickled after all.
-_NATIVE_RESULT_TYPES = reduction._SCALAR_TYPES | reduction._STRING_TYPES
+_CHUNK_RUNNERS = {mapstar: _map_chunk, starmapstar: _starmap_chunk}
 _Packed = _core.Packed
 
 
@@ -251,111 +253,279 @@ def _exit_description(code):
     return str(code)
 
 
+def _report_error(what='a ferromp pool callback'):
+    try:
+        import traceback
+        sys.stderr.write('Exception in %s:\n' % what)
+        traceback.print_exc()
+    except Exception:
+        pass
+
+
+def _identity(obj):
+    return obj
+
+
+def _helper_reraises_exception(ex):
+    'Pickle-able helper function that re-raises its argument (kept for the stdlib name).'
+    raise ex
+
+
 #
-# The worker side
+# The worker side: one loop, two ways to take tasks and post results
 #
 
-# Control messages a worker sends as (None, kind, payload); results are (job, i, result).
+# What a side's take() found (see _work).
+_TASK = 'task'      # a task to run: (func, args, kwds)
+_BAD = 'bad'        # a task that could not be rebuilt here: the exception
+_RESULT = 'result'  # the core ran the task: its result, to post the general way
+_ERROR = 'error'    # the core ran the task and it raised: the exception
+_LIMIT = 'limit'    # the core ran tasks up to the limit it was given
+_STOP = 'stop'      # the parent says stop
+
+# A queue worker's control messages, as (None, kind, payload); results are (job, i,
+# result).
 _READY = 'ready'              # the initializer has run: the worker takes tasks now
 _INIT_FAILED = 'init-failed'  # the initializer raised (payload: (False, exception))
 _BAD_TASK = 'bad-task'        # the task could not be unpickled (payload: (False, exc))
-# A thread worker's last message (processes have a sentinel instead).
-_EXITED = 'exited'
+_EXITED = 'exited'            # a thread worker's last message
 
 
-def worker(inqueue, outqueue, initializer=None, initargs=(), maxtasks=None,
-           wrap_exception=False):
-    """The body of a pool worker.
 
-    ``inqueue`` delivers tasks ``(job, i, func, args, kwds)`` (None means stop) and
-    ``outqueue`` takes ``(job, i, (success, value))``: in a ThreadPool, a
-    ``queue.SimpleQueue`` and the pool's outbox (Connections work too, as in the
-    stdlib). Process pools run ``_ring_worker`` instead."""
+def _unencodable(exc, value):
+    """The MaybeEncodingError a worker sends when ``value`` cannot be pickled."""
+    try:
+        wrapped = MaybeEncodingError(exc, value)
+    except Exception as e2:  # even repr() of the value failed
+        wrapped = MaybeEncodingError(exc, '<unrepresentable %s>' % type(e2).__name__)
+    util.debug("Possible encoding error while sending result: %s" % wrapped)
+    return wrapped
+
+
+def _work(side, initializer, initargs, maxtasks, wrap_exception):
+    """The body of every pool worker: run the initializer, then take a task, run it,
+    post its result, until told to stop or ``maxtasks`` tasks are done."""
     if maxtasks is not None and not (isinstance(maxtasks, int) and maxtasks >= 1):
         raise AssertionError("Maxtasks {!r} is not valid".format(maxtasks))
-    if hasattr(outqueue, 'send_bytes'):
-        # Pickle first, write second: a result that cannot be pickled writes nothing.
-        encode, write = _dumps, outqueue.send_bytes
-    else:
-        encode, write = _identity, outqueue.put
-    get = inqueue.recv if hasattr(inqueue, 'recv') else inqueue.get
 
     def wrap(exc):
         if wrap_exception:
             return ExceptionWithTraceback(exc, exc.__traceback__)
         return exc
 
-    def post(job, i, result):
-        try:
-            data = encode((job, i, result))
-        except Exception as e:
-            try:
-                wrapped = MaybeEncodingError(e, result[1])
-            except Exception as e2:  # even repr() of the value failed
-                wrapped = MaybeEncodingError(e, '<unrepresentable %s>' % type(e2).__name__)
-            util.debug("Possible encoding error while sending result: %s" % wrapped)
-            data = encode((job, i, (False, wrapped)))
-        write(data)
-
     if initializer is not None:
         try:
             initializer(*initargs)
         except BaseException as e:
             try:
-                post(None, _INIT_FAILED, (False, wrap(e)))
+                side.init_failed(wrap(e))
             except Exception:
                 pass
             raise
-    try:
-        write(encode((None, _READY, None)))
-    except OSError:
+    if not side.ready():
         return
 
     completed = 0
+    take = side.take
+    post = side.post
     while maxtasks is None or completed < maxtasks:
         try:
-            task = get()
+            done, what, tag, obj = take(None if maxtasks is None else maxtasks - completed)
         except (EOFError, OSError):
             util.debug('worker got EOFError or OSError -- exiting')
             break
-        except Exception as e:
-            # The task arrived but cannot be rebuilt here (e.g. its function is not
-            # importable in this process): that task fails, the worker carries on.
-            try:
-                post(None, _BAD_TASK, (False, wrap(e)))
-            except OSError:
-                break
-            completed += 1
+        completed += done
+        if what is _LIMIT:
             continue
-        if task is None:
+        if what is _STOP:
             util.debug('worker got sentinel -- exiting')
             break
-
-        job, i, func, args, kwds = task
+        ok = True
+        func = None
+        if what is _TASK:
+            func, args, kwds = obj
+            obj = None
+            try:
+                value = func(*args, **kwds) if kwds else func(*args)
+            except Exception as e:
+                value = wrap(e)
+                ok = False
+            args = kwds = None
+        elif what is _RESULT:
+            value = obj
+        else:
+            # _BAD: the task cannot be rebuilt here (its function is not importable
+            # in this process, say): that task fails, the worker carries on.
+            # _ERROR: the function the core called raised.
+            value = wrap(obj)
+            ok = False
+        obj = None
+        completed += 1
         try:
-            result = (True, func(*args, **kwds))
-        except Exception as e:
-            result = (False, wrap(e))
-        try:
-            post(job, i, result)
+            post(tag, ok, value, func, maxtasks is None or completed < maxtasks,
+                 what is _RESULT)
         except OSError:
             util.debug('worker could not send its result -- exiting')
             break
         # Drop references now rather than when the next task arrives.
-        task = job = result = func = args = kwds = None
-        completed += 1
+        value = func = None
     util.debug('worker exiting after %d tasks' % completed)
 
+
+class _QueueSide:
+    """Tasks ``(job, i, func, args, kwds)`` from a queue (None means stop), results
+    ``(job, i, (ok, value))`` to another: a thread worker's inbox and the pool's
+    outbox, or the Connections a caller of ``worker()`` gives, as in the stdlib."""
+
+    def __init__(self, inqueue, outqueue):
+        self.get = inqueue.recv if hasattr(inqueue, 'recv') else inqueue.get
+        if hasattr(outqueue, 'send_bytes'):
+            # Pickle first, write second: a result that cannot be pickled writes nothing.
+            self.encode, self.write = _dumps, outqueue.send_bytes
+        else:
+            self.encode, self.write = _identity, outqueue.put
+
+    def init_failed(self, exc):
+        self.post(None, False, exc, kind=_INIT_FAILED)
+
+    def ready(self):
+        try:
+            self.write(self.encode((None, _READY, None)))
+        except OSError:
+            return False
+        return True
+
+    def take(self, limit):
+        try:
+            task = self.get()
+        except (EOFError, OSError):
+            raise
+        except Exception as e:
+            return 0, _BAD, None, e
+        if task is None:
+            return 0, _STOP, None, None
+        job, i, func, args, kwds = task
+        return 0, _TASK, (job, i), (func, args, kwds)
+
+    def post(self, tag, ok, value, func=None, more=True, general=False, kind=_BAD_TASK):
+        # tag None: the task could not be rebuilt, so its (job, i) is unknown here;
+        # the pool knows which task this worker holds.
+        job, i = tag if tag is not None else (None, kind)
+        try:
+            data = self.encode((job, i, (ok, value)))
+        except Exception as e:
+            data = self.encode((job, i, (False, _unencodable(e, value))))
+        self.write(data)
+
+
+def worker(inqueue, outqueue, initializer=None, initargs=(), maxtasks=None,
+           wrap_exception=False):
+    """The body of a pool worker, the stdlib's way: tasks ``(job, i, func, args,
+    kwds)`` from ``inqueue`` (None means stop), ``(job, i, (success, value))`` to
+    ``outqueue`` (queues or Connections). Thread pools run it; process pools run
+    ``_ring_worker``."""
+    _work(_QueueSide(inqueue, outqueue), initializer, initargs, maxtasks, wrap_exception)
+
+
+def _thread_worker(inqueue, outbox, initializer, initargs):
+    try:
+        worker(inqueue, outbox, initializer, initargs)
+    finally:
+        outbox.put(_EXITED)
+
+
+class _RingSide:
+    """A process worker's ends of the pool's rings (see ``_Channel``)."""
+
+    def __init__(self, channel, slot, wid):
+        self.channel = channel
+        self.slot = slot
+        self.wid = wid
+        tasks = channel.tasks
+        self.funcs = _FuncCache()
+        self.serve_args = (channel.results, self.funcs, _loads, slot)
+        self.serve = tasks.serve
+        self.hold = tasks
+
+    def init_failed(self, exc):
+        try:
+            data = _dumps(exc)
+        except Exception:
+            data = _dumps(RuntimeError('the pool initializer raised %r' % (exc,)))
+        self.channel.results.put(_ctl_tag(_CTL_INIT_FAILED, self.wid), data)
+
+    def ready(self):
+        self.channel.results.put(_ctl_tag(_CTL_READY, self.wid), _NONE_PICKLE)
+        return True
+
+    def take(self, limit):
+        # The core runs the plain calls itself and comes back for anything else.
+        s = self.serve(*self.serve_args, _SERVE_FOREVER if limit is None else limit)
+        end = s.end
+        if end == _SERVED_TASK:
+            tag = s.tag
+            if tag == _STOP_TAG:
+                return s.done, _STOP, None, None
+            if not s.ok:
+                return s.done, _BAD, tag, s.value
+            fkey, args, kwds = s.value
+            funcs = self.funcs
+            try:
+                func = funcs[fkey]
+            except (KeyError, TypeError):
+                try:
+                    func = funcs.worker_func(fkey)
+                except Exception as e:
+                    return s.done, _BAD, tag, e
+            return s.done, _TASK, tag, (func, args, kwds)
+        if end == _SERVED_LIMIT:
+            return s.done, _LIMIT, None, None
+        if end == _SERVED_RESULT:
+            return s.done, _RESULT, s.tag, s.value
+        return s.done, _ERROR, s.tag, s.value
+
+    def post(self, tag, ok, value, func=None, more=True, general=False):
+        results = self.channel.results
+        if not ok:
+            tag |= _FAIL
+        # We wait for the next task right after the put: the parent need not wake an
+        # idle sibling for it.
+        hold = self.hold if more else None
+        # Plain scalars and map chunks' lists of plain numbers go without the pickler
+        # (the core tried already when it ran the task itself: general).
+        packs = type(value) is list and func in _PACKING_RUNNERS
+        if (packs or (not general and _is_plain(value))) and results.put_plain(
+                tag, value, self.slot, hold):
+            return
+        try:
+            data = self.channel.dumps(value)
+        except Exception as e:
+            data = _dumps(_unencodable(e, value))
+            tag |= _FAIL
+        value = None
+        results.put(tag, data, self.slot, hold)
+
+
+_PACKING_RUNNERS = frozenset(_CHUNK_RUNNERS.values())
+_SERVED_TASK = _core.ServeEnd.TASK
+_SERVED_LIMIT = _core.ServeEnd.LIMIT
+_SERVED_RESULT = _core.ServeEnd.RESULT
+
+
+def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=None,
+                 wrap_exception=True):
+    """The body of a process pool worker."""
+    _work(_RingSide(channel, slot, wid), initializer, initargs, maxtasks, wrap_exception)
 
 
 #
 # The ring transport of process pools
 #
-# Tasks go to the workers through one shared ring (``_core.Ring``) and results come
-# back through another. Each message is tagged with a task number (``seq``); the
-# worker's ``get_tagged`` stores that number into the worker's claim word before the
-# ring lets go of the message, and its ``put_tagged`` clears the word once the result
-# is in the result ring, so the parent always knows which task a dead worker held.
+# Tasks go to the workers through one shared ring (``_core.PoolRing``) and results come
+# back through another. Each message is tagged with a task number; a worker's take
+# stores that number into the worker's claim word before the ring lets go of the
+# message, and its post clears the word once the result is in the result ring, so the
+# parent always knows which task a dead worker held.
 #
 
 _TASK_RING_BYTES = 4 << 20
@@ -364,44 +534,40 @@ _FAIL = 1 << 63             # result tag bit: the task raised (the value is the 
 _CTL = 1 << 62              # result tag bit: a control message, kind << 40 | worker id
 _SEQ_MASK = _CTL - 1
 _WID_MASK = (1 << 40) - 1
-_STOP_TAG = 0               # task tag: exit (task numbers start at 1)
+_STOP_TAG = 0               # task tag: exit (task numbers start at _BLOCK)
 _CTL_READY = 1              # the initializer has run
 _CTL_INIT_FAILED = 2        # the initializer raised (the value is the exception)
 _CTL_NUDGE = 3              # from the parent itself: a reader should look again
 _TAKE_BATCH = 64            # results taken from the ring per core call
 _NONE_PICKLE = _dumps(None)
-# What Ring.serve returns with (see there), and its limit for a worker without
-# maxtasksperchild.
-_SERVE_LIMIT, _SERVE_TASK, _SERVE_RESULT, _SERVE_ERROR = range(4)
 _SERVE_FOREVER = 1 << 62
-# How long a collecting caller blocks on the result ring before it looks around again
-# (deaths and terminate() also nudge it at once; this only bounds a missed nudge).
-_COLLECT_SLICE = 0.1
-# submit_calls writes tasks in batches of this many, numbered from _BLOCK_BASE up.
-_CALL_BLOCK = 256
-_BLOCK_BASE = 1 << 48
-# How often the dispatcher collects results nobody waits for (callbacks, ready()), and
-# how often while callers collect themselves (then the tick would only take the GIL
-# and a CPU from them; a result with a callback is handed over at once anyway).
-_BACKGROUND_TICK = 0.002
-_QUIET_TICK = 0.05
 
 
 def _ctl_tag(kind, wid):
     return _CTL | (kind << 40) | wid
 
+# Task numbers are handed out in blocks of _BLOCK consecutive numbers, one block per
+# batch that a submit writes (a batch of native calls needs consecutive tags).
+_BLOCK = 256
+# Tasks pickled per batch (one ring write and one wake-up each); the first batch of a
+# long submit goes out once pickling has taken _FIRST_BATCH_TIME, so a worker starts
+# while the caller pickles on.
+_BATCH = 64
+_FIRST_BATCH_TIME = 2e-4
+# How long a collecting caller blocks on the result ring before it looks around again
+# (deaths and terminate() also nudge it at once; this only bounds a missed nudge).
+_COLLECT_SLICE = 0.1
+# How often the engine's thread collects results nobody waits for (callbacks, ready()),
+# and how often while callers collect themselves (then the tick would only take the GIL
+# and a CPU from them; a result with a callback is handed over at once anyway).
+_BACKGROUND_TICK = 0.002
+_QUIET_TICK = 0.05
 
 # Plain functions pickle by reference (module and name): their pickle is computed once
 # per function and cached on both sides, so a task carries the function as a short
 # bytes object that the worker looks up instead of unpickling.
 _FUNC_TYPES = (types.FunctionType, types.BuiltinFunctionType)
 _FUNC_CACHE_MAX = 256
-# Values of these exact types (strings and bytes when short) pickle the same with the
-# plain pickler as with ForkingPickler (see reduction).
-_PLAIN_ARG_TYPES = reduction._SCALAR_TYPES
-_PLAIN_STR_TYPES = reduction._STRING_TYPES
-_PLAIN_STR_MAX = reduction._PLAIN_MAX
-_plain_dumps = reduction._plain_dumps
 
 
 class _FuncCache(dict):
@@ -431,27 +597,13 @@ class _FuncCache(dict):
         return value
 
 
-def _encode_ring_task(channel, fkey, args, kwds):
-    # The plain pickler is about twice as fast as the general path for the common
-    # task whose arguments are a few scalars.
-    if not kwds and type(args) is tuple:
-        for a in args:
-            t = type(a)
-            if t not in _PLAIN_ARG_TYPES and not (
-                    t in _PLAIN_STR_TYPES and len(a) < _PLAIN_STR_MAX):
-                break
-        else:
-            return _plain_dumps((fkey, args, None), 5)
-    return channel.dumps((fkey, args, kwds))
-
-
 class _Channel:
     """The rings and claim words a process pool shares with its workers."""
 
     def __init__(self, nslots):
-        self.tasks = _core.Ring(_TASK_RING_BYTES, 0)
-        self.results = _core.Ring(_RESULT_RING_BYTES, 0)
         self.claims = _core.Segment(64 * nslots)
+        self.tasks = _core.PoolRing(_TASK_RING_BYTES, self.claims)
+        self.results = _core.PoolRing(_RESULT_RING_BYTES, self.claims)
         self.spill = _spill.Table()
         _spill.register(self.spill)
 
@@ -462,132 +614,93 @@ class _Channel:
 
     def __setstate__(self, state):
         tasks, results, claims, self.spill = state
-        self.tasks = queues._ring_rebuild(tasks)
-        self.results = queues._ring_rebuild(results)
         self.claims = _core.Segment.from_fd(claims.detach())
+        self.tasks = _core.PoolRing.attach(*queues._fds_rebuild(tasks), self.claims)
+        self.results = _core.PoolRing.attach(*queues._fds_rebuild(results), self.claims)
 
     def dumps(self, obj):
-        t = type(obj)
-        if t in _PLAIN_ARG_TYPES or (t in _PLAIN_STR_TYPES and len(obj) < _PLAIN_STR_MAX):
+        """A task's or result's pickle: plain objects by the plain pickler; large
+        pickle buffers (numpy arrays...) through shared memory (see _spill)."""
+        if _is_plain(obj):
             return _plain_dumps(obj, 5)
-        # Large pickle buffers (numpy arrays...) go through shared memory (see _spill).
         return _spill.dumps(obj, queues._dumps_for_ring, self.spill)
 
+    def encode_task(self, fkey, args, kwds):
+        if not kwds:
+            # The plain pickler is about twice as fast for the common task whose
+            # arguments are a few scalars.
+            for a in args:
+                if not _is_plain(a):
+                    break
+            else:
+                return _plain_dumps((fkey, args, None), 5)
+        return self.dumps((fkey, args, kwds or None))
 
-def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=None,
-                 wrap_exception=True):
-    """The body of a process pool worker: take a task, run it, put its result."""
-    if maxtasks is not None and not (isinstance(maxtasks, int) and maxtasks >= 1):
-        raise AssertionError("Maxtasks {!r} is not valid".format(maxtasks))
-    serve = channel.tasks.serve
-    results = channel.results
-    put = channel.results.put_tagged
-    put_plain = channel.results.put_tagged_plain
-    task_ring = channel.tasks
-    native = _NATIVE_RESULT_TYPES
-    claims = channel.claims
-    hold_spin = channel.tasks.hold_spin
-    funcs = _FuncCache()
-    plain = _PLAIN_ARG_TYPES
-    plain_dumps = _plain_dumps
-    dumps = channel.dumps
-    loads = _loads
 
-    def wrap(exc):
-        if wrap_exception:
-            return ExceptionWithTraceback(exc, exc.__traceback__)
-        return exc
+#
+# The parent's side of one worker
+#
 
-    if initializer is not None:
+class _Slot:
+    """One worker and what the parent knows about it."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.ready = False      # its initializer has completed
+        self.stopping = False   # it has been told to stop
+        self.init_error = None  # what its initializer raised
+
+    def describe(self):
+        name = getattr(self.proc, 'name', '?')
+        pid = getattr(self.proc, 'pid', None)
+        return 'pool worker %s (pid %s)' % (name, pid)
+
+    def loss(self, exitcode):
+        """The message of the WorkerLostError for the task this worker held."""
+        return '%s died while running this task: exit code %s' % (
+            self.describe(), _exit_description(exitcode))
+
+
+class _ThreadSlot(_Slot):
+    """A thread worker: its inbox, and the one task it holds."""
+
+    def __init__(self, inbox):
+        super().__init__(None)
+        self.inbox = inbox
+        self.task = None        # (job, i, task) of the task it holds, or None
+        self.sent = 0           # tasks sent so far
+
+    def describe(self):
+        return 'pool worker thread %s' % getattr(self.proc, 'name', '?')
+
+    def loss(self, exitcode):
+        return '%s exited while running this task' % self.describe()
+
+    def send_stop(self):
+        self.stopping = True
+        self.inbox.put(None)
+
+
+class _ProcessSlot(_Slot):
+    """A process worker: its claim word's index, its id and its sentinel."""
+
+    def __init__(self, proc, index, wid):
+        super().__init__(proc)
+        self.index = index
+        self.wid = wid
         try:
-            initializer(*initargs)
-        except BaseException as e:
-            try:
-                data = _dumps(wrap(e))
-            except Exception:
-                data = _dumps(RuntimeError('the pool initializer raised %r' % (e,)))
-            try:
-                put(_ctl_tag(_CTL_INIT_FAILED, wid), data)
-            except Exception:
-                pass
-            raise
-    put(_ctl_tag(_CTL_READY, wid), _NONE_PICKLE)
+            self.sentinel = proc.sentinel
+        except (AttributeError, ValueError):
+            self.sentinel = None
 
-    completed = 0
-    func = None
-    while maxtasks is None or completed < maxtasks:
-        # The core runs the plain calls itself (Ring.serve) and comes back for anything
-        # else: a task to run here, or a result or exception to send.
-        limit = _SERVE_FOREVER if maxtasks is None else maxtasks - completed
-        try:
-            done, what, seq, ok, task = serve(results, funcs, loads, claims, slot, limit)
-        except (EOFError, OSError):
-            util.debug('worker got EOFError or OSError -- exiting')
-            break
-        completed += done
-        if what == _SERVE_LIMIT:
-            continue
-        tag = seq
-        if what == _SERVE_RESULT:
-            value = task    # the core found it not plain: it is pickled below
-        elif what == _SERVE_ERROR:
-            value = wrap(task)
-            tag = seq | _FAIL
-        elif seq == _STOP_TAG:
-            util.debug('worker got sentinel -- exiting')
-            break
-        elif ok:
-            fkey, args, kwds = task
-            task = None
-            try:
-                try:
-                    func = funcs[fkey]
-                except (KeyError, TypeError):
-                    func = funcs.worker_func(fkey)
-                value = func(*args) if kwds is None else func(*args, **kwds)
-            except Exception as e:
-                value = wrap(e)
-                tag = seq | _FAIL
-        else:
-            # The task arrived but cannot be rebuilt here (e.g. its function is not
-            # importable in this process): that task fails, the worker carries on.
-            value = wrap(task)
-            tag = seq | _FAIL
-        packs = type(value) is list and (func is _map_chunk or func is _starmap_chunk)
-        task = func = fkey = args = kwds = None
-        completed += 1
-        # We wait for the next task right after the put: the parent need not wake an
-        # idle sibling for it.
-        hold = task_ring if maxtasks is None or completed < maxtasks else None
-        # Plain scalars and lists of plain numbers go without the pickler.
-        if (packs or (type(value) in native and what != _SERVE_RESULT)) and put_plain(
-                tag, value, claims, slot, hold):
-            value = None
-            continue
-        try:
-            data = plain_dumps(value, 5) if type(value) in plain else dumps(value)
-        except Exception as e:
-            try:
-                wrapped = MaybeEncodingError(e, value)
-            except Exception as e2:  # even repr() of the value failed
-                wrapped = MaybeEncodingError(e, '<unrepresentable %s>' % type(e2).__name__)
-            util.debug("Possible encoding error while sending result: %s" % wrapped)
-            data = _dumps(wrapped)
-            tag = seq | _FAIL
-        value = None
-        if hold is not None:
-            hold_spin()
-        put(tag, data, claims, slot)
-        data = None
-    util.debug('worker exiting after %d tasks' % completed)
-
-def _identity(obj):
-    return obj
-
-
-def _helper_reraises_exception(ex):
-    'Pickle-able helper function that re-raises its argument (kept for the stdlib name).'
-    raise ex
+    def exitcode_after_exit(self):
+        # The sentinel fired, so the worker is exiting. (Unless it closed its own
+        # fds, the sentinel's among them, and runs on: then it is stopped here.)
+        self.proc.join(5)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
+        return self.proc.exitcode
 
 
 class _ThreadOutbox:
@@ -603,63 +716,6 @@ class _ThreadOutbox:
     def put(self, msg):
         self._queue.put((self._slot, msg))
         self._wake()
-
-
-def _thread_worker(inqueue, outbox, initializer, initargs):
-    try:
-        worker(inqueue, outbox, initializer, initargs)
-    finally:
-        outbox.put(_EXITED)
-
-
-#
-# The parent's side of one worker
-#
-
-class _Slot:
-    """One worker and what the parent knows about it."""
-
-    threads = False
-
-    def __init__(self, proc):
-        self.proc = proc
-        self.task = None        # (job, i, payload) of the task it holds, or None
-        self.sent = 0           # tasks sent so far (for maxtasksperchild)
-        self.ready = False      # its initializer has completed
-        self.stopping = False   # it has been told to stop
-        self.init_error = None  # what its initializer raised
-
-    def describe(self):
-        name = getattr(self.proc, 'name', '?')
-        pid = getattr(self.proc, 'pid', None)
-        return 'pool worker %s (pid %s)' % (name, pid)
-
-
-class _ThreadSlot(_Slot):
-    threads = True
-
-    def __init__(self, inbox):
-        super().__init__(None)
-        self.inbox = inbox
-
-    decode = staticmethod(_identity)
-
-    def push(self, payload):
-        self.inbox.put(payload)
-
-    def send_stop(self):
-        self.stopping = True
-        self.inbox.put(None)
-
-    def close(self):
-        pass
-
-    def describe(self):
-        return 'pool worker thread %s' % getattr(self.proc, 'name', '?')
-
-    def exitcode_after_exit(self):
-        self.proc.join()
-        return None
 
 
 class _Feed:
@@ -681,29 +737,26 @@ class _Feed:
         self.lock = threading.Lock()
 
 
-def _report_error(what='a ferromp pool callback'):
+def _deliver(result, i, obj):
     try:
-        import traceback
-        sys.stderr.write('Exception in %s:\n' % what)
-        traceback.print_exc()
-    except Exception:
-        pass
+        result._set(i, obj)
+    except BaseException:
+        _report_error()
 
 
 #
-# The dispatcher: everything a Pool's threads share. It holds no reference to the
+# The engines: everything a Pool's threads share. An engine holds no reference to the
 # Pool object, so an unreferenced Pool can be collected (and then finalized).
 #
 
-class _Dispatcher:
-    """The thread pool's dispatcher: one task queue per worker thread, results
-    through an outbox; the process pool's is ``_RingDispatcher`` below."""
-
-    # Whether callers collect results themselves (see _RingDispatcher.wait_for).
-    collects = False
+class _Engine:
+    """What both engines share: the workers' lifecycle (start, replace, give up when
+    they keep failing to start), imap feeds, the engine's thread and shutdown. The
+    engines differ in how tasks reach workers and results come back (``submit``,
+    ``wait_for`` and the thread's ``_loop``)."""
 
     def __init__(self, ctx, Process, processes, pool, cache, initializer, initargs,
-                 maxtasks, wrap_exception, encode, threads):
+                 maxtasks, wrap_exception):
         self.ctx = ctx
         self.Process = Process
         self.processes = processes
@@ -713,19 +766,15 @@ class _Dispatcher:
         self.initargs = initargs
         self.maxtasks = maxtasks
         self.wrap_exception = wrap_exception
-        self.encode = encode
-        self.threads = threads
         self.pid = os.getpid()
 
         self.lock = threading.RLock()
         self.state = RUN
         self.slots = []
-        self.pending = collections.deque()   # (job, i, payload) waiting for a worker
         self.broken = None                   # (message, cause) once broken
         self.failed_starts = 0
         self.max_failed_starts = max(3, processes)
         self.retry_at = 0.0
-        self.next_liveness = 0.0
         self.torn_down = False
         self.thread = None
 
@@ -738,13 +787,9 @@ class _Dispatcher:
         self.feeder_in_user_code = False
         # Tasks an imap may run ahead of its consumer while the pool runs.
         self.lookahead = max(64, 8 * processes)
-        # The feeder tops the pending queue up to feed_high and sleeps until the
-        # dispatcher has drained it below feed_low: bursts, not a thread per task.
-        self.feed_high = 4 * processes + 16
-        self.feed_low = self.feed_high // 2
-        self.feed_demand = False
+        # The feeder submits at most this many tasks of one imap at a time.
+        self.feed_burst = 4 * processes + 16
 
-        self.outbox = queue.SimpleQueue() if threads else None
         self.wake_lock = threading.Lock()
         self.wake_pending = False
         self.wake_r, self.wake_w = os.pipe()
@@ -752,26 +797,29 @@ class _Dispatcher:
         os.set_blocking(self.wake_w, False)
         cache.notifier = self._cache_emptied
 
-    # -- called from any thread ----------------------------------------------------
+    # -- what the front calls (any thread) ----------------------------------------------
 
-    def encode_task(self, job, i, func, args, kwds):
-        return self.encode((job, i, func, args, kwds))
+    def submit(self, job, func, items, first=0, unpack=False, kwds=None, feeding=False):
+        """Submits ``func(item)`` -- ``func(*item, **kwds)`` if ``unpack`` -- for each
+        item of ``items`` (a sequence), as tasks ``first``, ``first + 1``, ... of
+        ``job``. An item that ``unpack`` cannot turn into arguments fails its task. An
+        item that cannot be pickled raises here, unless ``feeding`` (an imap's feeder,
+        which may also submit after close()): then it fails its task."""
+        raise NotImplementedError
+
+    def check_func(self, func):
+        """Raises here if ``func`` cannot reach a worker."""
+
+    def wait_for(self, ready, timeout, sleep):
+        """Waits until ``ready()`` or ``timeout``; ``sleep(t)`` waits for a wake-up."""
+        if not ready():
+            sleep(timeout)
 
     def _cache_emptied(self):
         # A closed pool finishes once nothing is left to wait for; a running one
         # has nothing to do then.
         if self.state != RUN:
             self.wake()
-
-    @staticmethod
-    def wait_for(ready, timeout, sleep):
-        """Waits until ``ready()`` or ``timeout``; ``sleep(t)`` waits for a wake-up."""
-        if not ready():
-            sleep(timeout)
-
-    def _backlog(self):
-        # Tasks queued and not yet taken by a worker (bounds the imap feeder).
-        return len(self.pending)
 
     def wake(self):
         if self.wake_pending:
@@ -794,21 +842,20 @@ class _Dispatcher:
         exc.__cause__ = cause
         return exc
 
-    def submit(self, tasks, internal=False):
-        with self.lock:
-            if self.state == TERMINATE or (self.state != RUN and not internal):
-                raise ValueError("Pool not running")
-            if self.broken is not None:
-                raise self.broken_error()
-            self.pending.extend(tasks)
-        self.wake()
+    def _may_submit(self, internal=False):
+        if self.state == TERMINATE or (self.state != RUN and not internal):
+            raise ValueError("Pool not running")
+        if self.broken is not None:
+            raise self.broken_error()
+
+    def _fail_task(self, job, i, exc):
+        r = self.cache.get(job)
+        if r is not None:
+            _deliver(r, i, (False, exc))
 
     def add_feed(self, feed):
         with self.lock:
-            if self.state != RUN:
-                raise ValueError("Pool not running")
-            if self.broken is not None:
-                raise self.broken_error()
+            self._may_submit()
             if self.feeder is None:
                 self.feeder = threading.Thread(target=self._feed_loop, daemon=True,
                                                name='PoolFeeder')
@@ -833,15 +880,14 @@ class _Dispatcher:
     def taken(self, feed):
         # Called by IMapIterator.next(): the caller took one item of this feed. Wake
         # the feeder (or feed inline) only once half its look-ahead is free again.
+        half = self.lookahead // 2
         if feed.inline:
-            half = self.lookahead // 2
             if feed.next_index - feed.result._taken <= half:
                 self.feed_inline(feed)
             # Nothing to do until half the look-ahead is free again.
             feed.result._wake_at = feed.next_index - half
             return
-        if feed.blocked and (feed.next_index - feed.result._taken
-                             <= self.lookahead // 2):
+        if feed.blocked and feed.next_index - feed.result._taken <= half:
             feed.blocked = False
             with self.feed_cond:
                 self.feed_cond.notify()
@@ -892,40 +938,19 @@ class _Dispatcher:
 
     def abort_start(self):
         """Undo a constructor that failed while starting workers."""
-        for s in self.slots:
-            if s.threads:
-                s.send_stop()
-        for p in self.pool:
-            if p.exitcode is None and hasattr(p, 'terminate'):
-                p.terminate()
-        for p in self.pool:
-            p.join()
-        for s in self.slots:
-            s.close()
+        self._stop_workers(list(self.slots))
         self.slots.clear()
         self.torn_down = True
         self._close_wake_pipe()
 
     # -- workers (called with self.lock held) ---------------------------------------
 
-    def _start_worker(self):
-        # A thread worker (process pools start theirs in _RingDispatcher).
-        inbox = queue.SimpleQueue()
-        slot = _ThreadSlot(inbox)
-        outbox = _ThreadOutbox(slot, self.outbox, self.wake)
-        w = self.Process(self.ctx, target=_thread_worker,
-                         args=(inbox, outbox, self.initializer, self.initargs))
-        self._launch(w)
-        slot.proc = w
-        self.slots.append(slot)
-        self.pool.append(w)
-        util.debug('added worker')
-
-    @staticmethod
-    def _launch(w):
+    def _launch(self, target, args):
+        w = self.Process(self.ctx, target=target, args=args)
         w.name = w.name.replace('Process', 'PoolWorker')
         w.daemon = True
         w.start()
+        return w
 
     def _wants_workers(self):
         if self.broken is not None or self.state == TERMINATE:
@@ -944,6 +969,11 @@ class _Dispatcher:
                 self.retry_at = time.monotonic() + 0.05 * self.failed_starts
                 return
 
+    def _on_ready(self, slot):
+        slot.ready = True
+        self.failed_starts = 0
+        self.retry_at = 0.0
+
     def _failed_start(self, cause):
         self.failed_starts += 1
         if self.failed_starts >= self.max_failed_starts and self.broken is None:
@@ -953,183 +983,6 @@ class _Dispatcher:
             util.info('pool broken: %r' % (cause,))
             with self.feed_cond:
                 self.feed_cond.notify_all()
-
-    def _schedule(self, deliveries, sends):
-        if self.broken is not None:
-            while self.pending:
-                job, i, _ = self.pending.popleft()
-                r = self.cache.get(job)
-                if r is not None:
-                    deliveries.append((r, i, (False, self.broken_error())))
-            for s in self.slots:
-                if not s.stopping:
-                    s.send_stop()
-            return
-        if self.pending:
-            maxtasks = self.maxtasks
-            idle = [s for s in self.slots
-                    if s.task is None and not s.stopping
-                    and (maxtasks is None or s.sent < maxtasks)]
-            # pop() takes from the end: workers whose initializer is done first.
-            idle.sort(key=lambda s: s.ready)
-            while idle and self.pending:
-                task = self.pending.popleft()
-                if task[0] not in self.cache:
-                    continue    # nobody waits for it any more
-                s = idle.pop()
-                s.task = task
-                s.sent += 1
-                # Written after the lock is released: submitters need not wait
-                # for our syscalls.
-                sends.append((s, task[2]))
-        if self.state == CLOSE and not self.cache:
-            self.pending.clear()
-            for s in self.slots:
-                if not s.stopping:
-                    s.send_stop()
-        if self.feed_demand and len(self.pending) < self.feed_low:
-            with self.feed_cond:
-                if self.feed_demand:
-                    self.feed_demand = False
-                    self.feed_cond.notify()
-
-    # -- the dispatcher thread --------------------------------------------------------
-
-    def _run(self):
-        failure = None
-        try:
-            self._loop()
-        except BaseException as e:
-            failure = e
-            _report_error('the ferromp pool dispatcher thread')
-        finally:
-            self._teardown(failure)
-
-    def _loop(self):
-        # Slots are only ever changed by this thread, except that _repopulate_pool()
-        # may add some (under the lock): the list is snapshotted under the lock, the
-        # slots themselves are used without it.
-        while True:
-            deliveries = []
-            sends = []
-            with self.lock:
-                if self.state == TERMINATE:
-                    return
-                self._maintain()
-                self._schedule(deliveries, sends)
-                finished, _, timeout = self._loop_state()
-            for s, payload in sends:
-                s.push(payload)
-            for r, i, obj in deliveries:
-                self._deliver(r, i, obj)
-            # Hold no task or result while we sleep (a thread pool's are the
-            # caller's own objects, which must be freed when the caller drops them).
-            deliveries = sends = s = payload = r = obj = None
-            if finished:
-                return      # the teardown fails whatever a broken pool left
-            # Thread workers report through the outbox, which rings the wake pipe.
-            poller = select.poll()
-            poller.register(self.wake_r, select.POLLIN)
-            if poller.poll(timeout):
-                self._drain_wake()
-
-    def _loop_state(self):
-        # (with self.lock) Whether the loop is done (closed or broken and no worker
-        # left), the slots to watch, and the poll timeout (ms) for the next attempt
-        # to start workers, if one is due.
-        finished = self.state != RUN and not self.slots and (
-            not self.cache or self.broken is not None)
-        timeout = None
-        if self.retry_at and self._wants_workers() and len(self.slots) < self.processes:
-            timeout = max(0, int((self.retry_at - time.monotonic()) * 1000))
-        return finished, list(self.slots), timeout
-
-    def _check_liveness(self):
-        # A fork worker's sentinel is a pipe whose write end the worker holds; a
-        # process forked by another thread at the wrong moment inherits it too, and
-        # then the sentinel stays silent when the worker dies. So once a second, while
-        # some worker holds a task or is starting, ask the kernel (waitpid) as well.
-        self.next_liveness = time.monotonic() + 1.0
-        for s in list(self.slots):
-            if not s.threads and s in self.slots and s.proc.exitcode is not None:
-                self._on_exit(s)
-
-    def _drain_wake(self):
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        # Cleared after draining, before looking at the queues (see wake()).
-        self.wake_pending = False
-        if self.outbox is not None:
-            while True:
-                try:
-                    slot, msg = self.outbox.get_nowait()
-                except queue.Empty:
-                    break
-                if msg is _EXITED:
-                    self._on_exit(slot)
-                else:
-                    self._on_message(slot, msg)
-                slot = msg = None
-
-    def _on_message(self, slot, data):
-        try:
-            msg = slot.decode(data)
-        except Exception as e:
-            # The result could not be unpickled here; it belongs to the task the
-            # worker holds.
-            msg = (None, _BAD_TASK, (False, e))
-        data = None
-        job, i, obj = msg
-        if job is None:
-            if i == _READY:
-                slot.ready = True
-                self.failed_starts = 0
-                self.retry_at = 0.0
-                return
-            if i == _INIT_FAILED:
-                slot.init_error = obj[1]
-                return
-            # _BAD_TASK: the held task failed.
-            if slot.task is None:
-                return
-            job, i = slot.task[0], slot.task[1]
-        slot.task = None
-        r = self.cache.get(job)
-        if r is not None:
-            self._deliver(r, i, obj)
-
-    @staticmethod
-    def _deliver(result, i, obj):
-        try:
-            result._set(i, obj)
-        except BaseException:
-            _report_error()
-
-    def _on_exit(self, slot):
-        exitcode = slot.exitcode_after_exit()
-        proc = slot.proc
-        lost = None
-        with self.lock:
-            if slot in self.slots:
-                self.slots.remove(slot)
-            if proc in self.pool:
-                self.pool.remove(proc)
-            slot.close()
-            task, slot.task = slot.task, None
-            if task is not None and not slot.ready:
-                # It never got past its initializer: the task was not started.
-                self.pending.appendleft(task)
-                task = None
-            if task is not None:
-                lost = task
-            if not slot.ready:
-                self._not_ready(slot, exitcode)
-        util.debug('pool worker exited: %s' % slot.describe())
-        if lost is not None:
-            self._lost(slot, exitcode, lost)
 
     def _not_ready(self, slot, exitcode):
         # A worker that died before it was ready: one more failed start.
@@ -1141,19 +994,50 @@ class _Dispatcher:
                 getattr(slot.proc, 'pid', None), exitcode)
         self._failed_start(cause)
 
-    def _lost(self, slot, exitcode, lost):
-        # The task (job, i, ...) the dead worker held fails with WorkerLostError.
-        r = self.cache.get(lost[0])
-        if r is None:
-            return
-        if slot.threads:
-            message = '%s exited while running this task' % slot.describe()
-        else:
-            message = '%s died while running this task: exit code %s' % (
-                slot.describe(), _exit_description(exitcode))
+    def _lost(self, slot, exitcode, where):
+        # The task (job, i) the dead worker held fails with WorkerLostError.
         exc = _error_class('WorkerLostError')(
-            message, getattr(slot.proc, 'pid', None), exitcode)
-        self._deliver(r, lost[1], (False, exc))
+            slot.loss(exitcode), getattr(slot.proc, 'pid', None), exitcode)
+        self._fail_task(where[0], where[1], exc)
+
+    def _forget_slot(self, slot):
+        # (with self.lock)
+        if slot in self.slots:
+            self.slots.remove(slot)
+        if slot.proc in self.pool:
+            self.pool.remove(slot.proc)
+
+    def _loop_state(self):
+        # (with self.lock) Whether the loop is done (closed or broken and no worker
+        # left), and the poll timeout (ms) for the next attempt to start workers, if
+        # one is due.
+        finished = self.state != RUN and not self.slots and (
+            not self.cache or self.broken is not None)
+        timeout = None
+        if self.retry_at and self._wants_workers() and len(self.slots) < self.processes:
+            timeout = max(0, int((self.retry_at - time.monotonic()) * 1000))
+        return finished, timeout
+
+    # -- the engine's thread --------------------------------------------------------------
+
+    def _run(self):
+        failure = None
+        try:
+            self._loop()
+        except BaseException as e:
+            failure = e
+            _report_error('the ferromp pool dispatcher thread')
+        finally:
+            self._teardown(failure)
+
+    def _drain_wake(self):
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        # Cleared after draining, before looking at the queues (see wake()).
+        self.wake_pending = False
 
     # -- shutting down ------------------------------------------------------------------
 
@@ -1168,12 +1052,8 @@ class _Dispatcher:
         self._stop_workers(slots)
         with self.lock:
             for s in slots:
-                s.close()
-                if s in self.slots:
-                    self.slots.remove(s)
-                if s.proc in self.pool:
-                    self.pool.remove(s.proc)
-            self.pending.clear()
+                self._forget_slot(s)
+            self._drop_tasks()
         if self.broken is not None:
             make_exc = self.broken_error
         else:
@@ -1188,45 +1068,6 @@ class _Dispatcher:
         with self.feed_cond:
             self.feed_cond.notify_all()
         self._close_wake_pipe()
-
-    def _stop_workers(self, slots):
-        procs = []
-        for s in slots:
-            if s.threads:
-                # A thread cannot be stopped: drop its queued work and ask it to
-                # finish; one that is busy is abandoned.
-                try:
-                    while True:
-                        s.inbox.get_nowait()
-                except queue.Empty:
-                    pass
-                s.send_stop()
-            elif s.proc.exitcode is None:
-                try:
-                    s.proc.terminate()
-                except Exception:
-                    pass
-                procs.append(s)
-        deadline = time.monotonic() + 1.0
-        waiting = [s for s in procs if s.sentinel is not None]
-        while waiting:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            done = connection.wait([s.sentinel for s in waiting], left)
-            waiting = [s for s in waiting if s.sentinel not in done]
-        for s in procs:
-            if s.proc.exitcode is None:
-                try:
-                    s.proc.kill()
-                except Exception:
-                    pass
-        for s in procs:
-            s.proc.join()
-        deadline = time.monotonic() + 0.2
-        for s in slots:
-            if s.threads and s.proc is not None:
-                s.proc.join(max(0.0, deadline - time.monotonic()))
 
     def _close_wake_pipe(self):
         with self.wake_lock:
@@ -1259,22 +1100,14 @@ class _Dispatcher:
                             f.blocked = self._feed_room(f) <= 0
                             if not f.blocked:
                                 ready.append(f)
-                        if ready:
-                            # Announce the demand before looking at the queue, so the
-                            # dispatcher, which drains the queue before looking at the
-                            # flag, cannot miss us (see _schedule).
-                            self.feed_demand = True
-                            if self._backlog() < self.feed_high:
-                                self.feed_demand = False
-                                break
-                            self.feed_cond.wait(1.0)
-                            continue
-                        if not self.feeds and self.state != RUN:
+                        if ready and self._queue_room() > 0:
+                            break
+                        if not ready and not self.feeds and self.state != RUN:
                             return
                         self.feed_cond.wait(1.0)
                 if self.broken is not None:
                     for f in feeds:
-                        self._deliver(f.result, f.next_index, (False, self.broken_error()))
+                        _deliver(f.result, f.next_index, (False, self.broken_error()))
                         f.result._set_length(f.next_index + 1)
                     continue
                 for f in ready:
@@ -1288,111 +1121,64 @@ class _Dispatcher:
             for f in feeds:
                 f.result._fail(_error_class('PoolError')('the pool feeder thread failed'))
 
+    def _queue_room(self):
+        # How many more tasks the feeder may queue now (the thread engine bounds its
+        # pending queue; the process engine's task ring absorbs them).
+        return self.feed_burst
+
     def _feed_room(self, f):
         # How many more tasks this imap may have in flight: bounded by what the caller
         # has consumed while the pool runs; unbounded once it is closed, so that
         # close(); join() finishes the work, as in the stdlib.
         if self.state != RUN:
-            return self.feed_high
+            return self.feed_burst
         return self.lookahead - (f.next_index - f.result._taken)
 
     def _produce(self, f, limit=None):
-        # A burst of tasks from one feed, until the queue is full enough; short, so the
-        # dispatcher does not wait long for the GIL, and round-robin between feeds.
-        job = f.result._job
-        kw = None if self.collects else {}
-        if limit is None:
-            limit = min(self._feed_room(f), self.feed_high)
-        if f.inline and f.chunksize == 1 and self.collects:
-            self._produce_calls(f, limit)
+        # Pulls a burst of items (or chunks) from one feed and submits them: short, so
+        # that feeds take turns.
+        limit = min(self._feed_room(f) if limit is None else limit, self._queue_room(),
+                    self.feed_burst)
+        if limit <= 0 or self.state == TERMINATE:
             return
-        batch = []
+        idx = f.next_index
+        items = []
+        ended = False
+        error = None
+        self.feeder_in_user_code = True
         try:
-            for _ in range(limit):
-                if self._backlog() >= self.feed_high or self.state == TERMINATE:
-                    return
-                idx = f.next_index
-                self.feeder_in_user_code = True
-                try:
-                    if f.iterator is None:
-                        if f.chunksize == 1:
-                            f.iterator = iter(f.source)
-                        else:
-                            f.iterator = Pool._get_tasks(f.func, f.source, f.chunksize)
-                    item = next(f.iterator)
-                except StopIteration:
-                    self._submit_feed(f, batch)
-                    batch = []
-                    self._end_feed(f, idx)
-                    return
-                except Exception as e:
-                    self._submit_feed(f, batch)
-                    batch = []
-                    self._deliver(f.result, idx, (False, e))
-                    self._end_feed(f, idx + 1)
-                    return
-                finally:
-                    self.feeder_in_user_code = False
-                f.next_index = idx + 1
-                try:
-                    if f.chunksize == 1:
-                        payload = self.encode_task(job, idx, f.func, (item,), kw)
-                    else:
-                        payload = self.encode_task(job, idx, mapstar, (item,), {})
-                except Exception as e:
-                    self._deliver(f.result, idx, (False, e))
-                    continue
-                finally:
-                    item = None
-                batch.append((job, idx, payload))
-                if len(batch) >= 16:
-                    if not self._submit_feed(f, batch):
-                        return
-                    batch = []
-        finally:
-            if batch:
-                self._submit_feed(f, batch)
-
-    def _produce_calls(self, f, limit):
-        # An inline feed of single items: plain scalars go out natively (submit_calls),
-        # anything else the ordinary way.
-        job = f.result._job
-        src = f.source
-        n = len(src)
-        i = f.next_index
-        stop = min(n, i + limit)
-        while i < stop:
-            try:
-                i = self.submit_calls(job, f.func, src, i, stop)
-            except Exception as e:
-                self._deliver(f.result, i, (False, e))
-                return
-            if i < stop:
-                try:
-                    payload = self.encode_task(job, i, f.func, (src[i],), None)
-                except Exception as e:
-                    self._deliver(f.result, i, (False, e))
+            if f.iterator is None:
+                if f.chunksize == 1:
+                    f.iterator = iter(f.source)
                 else:
-                    if not self._submit_feed(f, [(job, i, payload)]):
-                        return
-                i += 1
-            f.next_index = i
-        f.next_index = i
-        if i >= n:
-            self._end_feed(f, n)
-
-    def _submit_feed(self, f, batch):
-        if not batch:
-            return True
-        try:
-            self.submit(batch, internal=True)
+                    f.iterator = Pool._get_tasks(f.func, f.source, f.chunksize)
+            next_item = f.iterator.__next__
+            for _ in range(limit):
+                items.append(next_item())
+        except StopIteration:
+            ended = True
         except Exception as e:
-            # Broken or terminated meanwhile: these items fail (a terminated pool's
-            # teardown has failed the whole iterator already).
-            for _, idx, _ in batch:
-                self._deliver(f.result, idx, (False, e))
-            return False
-        return True
+            error = e
+        finally:
+            self.feeder_in_user_code = False
+        f.next_index = idx + len(items)
+        if items:
+            func = f.func if f.chunksize == 1 else mapstar
+            try:
+                self.submit(f.result._job, func, items, idx, feeding=True)
+            except Exception as e:
+                # Broken or terminated meanwhile: these items fail (a terminated
+                # pool's teardown has failed the whole iterator already).
+                for i in range(idx, f.next_index):
+                    _deliver(f.result, i, (False, e))
+                error = None
+                ended = True
+        items = None
+        if error is not None:
+            _deliver(f.result, f.next_index, (False, error))
+            self._end_feed(f, f.next_index + 1)
+        elif ended:
+            self._end_feed(f, f.next_index)
 
     def _end_feed(self, f, length):
         with self.feed_cond:
@@ -1401,43 +1187,188 @@ class _Dispatcher:
         f.result._set_length(length)
 
 
-class _RingSlot(_Slot):
-    """A process worker of a ring pool: its claim word index and worker id."""
+class _ThreadEngine(_Engine):
+    """A ThreadPool's engine: one inbox per worker thread; the engine's thread hands
+    each idle thread one task at a time and reads their results from an outbox."""
 
-    def __init__(self, proc, index, wid):
-        super().__init__(proc)
-        self.index = index
-        self.wid = wid
-        try:
-            self.sentinel = proc.sentinel
-        except (AttributeError, ValueError):
-            self.sentinel = None
+    def __init__(self, *args, **kwds):
+        super().__init__(*args, **kwds)
+        self.pending = collections.deque()   # (job, i, task) waiting for a thread
+        self.outbox = queue.SimpleQueue()
+        # The engine's thread keeps the pending queue between these bounds while imap
+        # feeds are open: bursts, not a thread switch per task.
+        self.feed_low = self.feed_burst // 2
+        self.feed_demand = False
 
-    def send_stop(self):
-        self.stopping = True
+    def submit(self, job, func, items, first=0, unpack=False, kwds=None, feeding=False):
+        tasks = []
+        for i, item in enumerate(items, first):
+            if unpack:
+                try:
+                    args = tuple(item)
+                except Exception as e:
+                    self._fail_task(job, i, e)
+                    continue
+            else:
+                args = (item,)
+            tasks.append((job, i, (job, i, func, args, kwds)))
+        with self.lock:
+            self._may_submit(feeding)
+            self.pending.extend(tasks)
+        self.wake()
 
-    def close(self):
-        pass
+    def _queue_room(self):
+        # The demand is announced before looking at the queue, so the engine's thread,
+        # which drains the queue before looking at the flag, cannot miss it (see
+        # _schedule): it wakes the feeder once the queue is low.
+        self.feed_demand = True
+        room = self.feed_burst - len(self.pending)
+        if room > 0:
+            self.feed_demand = False
+        return room
 
-    def exitcode_after_exit(self):
-        # The sentinel fired, so the worker is exiting. (Unless it closed its own
-        # fds, the sentinel's among them, and runs on: then it is stopped here.)
-        self.proc.join(5)
-        if self.proc.exitcode is None:
-            self.proc.kill()
-            self.proc.join()
-        return self.proc.exitcode
+    def _start_worker(self):
+        inbox = queue.SimpleQueue()
+        slot = _ThreadSlot(inbox)
+        outbox = _ThreadOutbox(slot, self.outbox, self.wake)
+        slot.proc = self._launch(_thread_worker,
+                                 (inbox, outbox, self.initializer, self.initargs))
+        self.slots.append(slot)
+        self.pool.append(slot.proc)
+        util.debug('added worker')
+
+    def _schedule(self, sends, failures):
+        # (with self.lock) Hands pending tasks to idle threads (sent by the caller
+        # after the lock is let go, so submitters need not wait for it).
+        if self.broken is not None:
+            while self.pending:
+                job, i, _ = self.pending.popleft()
+                r = self.cache.get(job)
+                if r is not None:
+                    failures.append((r, i, (False, self.broken_error())))
+            for s in self.slots:
+                if not s.stopping:
+                    s.send_stop()
+            return
+        if self.pending:
+            idle = [s for s in self.slots if s.task is None and not s.stopping]
+            # pop() takes from the end: workers whose initializer is done first.
+            idle.sort(key=lambda s: s.ready)
+            while idle and self.pending:
+                task = self.pending.popleft()
+                if task[0] not in self.cache:
+                    continue    # nobody waits for it any more
+                s = idle.pop()
+                s.task = task
+                s.sent += 1
+                sends.append((s, task[2]))
+        if self.state == CLOSE and not self.cache:
+            self.pending.clear()
+            for s in self.slots:
+                if not s.stopping:
+                    s.send_stop()
+        if self.feed_demand and len(self.pending) < self.feed_low:
+            with self.feed_cond:
+                if self.feed_demand:
+                    self.feed_demand = False
+                    self.feed_cond.notify()
+
+    def _loop(self):
+        while True:
+            sends = []
+            failures = []
+            with self.lock:
+                if self.state == TERMINATE:
+                    return
+                self._maintain()
+                self._schedule(sends, failures)
+                finished, timeout = self._loop_state()
+            for s, task in sends:
+                s.inbox.put(task)
+            for r, i, obj in failures:
+                _deliver(r, i, obj)
+            # Hold no task or result while we sleep (they are the caller's own objects,
+            # which must be freed when the caller drops them).
+            sends = failures = s = task = r = obj = None
+            if finished:
+                return      # the teardown fails whatever a broken pool left
+            poller = select.poll()
+            poller.register(self.wake_r, select.POLLIN)
+            if poller.poll(timeout):
+                self._drain_wake()
+                self._read_outbox()
+
+    def _read_outbox(self):
+        while True:
+            try:
+                slot, msg = self.outbox.get_nowait()
+            except queue.Empty:
+                break
+            if msg is _EXITED:
+                self._on_exit(slot)
+            else:
+                self._on_message(slot, msg)
+            slot = msg = None
+
+    def _on_message(self, slot, msg):
+        job, i, obj = msg
+        if job is None:
+            if i == _READY:
+                self._on_ready(slot)
+                return
+            if i == _INIT_FAILED:
+                slot.init_error = obj[1]
+                return
+            # _BAD_TASK: the held task failed.
+            if slot.task is None:
+                return
+            job, i = slot.task[0], slot.task[1]
+        slot.task = None
+        r = self.cache.get(job)
+        if r is not None:
+            _deliver(r, i, obj)
+
+    def _on_exit(self, slot):
+        slot.proc.join()
+        with self.lock:
+            self._forget_slot(slot)
+            task, slot.task = slot.task, None
+            if task is not None and not slot.ready:
+                # It never got past its initializer: the task was not started.
+                self.pending.appendleft(task)
+                task = None
+            if not slot.ready:
+                self._not_ready(slot, None)
+        util.debug('pool worker exited: %s' % slot.describe())
+        if task is not None:
+            self._lost(slot, None, task)
+
+    def _drop_tasks(self):
+        self.pending.clear()
+
+    def _stop_workers(self, slots):
+        # A thread cannot be stopped: drop its queued work and ask it to finish; one
+        # that is busy is abandoned.
+        for s in slots:
+            try:
+                while True:
+                    s.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            s.send_stop()
+        deadline = time.monotonic() + 0.2
+        for s in slots:
+            if s.proc is not None:
+                s.proc.join(max(0.0, deadline - time.monotonic()))
 
 
-class _RingDispatcher(_Dispatcher):
-    """The process pool's dispatcher: tasks and results travel through two shared
-    rings (see ``_Channel``). Callers write their tasks into the task ring themselves
-    and a caller waiting for a result reads the result ring itself (``wait_for``), so
-    neither path goes through this thread; it starts and replaces workers, attributes
-    the task of a worker that died, runs callbacks, and collects results that nobody
-    waits for."""
-
-    collects = True
+class _ProcessEngine(_Engine):
+    """A process Pool's engine: tasks and results travel through two shared rings
+    (see ``_Channel``). Callers write their tasks into the task ring themselves and a
+    caller waiting for a result reads the result ring itself (``wait_for``), so
+    neither path goes through the engine's thread; it starts and replaces workers,
+    attributes the task of a worker that died, runs callbacks, and collects results
+    that nobody waits for."""
 
     def __init__(self, *args, **kwds):
         super().__init__(*args, **kwds)
@@ -1445,124 +1376,117 @@ class _RingDispatcher(_Dispatcher):
         self.free_indexes = list(range(self.processes - 1, -1, -1))
         self.wids = itertools.count(1)
         self.by_wid = {}
-        self.seqs = itertools.count(1)
-        # Blocks of task numbers for submit_calls, far above the single ones.
-        self.seq_blocks = itertools.count(_BLOCK_BASE, _CALL_BLOCK)
-        self.inflight = {}              # seq -> (job, i) of tasks not yet answered
+        # Task numbers, a block of _BLOCK per batch (block 0 holds the stop tag).
+        self.blocks = itertools.count(1)
+        self.inflight = {}              # task number -> (job, i) not yet answered
         self.collect_lock = threading.Lock()
         self.handoff = collections.deque()  # (result, i, obj) for callbacks
         self.unrouted = collections.deque()  # (tag, ok, obj) taken from the ring
-        self.idle = False               # the dispatcher sleeps without a tick
+        self.idle = False               # the engine's thread sleeps without a tick
         self.funcs = _FuncCache()
         self.last_collect = 0.0         # when a caller last submitted or collected
-
-    def encode_task(self, job, i, func, args, kwds):
-        return _encode_ring_task(self.channel, self.funcs.parent_key(func), args, kwds)
-
-    def _backlog(self):
-        # Workers take tasks straight from the ring; an imap's look-ahead bound (and
-        # the ring's own size) limit the feeder.
-        return 0
+        self.next_liveness = 0.0
 
     # -- submitting (any thread) ------------------------------------------------------
 
-    def _may_submit(self, internal=False):
-        if self.state == TERMINATE or (self.state != RUN and not internal):
-            raise ValueError("Pool not running")
-        if self.broken is not None:
-            raise self.broken_error()
+    def check_func(self, func):
+        self.funcs.parent_key(func)
+
+    def submit(self, job, func, items, first=0, unpack=False, kwds=None, feeding=False):
+        self._may_submit(feeding)
+        fkey = self.funcs.parent_key(func)
+        # func(item) of a plain scalar item goes natively (see PoolRing.put_calls).
+        native = (not unpack and not kwds and type(fkey) is bytes
+                  and type(items) in _SEQUENCES)
+        n = len(items)
+        at = 0
+        started = time.perf_counter()
+        while at < n:
+            tag0 = next(self.blocks) * _BLOCK
+            if native and _is_plain(items[at]):
+                w = self._put_calls(tag0, job, fkey, items, at, min(n, at + _BLOCK), first)
+                if w:
+                    at += w
+                    continue
+            # The general way, a batch at a time, up to the next item that goes
+            # natively (the first goes this way in any case: an int beyond 64 bits is
+            # plain but not native).
+            at = self._put_pickled(tag0, job, fkey, items, at, min(n, at + _BATCH), first,
+                                   unpack, kwds, native, feeding, at == 0 and started)
+            if at < n:
+                # Take in the results that came meanwhile, here rather than in the
+                # engine's thread, which would wait for our GIL.
+                self.drain()
+        self._submitted()
+
+    def _put_calls(self, tag0, job, fkey, items, start, stop, first):
+        # Recorded before the write: a result may come back before the write returns.
+        inflight = self.inflight
+        k = stop - start
+        inflight.update(zip(range(tag0, tag0 + k),
+                            zip(itertools.repeat(job), range(first + start, first + stop))))
+        w = 0
+        try:
+            w = self.channel.tasks.put_calls(tag0, fkey, items, start, stop)
+        finally:
+            for tag in range(tag0 + w, tag0 + k):
+                inflight.pop(tag, None)
+        return w
+
+    def _put_pickled(self, tag0, job, fkey, items, at, stop, first, unpack, kwds, native,
+                     feeding, started):
+        encode = self.channel.encode_task
+        inflight = self.inflight
+        batch = []
+        tag = tag0
+        try:
+            while at < stop:
+                item = items[at]
+                i = first + at
+                if native and batch and _is_plain(item):
+                    break
+                at += 1
+                try:
+                    args = tuple(item) if unpack else (item,)
+                except Exception as e:
+                    # As the stdlib's starmap fails in the worker.
+                    self._fail_task(job, i, e)
+                    continue
+                try:
+                    payload = encode(fkey, args, kwds)
+                except Exception as e:
+                    if not feeding:
+                        raise
+                    self._fail_task(job, i, e)
+                    continue
+                inflight[tag] = (job, i)
+                batch.append((tag, payload))
+                tag += 1
+                item = args = payload = None
+                # A long first batch goes out once pickling has taken a moment, so a
+                # worker starts while we pickle on.
+                if started and time.perf_counter() - started > _FIRST_BATCH_TIME:
+                    break
+            if len(batch) == 1:
+                self.channel.tasks.put(*batch[0])
+            elif batch:
+                # One wake-up for the batch: waking a worker can preempt us at once.
+                self.channel.tasks.put_many(batch)
+        except BaseException:
+            # Which of them went out is unknown: forget them all (results of any that
+            # run are dropped); the caller's job fails with this error.
+            for tag, _ in batch:
+                inflight.pop(tag, None)
+            raise
+        return at
 
     def _submitted(self):
-        # A caller submitted: it will collect (see _loop), and an idle dispatcher
+        # A caller submitted: it will collect (see _loop), and an idle engine thread
         # must look at the new tasks.
         self.last_collect = time.monotonic()
         if self.idle:
             self.idle = False
             self.wake()
-
-    def submit(self, tasks, internal=False):
-        self._may_submit(internal)
-        inflight = self.inflight
-        seqs = self.seqs
-        if len(tasks) == 1:
-            job, i, payload = tasks[0]
-            seq = next(seqs)
-            inflight[seq] = (job, i)
-            try:
-                self.channel.tasks.put_tagged(seq, payload)
-            except BaseException:
-                inflight.pop(seq, None)
-                raise
-        else:
-            batch = []
-            for job, i, payload in tasks:
-                seq = next(seqs)
-                inflight[seq] = (job, i)
-                batch.append((seq, payload))
-            try:
-                # One wake-up for the batch: waking a worker can preempt us at once.
-                self.channel.tasks.put_tagged_many(batch)
-            except BaseException:
-                # Which of them went out is unknown: forget them all (results of any
-                # that run are dropped); the caller's job fails with this error.
-                for seq, _ in batch:
-                    inflight.pop(seq, None)
-                raise
-        self._submitted()
-
-    def submit_call(self, job, func, args):
-        """Submits ``func(*args)`` (one argument) as task 0 of ``job`` if ``args[0]``
-        is a plain scalar, the way submit_calls does; returns whether it did."""
-        fkey = self.funcs.parent_key(func)
-        if type(fkey) is not bytes:
-            return False
-        self._may_submit(internal=True)
-        seq = next(self.seqs)
-        inflight = self.inflight
-        inflight[seq] = (job, 0)
-        try:
-            if not self.channel.tasks.put_call_tasks(seq, fkey, args, 0, 1):
-                del inflight[seq]
-                return False
-        except BaseException:
-            inflight.pop(seq, None)
-            raise
-        self._submitted()
-        return True
-
-    def submit_calls(self, job, func, items, start, stop):
-        """Submits ``func(items[i])`` for ``i`` from ``start`` while the items are plain
-        scalars, up to ``stop`` (a list, tuple or range), each as its own task (index
-        ``i`` of ``job``). The core writes these tasks without the pickler, in batches
-        with one wake-up each. Returns the index it stopped at: ``stop``, or an item
-        the caller must submit the ordinary way."""
-        fkey = self.funcs.parent_key(func)
-        if type(fkey) is not bytes or start >= stop:
-            return start
-        # (internal: after close() the feeder still submits what imaps have left)
-        self._may_submit(internal=True)
-        inflight = self.inflight
-        put = self.channel.tasks.put_call_tasks
-        i = start
-        while i < stop:
-            k = min(stop - i, _CALL_BLOCK)
-            seq0 = next(self.seq_blocks)
-            # Recorded before the write: a result may come back before put returns.
-            inflight.update(zip(range(seq0, seq0 + k), zip(itertools.repeat(job),
-                                                           range(i, i + k))))
-            try:
-                w = put(seq0, fkey, items, i, i + k)
-            except BaseException:
-                for q in range(seq0, seq0 + k):
-                    inflight.pop(q, None)
-                raise
-            for q in range(seq0 + w, seq0 + k):
-                inflight.pop(q, None)
-            i += w
-            if w < k:
-                break
-        self._submitted()
-        return i
 
     # -- collecting results (any thread) ------------------------------------------------
 
@@ -1589,7 +1513,7 @@ class _RingDispatcher(_Dispatcher):
                 lock.release()
 
     def _collect(self, ready, deadline):
-        take = self.channel.results.get_tagged_into
+        take = self.channel.results.take_into
         unrouted = self.unrouted
         while not ready() and not self.torn_down:
             # (Results already taken, by a caller interrupted before it routed them
@@ -1608,10 +1532,10 @@ class _RingDispatcher(_Dispatcher):
             # These, and whatever else has come, without waiting.
             self._route_ready(False)
 
-    def _route_ready(self, in_dispatcher):
+    def _route_ready(self, in_engine_thread):
         # Routes the results in the ring now, without waiting (collect_lock held),
         # taking them a batch per call.
-        take = self.channel.results.get_tagged_into
+        take = self.channel.results.take_into
         unrouted = self.unrouted
         while True:
             if not unrouted:
@@ -1620,24 +1544,24 @@ class _RingDispatcher(_Dispatcher):
                         return
                 except OSError:
                     return
-            self._route(in_dispatcher)
+            self._route(in_engine_thread)
 
     def results_waiting(self):
         """Whether results wait to be routed, in the ring or taken already."""
         return bool(self.unrouted) or self.channel.results.has_data()
 
-    def drain(self, in_dispatcher=False):
+    def drain(self, in_engine_thread=False):
         """Routes the results already in the ring, if no other thread is reading it."""
         if not self.results_waiting() or not self.collect_lock.acquire(False):
             return
         try:
-            self._route_ready(in_dispatcher)
+            self._route_ready(in_engine_thread)
         finally:
-            if not in_dispatcher:
+            if not in_engine_thread:
                 self.last_collect = time.monotonic()
             self.collect_lock.release()
 
-    def _route(self, in_dispatcher):
+    def _route(self, in_engine_thread):
         """Hands each result taken from the ring (``self.unrouted``, ``(tag, ok, obj)``
         each) to its result object, in one loop: this is most of the caller's work per
         task. The results wait in ``unrouted`` until then, so a KeyboardInterrupt in
@@ -1649,7 +1573,7 @@ class _RingDispatcher(_Dispatcher):
         while unrouted:
             tag, ok, obj = take_next()
             if tag & _CTL:
-                self._on_control(tag, ok, obj)
+                self._on_control(tag, obj)
                 continue
             where = inflight_pop(tag & _SEQ_MASK, None)
             if where is None:
@@ -1658,8 +1582,8 @@ class _RingDispatcher(_Dispatcher):
             if r is None:
                 continue
             obj = (ok and not tag & _FAIL, obj)
-            if r._has_callbacks and not in_dispatcher:
-                # Callbacks run in the dispatcher thread, as in the stdlib's result
+            if r._has_callbacks and not in_engine_thread:
+                # Callbacks run in the engine's thread, as in the stdlib's result
                 # handler.
                 self.handoff.append((r, where[1], obj))
                 self.wake()
@@ -1669,7 +1593,7 @@ class _RingDispatcher(_Dispatcher):
             except BaseException:
                 _report_error()
 
-    def _on_control(self, tag, ok, obj):
+    def _on_control(self, tag, obj):
         kind = (tag >> 40) & 0xff
         if kind == _CTL_NUDGE:
             return
@@ -1678,9 +1602,7 @@ class _RingDispatcher(_Dispatcher):
             if slot is None:
                 return
             if kind == _CTL_READY:
-                slot.ready = True
-                self.failed_starts = 0
-                self.retry_at = 0.0
+                self._on_ready(slot)
             elif kind == _CTL_INIT_FAILED:
                 slot.init_error = obj
 
@@ -1689,7 +1611,7 @@ class _RingDispatcher(_Dispatcher):
         # again (failed by a death verdict or by terminate()).
         if self.collect_lock.locked():
             try:
-                self.channel.results.put_tagged(_ctl_tag(_CTL_NUDGE, 0), _NONE_PICKLE)
+                self.channel.results.put(_ctl_tag(_CTL_NUDGE, 0), _NONE_PICKLE)
             except OSError:
                 pass
 
@@ -1699,45 +1621,44 @@ class _RingDispatcher(_Dispatcher):
         index = self.free_indexes.pop()
         self.channel.claims.store_word(index, 0)
         wid = next(self.wids)
-        w = self.Process(self.ctx, target=_ring_worker,
-                         args=(self.channel, index, wid, self.initializer, self.initargs,
-                               self.maxtasks, self.wrap_exception))
         try:
-            self._launch(w)
+            w = self._launch(_ring_worker, (self.channel, index, wid, self.initializer,
+                                            self.initargs, self.maxtasks,
+                                            self.wrap_exception))
         except BaseException:
             self.free_indexes.append(index)
             raise
-        slot = _RingSlot(w, index, wid)
+        slot = _ProcessSlot(w, index, wid)
         self.by_wid[wid] = slot
         self.slots.append(slot)
         self.pool.append(w)
         util.debug('added worker')
 
-    def _schedule_ring(self):
+    def _tend(self):
+        # (with self.lock) A broken pool fails the tasks no live worker holds; a
+        # closed pool with nothing left to wait for stops its workers.
         if self.broken is not None:
-            # Tasks that no live worker holds will not run: fail them.
             claims = self.channel.claims
             held = {claims.load_word(s.index) for s in self.slots}
-            for seq in [q for q in self.inflight if q not in held]:
-                where = self.inflight.pop(seq, None)
+            for tag in [t for t in self.inflight if t not in held]:
+                where = self.inflight.pop(tag, None)
                 r = self.cache.get(where[0]) if where is not None else None
                 if r is not None:
                     self.handoff.append((r, where[1], (False, self.broken_error())))
             self._send_stops()
-            return
-        if self.state == CLOSE and not self.cache:
+        elif self.state == CLOSE and not self.cache:
             self._send_stops()
 
     def _send_stops(self):
         n = 0
         for s in self.slots:
             if not s.stopping:
-                s.send_stop()
+                s.stopping = True
                 n += 1
         for _ in range(n):
-            self.channel.tasks.put_tagged(_STOP_TAG, _NONE_PICKLE)
+            self.channel.tasks.put(_STOP_TAG, _NONE_PICKLE)
 
-    # -- the dispatcher thread --------------------------------------------------------------
+    # -- the engine's thread --------------------------------------------------------------
 
     def _loop(self):
         while True:
@@ -1745,8 +1666,9 @@ class _RingDispatcher(_Dispatcher):
                 if self.state == TERMINATE:
                     return
                 self._maintain()
-                self._schedule_ring()
-                finished, slots, timeout = self._loop_state()
+                self._tend()
+                finished, timeout = self._loop_state()
+                slots = list(self.slots)
                 watch = bool(self.inflight) or any(not s.ready for s in slots)
                 if watch:
                     left = max(0, int((self.next_liveness - time.monotonic()) * 1000))
@@ -1790,6 +1712,16 @@ class _RingDispatcher(_Dispatcher):
             if watch and time.monotonic() >= self.next_liveness:
                 self._check_liveness()
 
+    def _check_liveness(self):
+        # A fork worker's sentinel is a pipe whose write end the worker holds; a
+        # process forked by another thread at the wrong moment inherits it too, and
+        # then the sentinel stays silent when the worker dies. So once a second, while
+        # some worker holds a task or is starting, ask the kernel (waitpid) as well.
+        self.next_liveness = time.monotonic() + 1.0
+        for s in list(self.slots):
+            if s in self.slots and s.proc.exitcode is not None:
+                self._on_exit(s)
+
     def _run_handoff(self):
         handoff = self.handoff
         while handoff:
@@ -1797,12 +1729,11 @@ class _RingDispatcher(_Dispatcher):
                 r, i, obj = handoff.popleft()
             except IndexError:
                 break
-            self._deliver(r, i, obj)
+            _deliver(r, i, obj)
             r = obj = None
 
     def _on_exit(self, slot):
         exitcode = slot.exitcode_after_exit()
-        proc = slot.proc
         # What it wrote before it died (its READY, a result) comes first.
         self.drain(True)
         if not slot.ready and slot.init_error is None:
@@ -1816,24 +1747,50 @@ class _RingDispatcher(_Dispatcher):
                         and not self.results_waiting()):
                     break
                 time.sleep(0.001)
-        seq = self.channel.claims.load_word(slot.index)
+        tag = self.channel.claims.load_word(slot.index)
         lost = None
         with self.lock:
-            if slot in self.slots:
-                self.slots.remove(slot)
-            if proc in self.pool:
-                self.pool.remove(proc)
+            self._forget_slot(slot)
             self.by_wid.pop(slot.wid, None)
             self.channel.claims.store_word(slot.index, 0)
             self.free_indexes.append(slot.index)
-            if seq:
-                lost = self.inflight.pop(seq, None)
+            if tag:
+                lost = self.inflight.pop(tag, None)
             if not slot.ready and lost is None:
                 self._not_ready(slot, exitcode)
         util.debug('pool worker exited: %s' % slot.describe())
         if lost is not None:
             self._lost(slot, exitcode, lost)
             self._nudge()
+
+    # -- shutting down ------------------------------------------------------------------
+
+    def _drop_tasks(self):
+        pass    # the task ring goes with the workers
+
+    def _stop_workers(self, slots):
+        procs = [s for s in slots if s.proc.exitcode is None]
+        for s in procs:
+            try:
+                s.proc.terminate()
+            except Exception:
+                pass
+        deadline = time.monotonic() + 1.0
+        waiting = [s for s in procs if s.sentinel is not None]
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done = connection.wait([s.sentinel for s in waiting], left)
+            waiting = [s for s in waiting if s.sentinel not in done]
+        for s in procs:
+            if s.proc.exitcode is None:
+                try:
+                    s.proc.kill()
+                except Exception:
+                    pass
+        for s in procs:
+            s.proc.join()
 
     def _teardown(self, failure=None):
         super()._teardown(failure)
@@ -1846,7 +1803,7 @@ class _RingDispatcher(_Dispatcher):
 
 
 class _PoolCache(dict):
-    """The pool's job -> result map; wakes the dispatcher when it becomes empty
+    """The pool's job -> result map; wakes the engine's thread when it becomes empty
     (a closed pool finishes once nothing is left to wait for)."""
 
     def __init__(self, /, *args, notifier=None, **kwds):
@@ -1876,14 +1833,12 @@ class Pool(object):
     A pool of worker processes to which tasks can be submitted.
     '''
     _wrap_exception = True
-    _encode_task = staticmethod(_dumps)
-    _threads = False
+    _Engine = _ProcessEngine
     # map's default chunksize splits the items into this many chunks per worker. The
     # stdlib's 4 leaves a long tail on tiny tasks: the last chunks' results are
     # unpacked after the workers are done, and one worker idles while the other ends
     # its last chunk. A task costs a process pool about 1 us (chunksize=1 map), so 16
-    # is cheap (a map of 200k tiny tasks, medians of six fresh pools: 12.2 ms with 4,
-    # 8.8 ms with 16).
+    # is cheap (docs/benchmarks.md, "Pool: the default chunksize").
     _chunks_per_worker = 16
 
     @staticmethod
@@ -1895,7 +1850,7 @@ class Pool(object):
         # Set first, so that __del__ and __repr__ work if __init__ fails.
         self._pool = []
         self._state = INIT
-        self._disp = None
+        self._engine = None
 
         self._ctx = context or _get_context()
         self._cache = _PoolCache()
@@ -1914,19 +1869,17 @@ class Pool(object):
             raise TypeError('initializer must be a callable')
 
         self._processes = processes
-        dispatcher = _Dispatcher if self._threads else _RingDispatcher
-        self._disp = dispatcher(
+        self._engine = self._Engine(
             self._ctx, self.Process, processes, self._pool, self._cache,
-            initializer, initargs, maxtasksperchild, self._wrap_exception,
-            type(self)._encode_task, self._threads)
+            initializer, initargs, maxtasksperchild, self._wrap_exception)
         try:
             self._repopulate_pool()
-            self._disp.start_threads()
+            self._engine.start_threads()
         except BaseException:
-            self._disp.abort_start()
+            self._engine.abort_start()
             raise
-        self._terminate = util.Finalize(self, self._terminate_pool, args=(self._disp,),
-                                        exitpriority=15)
+        self._terminate = util.Finalize(self, self._terminate_pool,
+                                        args=(self._engine,), exitpriority=15)
         self._state = RUN
 
     # Globals bound as defaults: this can run during interpreter shutdown.
@@ -1934,9 +1887,9 @@ class Pool(object):
         if self._state == RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}",
                   ResourceWarning, source=self)
-            disp = getattr(self, '_disp', None)
-            if disp is not None and not disp.foreign():
-                disp.wake()
+            engine = getattr(self, '_engine', None)
+            if engine is not None and not engine.foreign():
+                engine.wake()
 
     def __repr__(self):
         cls = self.__class__
@@ -1950,14 +1903,14 @@ class Pool(object):
 
     def _repopulate_pool(self):
         """Start workers until there are ``processes`` of them."""
-        self._disp.repopulate()
+        self._engine.repopulate()
 
     def _check_running(self):
-        disp = self._disp
-        if self._state != RUN or disp.foreign():
+        engine = self._engine
+        if self._state != RUN or engine.foreign():
             raise ValueError("Pool not running")
-        if disp.broken is not None:
-            raise disp.broken_error()
+        if engine.broken is not None:
+            raise engine.broken_error()
 
     # -- submitting work ------------------------------------------------------------
 
@@ -1998,17 +1951,15 @@ class Pool(object):
         '''
         self._check_running()
         result = ApplyResult(self, callback, error_callback)
-        job = result._job
-        disp = self._disp
         try:
-            # func(x) of a plain scalar x goes as a native call (see submit_calls).
-            if (disp.collects and not kwds and type(args) is tuple and len(args) == 1
-                    and disp.submit_call(job, func, args)):
-                return result
-            payload = disp.encode_task(job, 0, func, args, kwds)
-            disp.submit([(job, 0, payload)])
+            if type(args) is tuple and len(args) == 1 and not kwds:
+                # func(x): x itself is the task's one item (a plain x travels natively).
+                self._engine.submit(result._job, func, args)
+            else:
+                self._engine.submit(result._job, func, (args,), unpack=True,
+                                    kwds=kwds or None)
         except BaseException:
-            self._cache._forget(job)
+            self._cache._forget(result._job)
             raise
         return result
 
@@ -2040,82 +1991,24 @@ class Pool(object):
                            error_callback=error_callback)
         if chunksize <= 0:
             return result
-        job = result._job
-        disp = self._disp
-        encode = disp.encode_task
-        submit = disp.submit
-        drain = getattr(disp, 'drain', None)
-        produced = 0
-        # With one item per task, a ring pool calls the function itself rather than
-        # through mapstar, and the task's result is the item's (not a list of one).
-        single = chunksize == 1 and disp.collects
-        result._single = single
-        if disp.collects and not single:
-            mapper = _PACKING_MAPPERS.get(mapper, mapper)
-        started = time.perf_counter()
+        # With one item per task, the task calls the function itself rather than
+        # through mapstar, and its result is the item's (not a list of one).
+        result._single = single = chunksize == 1
         try:
-            if single and mapper is mapstar and type(iterable) in (range, list, tuple):
-                # Plain scalar items go out natively (see submit_calls); any other
-                # item the ordinary way, then on natively.
-                n = len(iterable)
-                while produced < n:
-                    produced = disp.submit_calls(job, func, iterable, produced, n)
-                    if produced < n:
-                        submit([(job, produced,
-                                 encode(job, produced, func, (iterable[produced],), None))])
-                        produced += 1
-                chunks = iter(())
-            elif single:
-                chunks = iter(iterable)
-            elif type(iterable) in (range, list, tuple):
-                # Slices: a range's chunks are ranges, which pickle in a few bytes.
-                chunks = ((func, iterable[at:at + chunksize])
-                          for at in range(0, len(iterable), chunksize))
+            items, error = _task_items(func, iterable, chunksize)
+            if single:
+                self._engine.submit(result._job, func, items,
+                                    unpack=mapper is starmapstar)
             else:
-                chunks = Pool._get_tasks(func, iterable, chunksize)
-            batch = []
-            while True:
-                try:
-                    chunk = next(chunks)
-                except StopIteration:
-                    break
-                except Exception as e:
-                    # The iterable itself failed: that chunk fails, as in the stdlib.
-                    result._set(produced, (False, e))
-                    produced += 1
-                    break
-                if not single:
-                    payload = encode(job, produced, mapper, (chunk,), {})
-                elif mapper is mapstar:
-                    payload = encode(job, produced, func, (chunk,), None)
-                else:
-                    try:
-                        args = tuple(chunk)
-                    except Exception as e:
-                        # As the stdlib's starmap fails in the worker.
-                        result._set(produced, (False, e))
-                        produced += 1
-                        continue
-                    payload = encode(job, produced, func, args, None)
-                batch.append((job, produced, payload))
-                chunk = payload = None
-                produced += 1
-                # Tasks go out in batches, the first one as soon as pickling has taken
-                # a moment (a worker then starts while we pickle on); cheap tasks all go
-                # at once, before the workers take the CPUs.
-                if len(batch) >= 64 or (
-                        produced == len(batch) and time.perf_counter() - started > 2e-4):
-                    submit(batch)
-                    batch = []
-                    if drain is not None:
-                        # Take in the results that came meanwhile, here rather than
-                        # in the dispatcher thread, which would wait for our GIL.
-                        drain()
-            if batch:
-                submit(batch)
+                self._engine.submit(result._job, _CHUNK_RUNNERS[mapper], items)
         except BaseException:
-            self._cache._forget(job)
+            self._cache._forget(result._job)
             raise
+        produced = len(items)
+        if error is not None:
+            # The iterable itself failed: that chunk fails, as in the stdlib.
+            result._set(produced, (False, error))
+            produced += 1
         result._alloc()
         result._expect_chunks(produced)
         return result
@@ -2139,22 +2032,22 @@ class Pool(object):
         return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
 
     def _imap(self, result_class, func, iterable, chunksize):
-        # The function is pickled once here so that an unpicklable one fails at the
-        # call; the items are pickled by the feeder as it pulls them.
-        self._encode_task(func)
+        # The function is checked here so that an unpicklable one fails at the call;
+        # the items are pickled by the feeder as it pulls them.
+        engine = self._engine
+        engine.check_func(func)
         result = result_class(self)
-        disp = self._disp
-        inline = disp.collects and type(iterable) in (range, list, tuple)
+        inline = type(iterable) in _SEQUENCES
         feed = _Feed(result, func, iterable, chunksize, inline)
         result._feed = feed
-        result._on_take = disp.taken
+        result._on_take = engine.taken
         try:
-            disp.add_feed(feed)
+            engine.add_feed(feed)
         except BaseException:
             self._cache._forget(result._job)
             raise
         if inline:
-            disp.feed_inline(feed)
+            engine.feed_inline(feed)
         if chunksize == 1:
             return result
         return (item for chunk in result for item in chunk)
@@ -2177,8 +2070,8 @@ class Pool(object):
         util.debug('closing pool')
         if self._state == RUN:
             self._state = CLOSE
-            if not self._disp.foreign():
-                self._disp.close()
+            if not self._engine.foreign():
+                self._engine.close()
 
     def terminate(self):
         '''
@@ -2197,17 +2090,17 @@ class Pool(object):
             raise ValueError("Pool is still running")
         elif self._state not in (CLOSE, TERMINATE):
             raise ValueError("In unknown state")
-        if self._disp.foreign():
+        if self._engine.foreign():
             return
-        self._disp.join_threads()
+        self._engine.join_threads()
         for p in list(self._pool):
             p.join()
 
     @staticmethod
-    def _terminate_pool(disp):
+    def _terminate_pool(engine):
         # Run once, by terminate() or by the finalizer (pool collected, or exit).
         util.debug('finalizing pool')
-        disp.terminate()
+        engine.terminate()
 
     def __enter__(self):
         self._check_running()
@@ -2215,6 +2108,26 @@ class Pool(object):
 
     def __exit__(self, exc_type, exc_val, exc_tb):
         self.terminate()
+
+
+def _task_items(func, iterable, chunksize):
+    """The items of a map's tasks: the iterable's items (chunksize 1) or ``(func,
+    chunk)`` pairs, as a list, tuple or range; and the exception the iterable raised
+    part way, if it did (the items before it are still run)."""
+    if type(iterable) in _SEQUENCES:
+        if chunksize == 1:
+            return iterable, None
+        # Slices: a range's chunks are ranges, which pickle in a few bytes.
+        return [(func, iterable[at:at + chunksize])
+                for at in range(0, len(iterable), chunksize)], None
+    items = []
+    source = iter(iterable) if chunksize == 1 else Pool._get_tasks(func, iterable, chunksize)
+    try:
+        for item in source:
+            items.append(item)
+    except Exception as e:
+        return items, e
+    return items, None
 
 
 #
@@ -2266,7 +2179,7 @@ class ApplyResult(object):
         self._callback = callback
         self._error_callback = error_callback
         self._has_callbacks = bool(callback or error_callback)
-        self._disp = pool._disp
+        self._engine = pool._engine
         self._cache[self._job] = self
 
     def ready(self):
@@ -2280,7 +2193,7 @@ class ApplyResult(object):
     def wait(self, timeout=None):
         event = self._event
         if not event.is_set():
-            self._disp.wait_for(event.is_set, timeout, event.wait)
+            self._engine.wait_for(event.is_set, timeout, event.wait)
 
     def get(self, timeout=None):
         self.wait(timeout)
@@ -2418,7 +2331,7 @@ class IMapIterator(object):
 
     def __init__(self, pool):
         self._pool = pool
-        self._disp = pool._disp
+        self._engine = pool._engine
         # _set takes the condition's lock directly: Condition's own __enter__ and
         # __exit__ are Python code, half a microsecond per result.
         self._mutex = threading.Lock()
@@ -2465,13 +2378,13 @@ class IMapIterator(object):
     __next__ = next
 
     def _next_slow(self, timeout):
-        disp = self._disp
-        if disp.collects and not self._items:
+        engine = self._engine
+        if not self._items:
             feed = self._feed
             if feed is not None and feed.inline:
-                disp.feed_inline(feed)
+                engine.feed_inline(feed)
             # Collect results here (or wait for whoever does); then only look.
-            disp.wait_for(self._ready_to_take, timeout, self._sleep)
+            engine.wait_for(self._ready_to_take, timeout, self._sleep)
             timeout = 0
         with self._cond:
             try:
@@ -2568,8 +2481,7 @@ class ThreadPool(Pool):
     A Pool whose workers are threads: no pickling, objects go by reference.
     '''
     _wrap_exception = False
-    _encode_task = staticmethod(_identity)
-    _threads = True
+    _Engine = _ThreadEngine
     _chunks_per_worker = 4      # threads share the GIL: fewer, larger chunks
 
     @staticmethod

@@ -23,7 +23,6 @@ __all__ = ['Queue', 'SimpleQueue', 'JoinableQueue']
 
 import collections
 import os
-import struct
 import threading
 import types
 import weakref
@@ -36,9 +35,7 @@ from . import util
 
 _loads = reduction.ForkingPickler.loads
 _plain_dumps = reduction._plain_dumps
-_SCALAR_TYPES = reduction._SCALAR_TYPES
-_STRING_TYPES = reduction._STRING_TYPES
-_PLAIN_MAX = reduction._PLAIN_MAX
+is_plain = reduction.is_plain
 _PROTOCOL = reduction._PROTOCOL
 
 _SEM_VALUE_MAX = 2 ** 31 - 1
@@ -63,12 +60,12 @@ class _Collector(object):
         self.parts.append(b)
 
 
-# Opcodes of protocol 5 that announce a payload written right after them, with the
-# length of their length field and what the payload becomes when unpickled.
+# Opcodes of protocol 5 that announce a payload written right after them: the length
+# of their length field, and whether the payload becomes a bytearray when unpickled.
 _PAYLOAD_HEADERS = {
-    0x42: (4, 0),   # BINBYTES: bytes
-    0x8e: (8, 0),   # BINBYTES8: bytes
-    0x96: (8, 1),   # BYTEARRAY8: bytearray
+    0x42: (4, False),   # BINBYTES: bytes
+    0x8e: (8, False),   # BINBYTES8: bytes
+    0x96: (8, True),    # BYTEARRAY8: bytearray
 }
 _NEXT_BUFFER = b'\x97'
 _OOB_MIN = 1 << 16
@@ -76,12 +73,13 @@ _MAX_PAYLOADS = 60
 
 
 def _dumps_for_ring(obj):
-    """Pickle ``obj`` for a ring: a bytes object, or an envelope tuple whose large
-    payloads travel out of band (see ``src/py/ring.rs``), so that each is copied once
-    into the ring and once out of it. The pickle is exactly ForkingPickler's, with
-    each large payload's opcode replaced by NEXT_BUFFER."""
-    t = type(obj)
-    if t in _SCALAR_TYPES or (t in _STRING_TYPES and len(obj) < _PLAIN_MAX):
+    """Pickle ``obj`` for a ring: a bytes object, or an envelope tuple ``(inband,
+    *payloads)`` whose large payloads travel out of band (the ring writes the
+    envelope's header, see ``src/message.rs``), so that each is copied once into the
+    ring and once out of it. ``inband`` is exactly ForkingPickler's pickle with each
+    large payload's opcode replaced by NEXT_BUFFER; a payload is a ``bytes`` or a
+    ``bytearray``, as it is to be rebuilt."""
+    if is_plain(obj):
         return _plain_dumps(obj, _PROTOCOL)
     reduction._refresh_table()
     c = _Collector()
@@ -95,12 +93,13 @@ def _dumps_for_ring(obj):
         n = len(part) if type(part) is bytes else memoryview(part).nbytes
         if n >= _OOB_MIN and inband and len(payloads) < _MAX_PAYLOADS:
             prev = inband[-1]
-            for op, (width, kind) in _PAYLOAD_HEADERS.items():
+            for op, (width, mutable) in _PAYLOAD_HEADERS.items():
                 at = len(prev) - 1 - width
                 if (at >= 0 and prev[at] == op
                         and int.from_bytes(prev[at + 1:], 'little') == n):
                     inband[-1] = prev[:at] + _NEXT_BUFFER
-                    payloads.append((kind, part if type(part) is bytes else bytes(part)))
+                    kind = bytearray if mutable else bytes
+                    payloads.append(part if type(part) is kind else kind(part))
                     break
             else:
                 inband.append(part)
@@ -108,10 +107,7 @@ def _dumps_for_ring(obj):
         inband.append(part)
     if not payloads:
         return b''.join(inband)
-    body = b''.join(inband)
-    head = [struct.pack('<IIQ', 16 + 16 * len(payloads), len(payloads), len(body))]
-    head += [struct.pack('<QQ', kind, len(p)) for kind, p in payloads]
-    return (b''.join(head), body) + tuple(p for _, p in payloads)
+    return (b''.join(inband), *payloads)
 
 
 def _is_fork_ctx(ctx):
@@ -129,13 +125,16 @@ def _check_not_fork_ctx(q):
 
 def _ring_state(ring):
     # The segment and the bell pipe go with the child being started.
-    r, w = ring.bell_fds
-    return (reduction.DupFd(ring.fd), reduction.DupFd(r), reduction.DupFd(w))
+    return tuple(reduction.DupFd(fd) for fd in ring.fds)
+
+
+def _fds_rebuild(state):
+    """The fds of a ring's ``_ring_state``, in the process that unpickled it."""
+    return [d.detach() for d in state]
 
 
 def _ring_rebuild(state):
-    fd, r, w = state
-    return _core.Ring.attach(fd.detach(), r.detach(), w.detach())
+    return _core.Ring.attach(*_fds_rebuild(state))
 
 
 class Queue(object):
@@ -464,8 +463,7 @@ class _RingReader(_RingEnd):
 
     def fileno(self):
         self._check_closed()
-        self._ring.arm_bell()
-        return self._ring.bell_fds[0]
+        return self._ring.arm_bell()
 
     def poll(self, timeout=0.0):
         self._check_closed()

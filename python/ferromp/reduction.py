@@ -15,6 +15,7 @@ import pickle
 import sys
 from abc import ABCMeta
 
+from . import _core
 from . import context
 
 __all__ = ['send_handle', 'recv_handle', 'ForkingPickler', 'register', 'dump',
@@ -84,14 +85,22 @@ class _FastPickler(pickle.Pickler):
 
 
 _table_key = None
-# Types the C pickler writes itself, never consulting a dispatch table: for these the
-# plain pickle.dumps gives the same bytes. Not for long strings: pickle.dumps grows its
-# buffer by reallocation, while a pickler over a file writes a large payload straight
-# through (16x faster for 1 MiB).
+# Plain objects: the types the C pickler writes itself, never consulting a dispatch
+# table, so the plain pickle.dumps gives the same bytes, and the rings carry them
+# natively (src/message.rs). Not long strings: pickle.dumps grows its buffer by
+# reallocation, while a pickler over a file writes a large payload straight through
+# (16x faster for 1 MiB), and a ring moves a large payload out of band.
 _SCALAR_TYPES = frozenset({int, float, bool, type(None)})
 _STRING_TYPES = frozenset({str, bytes})
-_PLAIN_MAX = 1 << 15
+_PLAIN_MAX = _core.PLAIN_MAX
 _plain_dumps = pickle.dumps
+
+
+def is_plain(obj):
+    """Whether ``obj`` is plain: an int, float, bool or None, or a str or bytes of at
+    most ``_core.PLAIN_MAX`` characters or bytes (exact types, not subclasses)."""
+    t = type(obj)
+    return t in _SCALAR_TYPES or (t in _STRING_TYPES and len(obj) <= _PLAIN_MAX)
 
 
 def _refresh_table():
@@ -110,8 +119,7 @@ def _refresh_table():
 
 
 def _dumps_bytes(obj):
-    t = type(obj)
-    if t in _SCALAR_TYPES or (t in _STRING_TYPES and len(obj) < _PLAIN_MAX):
+    if is_plain(obj):
         return _plain_dumps(obj, _PROTOCOL)
     _refresh_table()
     buf = io.BytesIO()
@@ -125,14 +133,12 @@ def _dumps_bytes(obj):
 
 def sendfds(sock, fds):
     """Send the descriptors ``fds`` over the unix socket ``sock``."""
-    from . import _core
     fds = list(fds)
     _core.sendfds(sock.fileno(), bytes([len(fds) % 256]), fds)
 
 
 def recvfds(sock, size):
     """Receive ``size`` descriptors from the unix socket ``sock``."""
-    from . import _core
     data, fds = _core.recvfds(sock.fileno(), 1)
     if not data and not fds:
         raise EOFError

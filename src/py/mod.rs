@@ -13,6 +13,7 @@ use crate::error::Error;
 
 mod connection;
 mod packed;
+mod pool;
 mod process;
 mod ring;
 pub(crate) mod shm;
@@ -98,6 +99,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sync::register(m)?;
     shm::register(m)?;
     ring::register(m)?;
+    pool::register(m)?;
     packed::register(m)?;
     Ok(())
 }

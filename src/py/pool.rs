@@ -1,0 +1,469 @@
+//! `PoolRing`: a ring carrying a process pool's tagged messages (tasks one way,
+//! results the other; see `python/ferromp/pool.py`), and the core's worker loop
+//! (`serve`).
+//!
+//! Every message carries a 64-bit tag, the task's number. Each pool ring holds the
+//! pool's claim words (a shared segment, one word per worker slot): a worker's take
+//! stores the tag into its word before the ring lets go of the message, and the put of
+//! its result clears the word once the result is in the result ring, so the parent can
+//! always tell which task a dead worker held.
+//!
+//! What travels without the pickler (formats in [`crate::message`]): a call
+//! `func(arg)` of a plain scalar `arg` (`put_calls`), a plain scalar result, and a list
+//! of plain numbers (packed, see `packed.rs`). Everything else is a pickle or an
+//! envelope from Python.
+
+use std::sync::atomic::AtomicU64;
+
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use crate::message::{self, Format};
+use crate::py::packed::{self, Packed};
+use crate::py::ring::{
+    decode_native, empty_exc, encode_native, store_claim, unpickle, Handle, Landing, Parts,
+};
+use crate::py::shm::PySegment;
+use crate::ring::Msg;
+
+/// A process's handle on one of a pool's two rings.
+#[pyclass(module = "ferromp._core", frozen)]
+pub(crate) struct PoolRing {
+    h: Handle,
+    claims: Py<PySegment>,
+}
+
+/// Why [`PoolRing::serve`] came back to Python.
+#[pyclass(module = "ferromp._core", frozen, eq, eq_int)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ServeEnd {
+    /// It ran as many tasks as it was allowed: nothing to do.
+    #[pyo3(name = "LIMIT")]
+    Limit,
+    /// A task for Python to run: `value` is `(fkey, args, kwds)`, or the exception
+    /// that rebuilding it raised (`ok` false).
+    #[pyo3(name = "TASK")]
+    Task,
+    /// The core ran the task, whose result `value` needs the pickler.
+    #[pyo3(name = "RESULT")]
+    Result,
+    /// The core ran the task, which raised the Exception `value`.
+    #[pyo3(name = "ERROR")]
+    Error,
+}
+
+/// What [`PoolRing::serve`] returns.
+#[pyclass(module = "ferromp._core", frozen)]
+pub(crate) struct Served {
+    /// Tasks the core ran and answered before it came back.
+    #[pyo3(get)]
+    done: u64,
+    /// Why it came back.
+    #[pyo3(get)]
+    end: ServeEnd,
+    /// The tag of the task `value` belongs to.
+    #[pyo3(get)]
+    tag: u64,
+    /// Whether `value` is a task or result (not an exception).
+    #[pyo3(get)]
+    ok: bool,
+    /// See [`ServeEnd`].
+    #[pyo3(get)]
+    value: Py<PyAny>,
+}
+
+/// A tagged message as Python sees it: `(tag, True, loads(message))`, or `(tag, False,
+/// exception)` when `loads` raised an Exception. An error of `loads` that is not an
+/// Exception (a KeyboardInterrupt raised while a result is unpickled) does not lose
+/// the tag either: the message comes back failed with that error, which is also left
+/// in `interrupted` for the caller to raise once the message is safe.
+fn tagged<'py>(
+    py: Python<'py>,
+    landing: Landing,
+    loads: &Bound<'py, PyAny>,
+    interrupted: &mut Option<PyErr>,
+) -> PyResult<(u64, bool, Bound<'py, PyAny>)> {
+    match landing {
+        Landing::Tagged(tag, inband, objs) => match unpickle(py, loads, inband, objs) {
+            Ok(obj) => Ok((tag, true, obj)),
+            Err(e) if e.is_instance_of::<PyException>(py) => {
+                Ok((tag, false, e.into_value(py).into_bound(py).into_any()))
+            }
+            Err(e) => {
+                let value = e.value(py).clone().into_any();
+                *interrupted = Some(e);
+                Ok((tag, false, value))
+            }
+        },
+        Landing::Packed(tag, kind, data) => {
+            let obj = Bound::new(py, Packed::new(kind, data))?.into_any();
+            Ok((tag, true, obj))
+        }
+        Landing::TaggedNative(tag, fmt, v) => Ok((tag, true, decode_native(py, fmt, &v)?)),
+        Landing::Call(tag, fmt, klen, v) => {
+            // The task as its pickled form reads: (fkey, (arg,), None).
+            let fkey = PyBytes::new(py, &v[..klen]).into_any();
+            let arg = decode_native(py, fmt, &v[klen..])?;
+            let args = PyTuple::new(py, [arg])?.into_any();
+            let task = PyTuple::new(py, [fkey, args, py.None().into_bound(py)])?;
+            Ok((tag, true, task.into_any()))
+        }
+        _ => Err(PyValueError::new_err("an untagged message on a pool ring")),
+    }
+}
+
+impl PoolRing {
+    fn claim(&self, slot: Option<usize>) -> PyResult<Option<&AtomicU64>> {
+        slot.map(|s| self.claims.get().word(s)).transpose()
+    }
+
+    /// Puts a natively encoded message of format `fmt` (header fields: kind, count,
+    /// tag; see [`message::native_head`]) with body `body`, after `hold`'s
+    /// `hold_spin` if given; then clears `claim` (the result is out).
+    fn put_native(
+        &self,
+        py: Python<'_>,
+        fmt: Format,
+        head: (u32, u64, u64),
+        body: &[u8],
+        claim: Option<&AtomicU64>,
+        hold: Option<&PoolRing>,
+    ) -> PyResult<()> {
+        let h = message::native_head(head.0, head.1, head.2);
+        if let Some(r) = hold {
+            r.h.inner.hold_spin();
+        }
+        let parts = [&h[..], body];
+        self.h.put_unbounded(
+            py,
+            Msg {
+                parts: &parts,
+                fmt: fmt as u16,
+            },
+        )?;
+        store_claim(claim, 0);
+        Ok(())
+    }
+
+    fn served(
+        py: Python<'_>,
+        done: u64,
+        end: ServeEnd,
+        tag: u64,
+        ok: bool,
+        value: Bound<'_, PyAny>,
+    ) -> PyResult<Py<Served>> {
+        Py::new(
+            py,
+            Served {
+                done,
+                end,
+                tag,
+                ok,
+                value: value.unbind(),
+            },
+        )
+    }
+}
+
+#[pymethods]
+impl PoolRing {
+    /// A new ring of at least `capacity` data bytes; `claims` is the pool's segment of
+    /// claim words.
+    #[new]
+    fn new(capacity: usize, claims: Py<PySegment>) -> PyResult<Self> {
+        Ok(PoolRing {
+            h: Handle::new(capacity, 0)?,
+            claims,
+        })
+    }
+
+    /// Maps the ring of another handle from its three fds (`fds`), which this call
+    /// owns from now on (pass duplicates).
+    #[staticmethod]
+    fn attach(fd: i32, bell_r: i32, bell_w: i32, claims: Py<PySegment>) -> PyResult<Self> {
+        Ok(PoolRing {
+            h: Handle::attach(fd, bell_r, bell_w)?,
+            claims,
+        })
+    }
+
+    /// The segment's memfd and the bell pipe's (read, write) fds, for `attach`.
+    #[getter]
+    fn fds(&self) -> (i32, i32, i32) {
+        self.h.fds()
+    }
+
+    /// Puts `data` (bytes, or an envelope tuple) tagged `tag`, waiting for room if
+    /// needed, after `hold.hold_spin()` if `hold` is given; then, if `slot` is given,
+    /// clears that worker's claim word (its result is out).
+    #[pyo3(signature = (tag, data, slot=None, hold=None))]
+    fn put(
+        &self,
+        py: Python<'_>,
+        tag: u64,
+        data: &Bound<'_, PyAny>,
+        slot: Option<usize>,
+        hold: Option<&Bound<'_, PoolRing>>,
+    ) -> PyResult<()> {
+        let claim = self.claim(slot)?;
+        let parts = Parts::of(data, Some(tag))?;
+        if let Some(r) = hold {
+            r.get().h.inner.hold_spin();
+        }
+        parts.with_msg(|msg| self.h.put_unbounded(py, msg))?;
+        store_claim(claim, 0);
+        Ok(())
+    }
+
+    /// `put(tag, data)` for each `(tag, data)` of `items`, in order, waking the
+    /// consumers once for the lot when they all fit right away.
+    fn put_many(&self, py: Python<'_>, items: &Bound<'_, PyList>) -> PyResult<()> {
+        let pairs = items
+            .iter()
+            .map(|item| item.extract::<(u64, Bound<'_, PyAny>)>())
+            .collect::<PyResult<Vec<_>>>()?;
+        let parts = pairs
+            .iter()
+            .map(|(tag, data)| Parts::of(data, Some(*tag)))
+            .collect::<PyResult<Vec<_>>>()?;
+        let slices: Vec<Vec<&[u8]>> = parts.iter().map(Parts::slices).collect();
+        let msgs: Vec<Msg<'_>> = parts
+            .iter()
+            .zip(&slices)
+            .map(|(p, s)| Msg {
+                parts: s,
+                fmt: p.fmt(),
+            })
+            .collect();
+        self.h.put_all(py, &msgs)
+    }
+
+    /// Puts `obj` tagged `tag` without the pickler if it is a plain scalar (see
+    /// `encode_native`) or a list whose items are all exact ints within 64 bits or all
+    /// exact floats (packed, see `packed.rs`), after `hold.hold_spin()` if given; then
+    /// clears claim word `slot` as `put` does. Returns False, doing nothing, for any
+    /// other object (the caller pickles it).
+    #[pyo3(signature = (tag, obj, slot=None, hold=None))]
+    fn put_plain(
+        &self,
+        py: Python<'_>,
+        tag: u64,
+        obj: &Bound<'_, PyAny>,
+        slot: Option<usize>,
+        hold: Option<&Bound<'_, PoolRing>>,
+    ) -> PyResult<bool> {
+        let claim = self.claim(slot)?;
+        let hold = hold.map(|h| h.get());
+        if let Ok(items) = obj.cast_exact::<PyList>() {
+            let Some((kind, body)) = packed::encode(items) else {
+                return Ok(false);
+            };
+            let head = (kind, items.len() as u64, tag);
+            self.put_native(py, Format::Packed, head, &body, claim, hold)?;
+            return Ok(true);
+        }
+        let Some((fmt, enc)) = encode_native(obj)? else {
+            return Ok(false);
+        };
+        let body = enc.bytes();
+        let head = (fmt as u32, body.len() as u64, tag);
+        self.put_native(py, Format::TaggedNative, head, body, claim, hold)?;
+        Ok(true)
+    }
+
+    /// Writes tasks `func(item)` for `items[start:stop]` (a list, tuple or range),
+    /// tagged `tag0`, `tag0 + 1`, ..., in native form (`TaggedCall`: `fkey`, the
+    /// function's cached pickle, then the item's native encoding), in batches with one
+    /// wake-up each. Stops before the first item that is not a plain scalar; returns
+    /// how many it wrote.
+    fn put_calls(
+        &self,
+        py: Python<'_>,
+        tag0: u64,
+        fkey: &Bound<'_, PyBytes>,
+        items: &Bound<'_, PyAny>,
+        start: usize,
+        stop: usize,
+    ) -> PyResult<usize> {
+        let fkey = fkey.as_bytes();
+        let mut buf: Vec<u8> = Vec::with_capacity((stop.saturating_sub(start)) * 64);
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        for i in start..stop {
+            let item = items.get_item(i)?;
+            let Some((fmt, enc)) = encode_native(&item)? else {
+                break;
+            };
+            let at = buf.len();
+            let tag = tag0 + spans.len() as u64;
+            buf.extend_from_slice(&message::native_head(fmt as u32, fkey.len() as u64, tag));
+            buf.extend_from_slice(fkey);
+            buf.extend_from_slice(enc.bytes());
+            spans.push((at, buf.len()));
+        }
+        let parts: Vec<[&[u8]; 1]> = spans.iter().map(|&(a, b)| [&buf[a..b]]).collect();
+        let msgs: Vec<Msg<'_>> = parts
+            .iter()
+            .map(|p| Msg {
+                parts: p,
+                fmt: Format::TaggedCall as u16,
+            })
+            .collect();
+        self.h.put_all(py, &msgs)?;
+        Ok(msgs.len())
+    }
+
+    /// Takes the next message, as `(tag, ok, value)` (see `take_into`), waiting up to
+    /// `timeout` (forever if None) when `block`; raises queue.Empty when nothing came.
+    /// If `slot` is given, the tag goes into that claim word before the ring lets go
+    /// of the message.
+    #[pyo3(signature = (loads, block=true, timeout=None, slot=None))]
+    fn take<'py>(
+        &self,
+        py: Python<'py>,
+        loads: &Bound<'py, PyAny>,
+        block: bool,
+        timeout: Option<f64>,
+        slot: Option<usize>,
+    ) -> PyResult<(u64, bool, Bound<'py, PyAny>)> {
+        let claim = self.claim(slot)?;
+        let Some(landing) = self.h.take(py, block, timeout, claim)? else {
+            return Err(empty_exc(py)?);
+        };
+        let mut interrupted = None;
+        let r = tagged(py, landing, loads, &mut interrupted)?;
+        match interrupted {
+            Some(e) => Err(e),
+            None => Ok(r),
+        }
+    }
+
+    /// Takes up to `limit` messages and passes each to `append` (a deque's, say) as
+    /// `(tag, True, loads(message))`, or `(tag, False, exception)` when `loads` raised
+    /// an Exception, as soon as it is taken; returns how many. The first waits up to
+    /// `timeout` if `block`; the others are taken only if they are there now. A
+    /// message is handed over before any Python code runs after it, so an interruption
+    /// loses nothing: a KeyboardInterrupt raised while one message is unpickled makes
+    /// that message a failure carrying it, handed over like the others, and is raised
+    /// after.
+    #[pyo3(signature = (loads, limit, append, block=false, timeout=None))]
+    fn take_into<'py>(
+        &self,
+        py: Python<'py>,
+        loads: &Bound<'py, PyAny>,
+        limit: usize,
+        append: &Bound<'py, PyAny>,
+        block: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<usize> {
+        let mut n = 0;
+        let mut failure = None;
+        while n < limit {
+            let first = n == 0;
+            let wait = block && first;
+            let Some(landing) = self.h.take(py, wait, timeout.filter(|_| first), None)? else {
+                break;
+            };
+            let r = tagged(py, landing, loads, &mut failure)?;
+            append.call1((r,))?;
+            n += 1;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+        Ok(n)
+    }
+
+    /// The core's worker loop. Runs tasks from this ring (a pool's task ring) without
+    /// going back to Python between them, while they are native calls (`put_calls`) of
+    /// a function found in `funcs` (function key -> function) whose results are plain
+    /// scalars: each result goes natively into `results`, then the worker's claim word
+    /// `slot` is cleared, as `put_plain` does. Stops after `limit` tasks, or at the
+    /// first task it cannot finish alone, and says why (see [`ServeEnd`]).
+    ///
+    /// Before each result it puts (but the one that reaches `limit`) the worker
+    /// announces its next wait on this ring (`hold_spin`).
+    fn serve<'py>(
+        &self,
+        py: Python<'py>,
+        results: &Bound<'py, PoolRing>,
+        funcs: &Bound<'py, PyDict>,
+        loads: &Bound<'py, PyAny>,
+        slot: usize,
+        limit: u64,
+    ) -> PyResult<Py<Served>> {
+        let claim = self.claim(Some(slot))?;
+        let results = results.get();
+        let mut done = 0u64;
+        // The last function looked up, by its key: a map calls one function.
+        let mut last: Option<(Vec<u8>, Bound<'py, PyAny>)> = None;
+        while done < limit {
+            let Some(landing) = self.h.take(py, true, None, claim)? else {
+                continue;
+            };
+            let (tag, fmt, klen, v) = match landing {
+                Landing::Call(tag, fmt, klen, v) if tag != 0 => (tag, fmt, klen, v),
+                other => {
+                    let mut interrupted = None;
+                    let (tag, ok, obj) = tagged(py, other, loads, &mut interrupted)?;
+                    if let Some(e) = interrupted {
+                        return Err(e);
+                    }
+                    return Self::served(py, done, ServeEnd::Task, tag, ok, obj);
+                }
+            };
+            let key = &v[..klen];
+            let func = match &last {
+                Some((k, f)) if k.as_slice() == key => f.clone(),
+                _ => match funcs.get_item(PyBytes::new(py, key))? {
+                    Some(f) => {
+                        last = Some((key.to_vec(), f.clone()));
+                        f
+                    }
+                    None => {
+                        // Not looked up in this process yet: the Python loop does it.
+                        let landing = Landing::Call(tag, fmt, klen, v);
+                        let (tag, ok, obj) = tagged(py, landing, loads, &mut None)?;
+                        return Self::served(py, done, ServeEnd::Task, tag, ok, obj);
+                    }
+                },
+            };
+            let arg = decode_native(py, fmt, &v[klen..])?;
+            let value = match func.call1((arg,)) {
+                Ok(value) => value,
+                Err(e) if e.is_instance_of::<PyException>(py) => {
+                    let exc = e.into_value(py).into_bound(py).into_any();
+                    return Self::served(py, done, ServeEnd::Error, tag, false, exc);
+                }
+                Err(e) => return Err(e),
+            };
+            let Some((rfmt, enc)) = encode_native(&value)? else {
+                return Self::served(py, done, ServeEnd::Result, tag, true, value);
+            };
+            let body = enc.bytes();
+            let head = (rfmt as u32, body.len() as u64, tag);
+            let hold = (done + 1 < limit).then_some(self);
+            results.put_native(py, Format::TaggedNative, head, body, claim, hold)?;
+            done += 1;
+        }
+        Self::served(py, done, ServeEnd::Limit, 0, true, py.None().into_bound(py))
+    }
+
+    /// Whether a message (or part of one) waits to be read.
+    fn has_data(&self) -> bool {
+        self.h.inner.has_data()
+    }
+
+    /// This process stops reading: a write waiting for room gives up with EPIPE and
+    /// later gets raise OSError, as with a closed pipe end.
+    fn abandon(&self) {
+        self.h.inner.abandon();
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PoolRing>()?;
+    m.add_class::<ServeEnd>()?;
+    m.add_class::<Served>()
+}
