@@ -17,6 +17,7 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
 	ruff check python tests benches
+	cd /tmp && $(PY) -m mypy.stubtest ferromp._core
 
 bench:            ## ferromp vs the stdlib, full run
 	$(PY) benches/bench.py
