@@ -288,7 +288,7 @@ _STOP = 'stop'      # the parent says stop
 _READY = 'ready'              # the initializer has run: the worker takes tasks now
 _INIT_FAILED = 'init-failed'  # the initializer raised (payload: (False, exception))
 _BAD_TASK = 'bad-task'        # the task could not be unpickled (payload: (False, exc))
-_EXITED = 'exited'            # a thread worker's last message
+_EXITED = 'exited'            # a thread worker's last message (payload: its task)
 
 
 
@@ -377,6 +377,8 @@ class _QueueSide:
     ``(job, i, (ok, value))`` to another: a thread worker's inbox and the pool's
     outbox, or the Connections a caller of ``worker()`` gives, as in the stdlib."""
 
+    running = None      # the (job, i) of the task being run
+
     def __init__(self, inqueue, outqueue):
         self.get = inqueue.recv if hasattr(inqueue, 'recv') else inqueue.get
         if hasattr(outqueue, 'send_bytes'):
@@ -405,9 +407,11 @@ class _QueueSide:
         if task is None:
             return 0, _STOP, None, None
         job, i, func, args, kwds = task
-        return 0, _TASK, (job, i), (func, args, kwds)
+        self.running = (job, i)
+        return 0, _TASK, self.running, (func, args, kwds)
 
     def post(self, tag, ok, value, func=None, more=True, general=False, kind=_BAD_TASK):
+        self.running = None
         # tag None: the task could not be rebuilt, so its (job, i) is unknown here;
         # the pool knows which task this worker holds.
         job, i = tag if tag is not None else (None, kind)
@@ -427,11 +431,13 @@ def worker(inqueue, outqueue, initializer=None, initargs=(), maxtasks=None,
     _work(_QueueSide(inqueue, outqueue), initializer, initargs, maxtasks, wrap_exception)
 
 
-def _thread_worker(inqueue, outbox, initializer, initargs):
+def _thread_worker(inbox, outbox, initializer, initargs):
+    side = _QueueSide(inbox, outbox)
     try:
-        worker(inqueue, outbox, initializer, initargs)
+        _work(side, initializer, initargs, None, False)
     finally:
-        outbox.put(_EXITED)
+        # Its last word: the task it was running when it exited (SystemExit...), if any.
+        outbox.put((None, _EXITED, side.running))
 
 
 class _RingSide:
@@ -662,23 +668,16 @@ class _Slot:
 
 
 class _ThreadSlot(_Slot):
-    """A thread worker: its inbox, and the one task it holds."""
+    """A thread worker."""
 
-    def __init__(self, inbox):
+    def __init__(self):
         super().__init__(None)
-        self.inbox = inbox
-        self.task = None        # (job, i, task) of the task it holds, or None
-        self.sent = 0           # tasks sent so far
 
     def describe(self):
         return 'pool worker thread %s' % getattr(self.proc, 'name', '?')
 
     def loss(self, exitcode):
         return '%s exited while running this task' % self.describe()
-
-    def send_stop(self):
-        self.stopping = True
-        self.inbox.put(None)
 
 
 class _ProcessSlot(_Slot):
@@ -1053,7 +1052,6 @@ class _Engine:
         with self.lock:
             for s in slots:
                 self._forget_slot(s)
-            self._drop_tasks()
         if self.broken is not None:
             make_exc = self.broken_error
         else:
@@ -1188,108 +1186,93 @@ class _Engine:
 
 
 class _ThreadEngine(_Engine):
-    """A ThreadPool's engine: one inbox per worker thread; the engine's thread hands
-    each idle thread one task at a time and reads their results from an outbox."""
+    """A ThreadPool's engine, scheduled as the stdlib's: the worker threads take tasks
+    from one inbox and post results (and, last, their exit) to an outbox, which the
+    engine's thread reads."""
 
     def __init__(self, *args, **kwds):
         super().__init__(*args, **kwds)
-        self.pending = collections.deque()   # (job, i, task) waiting for a thread
-        self.outbox = queue.SimpleQueue()
-        # The engine's thread keeps the pending queue between these bounds while imap
-        # feeds are open: bursts, not a thread switch per task.
-        self.feed_low = self.feed_burst // 2
+        self.inbox = queue.SimpleQueue()    # (job, i, func, args, kwds); None: stop
+        self.outbox = queue.SimpleQueue()   # (slot, message)
+        # The feeder tops the inbox up to feed_burst tasks and sleeps until the
+        # engine's thread sees it below half of that: bursts, not a switch per task.
         self.feed_demand = False
+        self.failures = []      # (job, i) of the tasks a broken pool fails
 
     def submit(self, job, func, items, first=0, unpack=False, kwds=None, feeding=False):
         tasks = []
         for i, item in enumerate(items, first):
             if unpack:
                 try:
-                    args = tuple(item)
+                    item = tuple(item)
                 except Exception as e:
                     self._fail_task(job, i, e)
                     continue
             else:
-                args = (item,)
-            tasks.append((job, i, (job, i, func, args, kwds)))
+                item = (item,)
+            tasks.append((job, i, func, item, kwds))
         with self.lock:
             self._may_submit(feeding)
-            self.pending.extend(tasks)
-        self.wake()
+            put = self.inbox.put
+            for task in tasks:
+                put(task)
 
     def _queue_room(self):
-        # The demand is announced before looking at the queue, so the engine's thread,
-        # which drains the queue before looking at the flag, cannot miss it (see
-        # _schedule): it wakes the feeder once the queue is low.
+        # The demand is announced before looking at the inbox, so the engine's thread,
+        # which looks at the flag after a result came, cannot miss it.
         self.feed_demand = True
-        room = self.feed_burst - len(self.pending)
+        room = self.feed_burst - self.inbox.qsize()
         if room > 0:
             self.feed_demand = False
         return room
 
     def _start_worker(self):
-        inbox = queue.SimpleQueue()
-        slot = _ThreadSlot(inbox)
+        slot = _ThreadSlot()
         outbox = _ThreadOutbox(slot, self.outbox, self.wake)
         slot.proc = self._launch(_thread_worker,
-                                 (inbox, outbox, self.initializer, self.initargs))
+                                 (self.inbox, outbox, self.initializer, self.initargs))
         self.slots.append(slot)
         self.pool.append(slot.proc)
         util.debug('added worker')
 
-    def _schedule(self, sends, failures):
-        # (with self.lock) Hands pending tasks to idle threads (sent by the caller
-        # after the lock is let go, so submitters need not wait for it).
+    def _tend(self):
+        # (with self.lock) A broken pool fails the tasks not started; a closed pool
+        # with nothing left to wait for stops its threads.
         if self.broken is not None:
-            while self.pending:
-                job, i, _ = self.pending.popleft()
-                r = self.cache.get(job)
-                if r is not None:
-                    failures.append((r, i, (False, self.broken_error())))
-            for s in self.slots:
-                if not s.stopping:
-                    s.send_stop()
-            return
-        if self.pending:
-            idle = [s for s in self.slots if s.task is None and not s.stopping]
-            # pop() takes from the end: workers whose initializer is done first.
-            idle.sort(key=lambda s: s.ready)
-            while idle and self.pending:
-                task = self.pending.popleft()
-                if task[0] not in self.cache:
-                    continue    # nobody waits for it any more
-                s = idle.pop()
-                s.task = task
-                s.sent += 1
-                sends.append((s, task[2]))
-        if self.state == CLOSE and not self.cache:
-            self.pending.clear()
-            for s in self.slots:
-                if not s.stopping:
-                    s.send_stop()
-        if self.feed_demand and len(self.pending) < self.feed_low:
-            with self.feed_cond:
-                if self.feed_demand:
-                    self.feed_demand = False
-                    self.feed_cond.notify()
+            for job, i, *_ in self._take_queued():
+                self.failures.append((job, i))
+            self._send_stops()
+        elif self.state == CLOSE and not self.cache:
+            self._send_stops()
+
+    def _send_stops(self):
+        for s in self.slots:
+            if not s.stopping:
+                s.stopping = True
+                self.inbox.put(None)
+
+    def _take_queued(self):
+        tasks = []
+        try:
+            while True:
+                task = self.inbox.get_nowait()
+                if task is not None:
+                    tasks.append(task)
+        except queue.Empty:
+            pass
+        return tasks
 
     def _loop(self):
         while True:
-            sends = []
-            failures = []
             with self.lock:
                 if self.state == TERMINATE:
                     return
                 self._maintain()
-                self._schedule(sends, failures)
+                self._tend()
                 finished, timeout = self._loop_state()
-            for s, task in sends:
-                s.inbox.put(task)
-            for r, i, obj in failures:
-                _deliver(r, i, obj)
-            # Hold no task or result while we sleep (they are the caller's own objects,
-            # which must be freed when the caller drops them).
-            sends = failures = s = task = r = obj = None
+                failures, self.failures = self.failures, []
+            for job, i in failures:
+                self._fail_task(job, i, self.broken_error())
             if finished:
                 return      # the teardown fails whatever a broken pool left
             poller = select.poll()
@@ -1297,6 +1280,10 @@ class _ThreadEngine(_Engine):
             if poller.poll(timeout):
                 self._drain_wake()
                 self._read_outbox()
+            if self.feed_demand and self.inbox.qsize() < self.feed_burst // 2:
+                with self.feed_cond:
+                    self.feed_demand = False
+                    self.feed_cond.notify()
 
     def _read_outbox(self):
         while True:
@@ -1304,58 +1291,36 @@ class _ThreadEngine(_Engine):
                 slot, msg = self.outbox.get_nowait()
             except queue.Empty:
                 break
-            if msg is _EXITED:
-                self._on_exit(slot)
-            else:
-                self._on_message(slot, msg)
-            slot = msg = None
-
-    def _on_message(self, slot, msg):
-        job, i, obj = msg
-        if job is None:
-            if i == _READY:
+            job, i, obj = msg
+            if job is not None:
+                r = self.cache.get(job)
+                if r is not None:
+                    _deliver(r, i, obj)
+            elif i == _READY:
                 self._on_ready(slot)
-                return
-            if i == _INIT_FAILED:
+            elif i == _INIT_FAILED:
                 slot.init_error = obj[1]
-                return
-            # _BAD_TASK: the held task failed.
-            if slot.task is None:
-                return
-            job, i = slot.task[0], slot.task[1]
-        slot.task = None
-        r = self.cache.get(job)
-        if r is not None:
-            _deliver(r, i, obj)
+            elif i == _EXITED:
+                self._on_exit(slot, obj)
+            slot = msg = obj = r = None
 
-    def _on_exit(self, slot):
+    def _on_exit(self, slot, held):
         slot.proc.join()
         with self.lock:
             self._forget_slot(slot)
-            task, slot.task = slot.task, None
-            if task is not None and not slot.ready:
-                # It never got past its initializer: the task was not started.
-                self.pending.appendleft(task)
-                task = None
             if not slot.ready:
                 self._not_ready(slot, None)
         util.debug('pool worker exited: %s' % slot.describe())
-        if task is not None:
-            self._lost(slot, None, task)
-
-    def _drop_tasks(self):
-        self.pending.clear()
+        if held is not None:
+            self._lost(slot, None, held)
 
     def _stop_workers(self, slots):
-        # A thread cannot be stopped: drop its queued work and ask it to finish; one
+        # A thread cannot be stopped: drop the queued work and ask each to finish; one
         # that is busy is abandoned.
+        self._take_queued()
         for s in slots:
-            try:
-                while True:
-                    s.inbox.get_nowait()
-            except queue.Empty:
-                pass
-            s.send_stop()
+            s.stopping = True
+            self.inbox.put(None)
         deadline = time.monotonic() + 0.2
         for s in slots:
             if s.proc is not None:
@@ -1764,9 +1729,6 @@ class _ProcessEngine(_Engine):
             self._nudge()
 
     # -- shutting down ------------------------------------------------------------------
-
-    def _drop_tasks(self):
-        pass    # the task ring goes with the workers
 
     def _stop_workers(self, slots):
         procs = [s for s in slots if s.proc.exitcode is None]
