@@ -272,6 +272,125 @@ def _helper_reraises_exception(ex):
 
 
 #
+# The task protocol of process pools
+#
+# Tasks go to the workers through one shared ring (``_core.PoolRing``) and results come
+# back through another. Each message is tagged with a task number; a worker's take
+# stores that number into the worker's claim word before the ring lets go of the
+# message, and its post clears the word once the result is in the result ring, so the
+# parent always knows which task a dead worker held.
+#
+
+_TASK_RING_BYTES = 4 << 20
+_RESULT_RING_BYTES = 4 << 20
+_FAIL = 1 << 63             # result tag bit: the task raised (the value is the exception)
+_CTL = 1 << 62              # result tag bit: a control message, kind << 40 | worker id
+_SEQ_MASK = _CTL - 1
+_WID_MASK = (1 << 40) - 1
+_STOP_TAG = 0               # task tag: exit (task numbers start at _BLOCK)
+_CTL_READY = 1              # the initializer has run
+_CTL_INIT_FAILED = 2        # the initializer raised (the value is the exception)
+_CTL_NUDGE = 3              # from the parent itself: a reader should look again
+_TAKE_BATCH = 64            # results taken from the ring per core call
+_NONE_PICKLE = _dumps(None)
+_SERVE_FOREVER = 1 << 62
+
+
+def _ctl_tag(kind, wid):
+    return _CTL | (kind << 40) | wid
+
+# Task numbers are handed out in blocks of _BLOCK consecutive numbers, one block per
+# batch that a submit writes (a batch of native calls needs consecutive tags).
+_BLOCK = 256
+# Tasks pickled per batch (one ring write and one wake-up each); the first batch of a
+# long submit goes out once pickling has taken _FIRST_BATCH_TIME, so a worker starts
+# while the caller pickles on.
+_BATCH = 64
+_FIRST_BATCH_TIME = 2e-4
+# How long a collecting caller blocks on the result ring before it looks around again
+# (deaths and terminate() also nudge it at once; this only bounds a missed nudge).
+_COLLECT_SLICE = 0.1
+# How often the engine's thread collects results nobody waits for (callbacks, ready()),
+# and how often while callers collect themselves (then the tick would only take the GIL
+# and a CPU from them; a result with a callback is handed over at once anyway).
+_BACKGROUND_TICK = 0.002
+_QUIET_TICK = 0.05
+
+# Plain functions pickle by reference (module and name): their pickle is computed once
+# per function and cached on both sides, so a task carries the function as a short
+# bytes object that the worker looks up instead of unpickling.
+_FUNC_TYPES = (types.FunctionType, types.BuiltinFunctionType)
+_FUNC_CACHE_MAX = 256
+
+
+class _FuncCache(dict):
+    """function -> its pickle (parent side), pickle -> function (worker side)."""
+
+    def parent_key(self, func):
+        data = self.get(func) if type(func) in _FUNC_TYPES else None
+        if data is not None:
+            return data
+        if type(func) not in _FUNC_TYPES or not isinstance(
+                getattr(func, '__self__', None), (types.ModuleType, type(None))):
+            # A bound builtin method (dict.get of one dict...) pickles its object's
+            # state, which may change: pickled afresh each time.
+            return func
+        return self._remember(func, _dumps(func))
+
+    def worker_func(self, key):
+        if type(key) is not bytes:
+            return key
+        func = self.get(key)
+        return func if func is not None else self._remember(key, _loads(key))
+
+    def _remember(self, key, value):
+        if len(self) >= _FUNC_CACHE_MAX:
+            self.clear()
+        self[key] = value
+        return value
+
+
+class _Channel:
+    """The rings and claim words a process pool shares with its workers."""
+
+    def __init__(self, nslots):
+        self.claims = _core.Segment(64 * nslots)
+        self.tasks = _core.PoolRing(_TASK_RING_BYTES, self.claims)
+        self.results = _core.PoolRing(_RESULT_RING_BYTES, self.claims)
+        self.spill = _spill.Table()
+        _spill.register(self.spill)
+
+    def __getstate__(self):
+        _context.assert_spawning(self)
+        return (queues._ring_state(self.tasks), queues._ring_state(self.results),
+                reduction.DupFd(self.claims.fd), self.spill)
+
+    def __setstate__(self, state):
+        tasks, results, claims, self.spill = state
+        self.claims = _core.Segment.from_fd(claims.detach())
+        self.tasks = _core.PoolRing.attach(*queues._fds_rebuild(tasks), self.claims)
+        self.results = _core.PoolRing.attach(*queues._fds_rebuild(results), self.claims)
+
+    def dumps(self, obj):
+        """A task's or result's pickle: plain objects by the plain pickler; large
+        pickle buffers (numpy arrays...) through shared memory (see _spill)."""
+        if _is_plain(obj):
+            return _plain_dumps(obj, 5)
+        return _spill.dumps(obj, queues._dumps_for_ring, self.spill)
+
+    def encode_task(self, fkey, args, kwds):
+        if not kwds:
+            # The plain pickler is about twice as fast for the common task whose
+            # arguments are a few scalars.
+            for a in args:
+                if not _is_plain(a):
+                    break
+            else:
+                return _plain_dumps((fkey, args, None), 5)
+        return self.dumps((fkey, args, kwds or None))
+
+
+#
 # The worker side: one loop, two ways to take tasks and post results
 #
 
@@ -522,125 +641,6 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
                  wrap_exception=True):
     """The body of a process pool worker."""
     _work(_RingSide(channel, slot, wid), initializer, initargs, maxtasks, wrap_exception)
-
-
-#
-# The ring transport of process pools
-#
-# Tasks go to the workers through one shared ring (``_core.PoolRing``) and results come
-# back through another. Each message is tagged with a task number; a worker's take
-# stores that number into the worker's claim word before the ring lets go of the
-# message, and its post clears the word once the result is in the result ring, so the
-# parent always knows which task a dead worker held.
-#
-
-_TASK_RING_BYTES = 4 << 20
-_RESULT_RING_BYTES = 4 << 20
-_FAIL = 1 << 63             # result tag bit: the task raised (the value is the exception)
-_CTL = 1 << 62              # result tag bit: a control message, kind << 40 | worker id
-_SEQ_MASK = _CTL - 1
-_WID_MASK = (1 << 40) - 1
-_STOP_TAG = 0               # task tag: exit (task numbers start at _BLOCK)
-_CTL_READY = 1              # the initializer has run
-_CTL_INIT_FAILED = 2        # the initializer raised (the value is the exception)
-_CTL_NUDGE = 3              # from the parent itself: a reader should look again
-_TAKE_BATCH = 64            # results taken from the ring per core call
-_NONE_PICKLE = _dumps(None)
-_SERVE_FOREVER = 1 << 62
-
-
-def _ctl_tag(kind, wid):
-    return _CTL | (kind << 40) | wid
-
-# Task numbers are handed out in blocks of _BLOCK consecutive numbers, one block per
-# batch that a submit writes (a batch of native calls needs consecutive tags).
-_BLOCK = 256
-# Tasks pickled per batch (one ring write and one wake-up each); the first batch of a
-# long submit goes out once pickling has taken _FIRST_BATCH_TIME, so a worker starts
-# while the caller pickles on.
-_BATCH = 64
-_FIRST_BATCH_TIME = 2e-4
-# How long a collecting caller blocks on the result ring before it looks around again
-# (deaths and terminate() also nudge it at once; this only bounds a missed nudge).
-_COLLECT_SLICE = 0.1
-# How often the engine's thread collects results nobody waits for (callbacks, ready()),
-# and how often while callers collect themselves (then the tick would only take the GIL
-# and a CPU from them; a result with a callback is handed over at once anyway).
-_BACKGROUND_TICK = 0.002
-_QUIET_TICK = 0.05
-
-# Plain functions pickle by reference (module and name): their pickle is computed once
-# per function and cached on both sides, so a task carries the function as a short
-# bytes object that the worker looks up instead of unpickling.
-_FUNC_TYPES = (types.FunctionType, types.BuiltinFunctionType)
-_FUNC_CACHE_MAX = 256
-
-
-class _FuncCache(dict):
-    """function -> its pickle (parent side), pickle -> function (worker side)."""
-
-    def parent_key(self, func):
-        data = self.get(func) if type(func) in _FUNC_TYPES else None
-        if data is not None:
-            return data
-        if type(func) not in _FUNC_TYPES or not isinstance(
-                getattr(func, '__self__', None), (types.ModuleType, type(None))):
-            # A bound builtin method (dict.get of one dict...) pickles its object's
-            # state, which may change: pickled afresh each time.
-            return func
-        return self._remember(func, _dumps(func))
-
-    def worker_func(self, key):
-        if type(key) is not bytes:
-            return key
-        func = self.get(key)
-        return func if func is not None else self._remember(key, _loads(key))
-
-    def _remember(self, key, value):
-        if len(self) >= _FUNC_CACHE_MAX:
-            self.clear()
-        self[key] = value
-        return value
-
-
-class _Channel:
-    """The rings and claim words a process pool shares with its workers."""
-
-    def __init__(self, nslots):
-        self.claims = _core.Segment(64 * nslots)
-        self.tasks = _core.PoolRing(_TASK_RING_BYTES, self.claims)
-        self.results = _core.PoolRing(_RESULT_RING_BYTES, self.claims)
-        self.spill = _spill.Table()
-        _spill.register(self.spill)
-
-    def __getstate__(self):
-        _context.assert_spawning(self)
-        return (queues._ring_state(self.tasks), queues._ring_state(self.results),
-                reduction.DupFd(self.claims.fd), self.spill)
-
-    def __setstate__(self, state):
-        tasks, results, claims, self.spill = state
-        self.claims = _core.Segment.from_fd(claims.detach())
-        self.tasks = _core.PoolRing.attach(*queues._fds_rebuild(tasks), self.claims)
-        self.results = _core.PoolRing.attach(*queues._fds_rebuild(results), self.claims)
-
-    def dumps(self, obj):
-        """A task's or result's pickle: plain objects by the plain pickler; large
-        pickle buffers (numpy arrays...) through shared memory (see _spill)."""
-        if _is_plain(obj):
-            return _plain_dumps(obj, 5)
-        return _spill.dumps(obj, queues._dumps_for_ring, self.spill)
-
-    def encode_task(self, fkey, args, kwds):
-        if not kwds:
-            # The plain pickler is about twice as fast for the common task whose
-            # arguments are a few scalars.
-            for a in args:
-                if not _is_plain(a):
-                    break
-            else:
-                return _plain_dumps((fkey, args, None), 5)
-        return self.dumps((fkey, args, kwds or None))
 
 
 #
