@@ -550,13 +550,19 @@ def worker(inqueue, outqueue, initializer=None, initargs=(), maxtasks=None,
     _work(_QueueSide(inqueue, outqueue), initializer, initargs, maxtasks, wrap_exception)
 
 
-def _thread_worker(inbox, outbox, initializer, initargs):
+def _thread_worker(inbox, outbox, slot, wake, initializer, initargs):
     side = _QueueSide(inbox, outbox)
+
+    def write(msg):
+        # To the pool's outbox, tagged with the worker's slot.
+        outbox.put((slot, msg))
+        wake()
+    side.write = write
     try:
         _work(side, initializer, initargs, None, False)
     finally:
         # Its last word: the task it was running when it exited (SystemExit...), if any.
-        outbox.put((None, _EXITED, side.running))
+        write((None, _EXITED, side.running))
 
 
 class _RingSide:
@@ -700,21 +706,6 @@ class _ProcessSlot(_Slot):
             self.proc.kill()
             self.proc.join()
         return self.proc.exitcode
-
-
-class _ThreadOutbox:
-    """What a thread worker writes to: the pool's outbox, tagged with its slot."""
-
-    __slots__ = ('_slot', '_queue', '_wake')
-
-    def __init__(self, slot, outbox, wake):
-        self._slot = slot
-        self._queue = outbox
-        self._wake = wake
-
-    def put(self, msg):
-        self._queue.put((self._slot, msg))
-        self._wake()
 
 
 class _Feed:
@@ -1029,6 +1020,23 @@ class _Engine:
         finally:
             self._teardown(failure)
 
+    def _loop(self):
+        # Each turn: under the lock, start workers and tend the tasks (``_tend``, which
+        # returns what the rest of the turn needs); then, without it, deliver what
+        # that decided (``_after_tend``) and wait for the next event (``_wait``).
+        while True:
+            with self.lock:
+                if self.state == TERMINATE:
+                    return
+                self._maintain()
+                tended = self._tend()
+                finished, timeout = self._loop_state()
+            self._after_tend(tended)
+            if finished:
+                return      # the teardown fails whatever a broken pool left
+            self._wait(timeout, tended)
+            tended = None
+
     def _drain_wake(self):
         try:
             while os.read(self.wake_r, 4096):
@@ -1197,7 +1205,6 @@ class _ThreadEngine(_Engine):
         # The feeder tops the inbox up to feed_burst tasks and sleeps until the
         # engine's thread sees it below half of that: bursts, not a switch per task.
         self.feed_demand = False
-        self.failures = []      # (job, i) of the tasks a broken pool fails
 
     def submit(self, job, func, items, first=0, unpack=False, kwds=None, feeding=False):
         tasks = []
@@ -1228,22 +1235,27 @@ class _ThreadEngine(_Engine):
 
     def _start_worker(self):
         slot = _ThreadSlot()
-        outbox = _ThreadOutbox(slot, self.outbox, self.wake)
-        slot.proc = self._launch(_thread_worker,
-                                 (self.inbox, outbox, self.initializer, self.initargs))
+        slot.proc = self._launch(_thread_worker, (self.inbox, self.outbox, slot, self.wake,
+                                                  self.initializer, self.initargs))
         self.slots.append(slot)
         self.pool.append(slot.proc)
         util.debug('added worker')
 
     def _tend(self):
-        # (with self.lock) A broken pool fails the tasks not started; a closed pool
-        # with nothing left to wait for stops its threads.
+        # (with self.lock) A broken pool fails the tasks not started (returned, to fail
+        # after the lock is let go); a closed pool with nothing left to wait for stops
+        # its threads.
+        failed = []
         if self.broken is not None:
-            for job, i, *_ in self._take_queued():
-                self.failures.append((job, i))
+            failed = [task[:2] for task in self._take_queued()]
             self._send_stops()
         elif self.state == CLOSE and not self.cache:
             self._send_stops()
+        return failed
+
+    def _after_tend(self, failed):
+        for job, i in failed:
+            self._fail_task(job, i, self.broken_error())
 
     def _send_stops(self):
         for s in self.slots:
@@ -1262,28 +1274,16 @@ class _ThreadEngine(_Engine):
             pass
         return tasks
 
-    def _loop(self):
-        while True:
-            with self.lock:
-                if self.state == TERMINATE:
-                    return
-                self._maintain()
-                self._tend()
-                finished, timeout = self._loop_state()
-                failures, self.failures = self.failures, []
-            for job, i in failures:
-                self._fail_task(job, i, self.broken_error())
-            if finished:
-                return      # the teardown fails whatever a broken pool left
-            poller = select.poll()
-            poller.register(self.wake_r, select.POLLIN)
-            if poller.poll(timeout):
-                self._drain_wake()
-                self._read_outbox()
-            if self.feed_demand and self.inbox.qsize() < self.feed_burst // 2:
-                with self.feed_cond:
-                    self.feed_demand = False
-                    self.feed_cond.notify()
+    def _wait(self, timeout, _):
+        poller = select.poll()
+        poller.register(self.wake_r, select.POLLIN)
+        if poller.poll(timeout):
+            self._drain_wake()
+            self._read_outbox()
+        if self.feed_demand and self.inbox.qsize() < self.feed_burst // 2:
+            with self.feed_cond:
+                self.feed_demand = False
+                self.feed_cond.notify()
 
     def _read_outbox(self):
         while True:
@@ -1601,7 +1601,8 @@ class _ProcessEngine(_Engine):
 
     def _tend(self):
         # (with self.lock) A broken pool fails the tasks no live worker holds; a
-        # closed pool with nothing left to wait for stops its workers.
+        # closed pool with nothing left to wait for stops its workers. Returns the
+        # workers to watch.
         if self.broken is not None:
             claims = self.channel.claims
             held = {claims.load_word(s.index) for s in self.slots}
@@ -1613,6 +1614,7 @@ class _ProcessEngine(_Engine):
             self._send_stops()
         elif self.state == CLOSE and not self.cache:
             self._send_stops()
+        return list(self.slots)
 
     def _send_stops(self):
         n = 0
@@ -1625,57 +1627,44 @@ class _ProcessEngine(_Engine):
 
     # -- the engine's thread --------------------------------------------------------------
 
-    def _loop(self):
-        while True:
-            with self.lock:
-                if self.state == TERMINATE:
-                    return
-                self._maintain()
-                self._tend()
-                finished, timeout = self._loop_state()
-                slots = list(self.slots)
-                watch = bool(self.inflight) or any(not s.ready for s in slots)
-                if watch:
-                    left = max(0, int((self.next_liveness - time.monotonic()) * 1000))
-                    timeout = left if timeout is None else min(timeout, left)
+    def _after_tend(self, slots):
+        self._run_handoff()
+
+    def _wait(self, timeout, slots):
+        watch = bool(self.inflight) or any(not s.ready for s in slots)
+        if watch:
+            left = max(0, int((self.next_liveness - time.monotonic()) * 1000))
+            timeout = left if timeout is None else min(timeout, left)
+        # A caller that submitted or collected lately will collect: unpickling results
+        # here would only keep it waiting for the GIL.
+        recent = self.collect_lock.locked() or \
+            time.monotonic() - self.last_collect < _QUIET_TICK
+        if not recent:
+            self.drain(True)
             self._run_handoff()
-            if finished:
-                return      # the teardown fails whatever a broken pool left
-            # A caller that submitted or collected lately will collect: unpickling
-            # results here would only keep it waiting for the GIL.
-            recent = self.collect_lock.locked() or \
-                time.monotonic() - self.last_collect < _QUIET_TICK
-            if not recent:
-                self.drain(True)
-                self._run_handoff()
-            # Tick while results may come that nobody waits for; otherwise sleep until
-            # a submit() wakes us (it looks at self.idle after adding its task).
-            self.idle = True
-            if recent or self.inflight or self.results_waiting():
-                self.idle = False
-                tick = int((_QUIET_TICK if recent else _BACKGROUND_TICK) * 1000)
-                timeout = tick if timeout is None else min(timeout, tick)
-            poller = select.poll()
-            handlers = {self.wake_r: None}
-            poller.register(self.wake_r, select.POLLIN)
-            for s in slots:
-                if s.sentinel is not None:
-                    poller.register(s.sentinel, select.POLLIN)
-                    handlers[s.sentinel] = s
-            events = poller.poll(timeout)
+        # Tick while results may come that nobody waits for; otherwise sleep until a
+        # submit() wakes us (it looks at self.idle after adding its task).
+        self.idle = True
+        if recent or self.inflight or self.results_waiting():
             self.idle = False
-            exits = []
-            for fd, _ in events:
-                s = handlers[fd]
-                if s is None:
-                    self._drain_wake()
-                else:
-                    exits.append(s)
-            for s in exits:
-                self._on_exit(s)
-            s = exits = None
-            if watch and time.monotonic() >= self.next_liveness:
-                self._check_liveness()
+            tick = int((_QUIET_TICK if recent else _BACKGROUND_TICK) * 1000)
+            timeout = tick if timeout is None else min(timeout, tick)
+        poller = select.poll()
+        handlers = {self.wake_r: None}
+        poller.register(self.wake_r, select.POLLIN)
+        for s in slots:
+            if s.sentinel is not None:
+                poller.register(s.sentinel, select.POLLIN)
+                handlers[s.sentinel] = s
+        events = poller.poll(timeout)
+        self.idle = False
+        exits = [handlers[fd] for fd, _ in events if handlers[fd] is not None]
+        if len(exits) < len(events):
+            self._drain_wake()
+        for s in exits:
+            self._on_exit(s)
+        if watch and time.monotonic() >= self.next_liveness:
+            self._check_liveness()
 
     def _check_liveness(self):
         # A fork worker's sentinel is a pipe whose write end the worker holds; a
