@@ -8,7 +8,8 @@ __all__ = [
     'fork', 'spawnv_passfds', 'waitpid', 'kill', 'pid_exists', 'watch_parent',
     'send_bytes', 'recv_bytes', 'poll', 'wait', 'sendfds', 'socketpair', 'recvfds',
     'SemLock', 'sem_unlink', 'Segment', 'SharedCell', 'shm_open', 'shm_open_sized',
-    'shm_unlink', 'Ring', 'PLAIN_MAX', 'PoolRing', 'ServeEnd', 'Served', 'Packed',
+    'shm_unlink', 'Ring', 'PLAIN_MAX', 'OFFER_FULL', 'OFFER_WRITTEN', 'OFFER_RESERVED',
+    'OFFER_NOT_PLAIN', 'PoolRing', 'ServeEnd', 'Served', 'Packed',
 ]
 
 # --- processes (src/py/process.rs) ---
@@ -111,6 +112,10 @@ class SharedCell:
 # --- rings (src/py/ring.rs, src/py/pool.rs, src/py/packed.rs) ---
 
 PLAIN_MAX: int
+OFFER_FULL: int
+OFFER_WRITTEN: int
+OFFER_RESERVED: int
+OFFER_NOT_PLAIN: int
 
 # A message from Python: a pickle, or an envelope (in-band pickle, *payloads).
 _Data = Union[bytes, Tuple[Union[bytes, bytearray], ...]]

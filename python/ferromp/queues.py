@@ -38,6 +38,8 @@ _plain_dumps = reduction._plain_dumps
 is_plain = reduction.is_plain
 _PROTOCOL = reduction._PROTOCOL
 
+# What Ring.offer did.
+_FULL, _WRITTEN, _RESERVED = _core.OFFER_FULL, _core.OFFER_WRITTEN, _core.OFFER_RESERVED
 _SEM_VALUE_MAX = 2 ** 31 - 1
 # Bytes in each queue's ring. Messages up to half of it are written whole; larger ones
 # stream through in chunks while a consumer copies them out.
@@ -213,9 +215,9 @@ class Queue(object):
         if block and timeout is None and not self._buffer:
             # Exact ints, floats, strs, bytes, None and bools travel without pickle.
             done = self._offer_obj(obj)
-            if done == 1:
+            if done == _WRITTEN:
                 return
-            if done == 2:
+            if done == _RESERVED:
                 self._feed_later(_dumps_for_ring(obj))
                 return
         try:
@@ -225,9 +227,9 @@ class Queue(object):
             if data is None:
                 return
         done = self._ring.offer(data, block, timeout, not self._buffer)
-        if done == 1:
+        if done == _WRITTEN:
             return
-        if done == 0:
+        if done == _FULL:
             raise Full
         self._feed_later(data)
 
@@ -401,7 +403,7 @@ class JoinableQueue(Queue):
             return
         # Reserve a slot, count the task, then write: a consumer can never see the
         # item before it is counted.
-        if self._ring.offer(data, block, timeout, False) == 0:
+        if self._ring.offer(data, block, timeout, False) == _FULL:
             raise Full
         with self._cond:
             self._unfinished_tasks.release()

@@ -594,6 +594,17 @@ impl Handle {
 
 // ----- the queue's ring -----------------------------------------------------------------------
 
+/// What `Ring.offer` and `Ring.offer_obj` did (exported under these names): plain ints,
+/// compared on every `Queue.put`.
+const OFFER_FULL: u8 = 0;
+/// The message is in the ring.
+const OFFER_WRITTEN: u8 = 1;
+/// A slot is reserved, and the message is still to be written (`write_many`,
+/// `try_write`).
+const OFFER_RESERVED: u8 = 2;
+/// `offer_obj` only: not a plain scalar, nothing done (the caller pickles it).
+const OFFER_NOT_PLAIN: u8 = 3;
+
 /// A process's handle on a queue's shared-memory ring: untagged messages, pickles or
 /// native scalars, with the stdlib queue's bounded-size semantics.
 #[pyclass(module = "ferromp._core", frozen)]
@@ -633,9 +644,9 @@ impl Ring {
             o => o,
         };
         Ok(match outcome {
-            ring::Offer::Full => 0,
-            ring::Offer::Written => 1,
-            ring::Offer::Reserved => 2,
+            ring::Offer::Full => OFFER_FULL,
+            ring::Offer::Written => OFFER_WRITTEN,
+            ring::Offer::Reserved => OFFER_RESERVED,
         })
     }
 }
@@ -696,11 +707,11 @@ impl Ring {
         Ok(true)
     }
 
-    /// `offer(obj, block=True, timeout=None, write=True)` for a plain scalar; 3, doing
-    /// nothing, for anything else (the caller pickles it).
+    /// `offer(obj, block=True, timeout=None, write=True)` for a plain scalar;
+    /// `OFFER_NOT_PLAIN`, doing nothing, for anything else (the caller pickles it).
     fn offer_obj(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<u8> {
         let Some((fmt, enc)) = encode_native(obj)? else {
-            return Ok(3);
+            return Ok(OFFER_NOT_PLAIN);
         };
         let part = [enc.bytes()];
         let msg = Msg {
@@ -712,8 +723,7 @@ impl Ring {
 
     /// Reserves a slot (waiting up to `timeout` while `maxsize` messages are queued)
     /// and, if `write`, writes `data` when there is room right now (or within 2 ms).
-    /// Returns 0 when the ring stayed full, 1 when `data` is in the ring, 2 when a slot
-    /// is reserved but `data` still has to be written (`write_many`, `try_write`).
+    /// Returns `OFFER_FULL`, `OFFER_WRITTEN` or `OFFER_RESERVED`.
     #[pyo3(signature = (data, block=true, timeout=None, write=true))]
     fn offer(
         &self,
@@ -828,5 +838,9 @@ impl Ring {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Ring>()?;
-    m.add("PLAIN_MAX", PLAIN_MAX)
+    m.add("PLAIN_MAX", PLAIN_MAX)?;
+    m.add("OFFER_FULL", OFFER_FULL)?;
+    m.add("OFFER_WRITTEN", OFFER_WRITTEN)?;
+    m.add("OFFER_RESERVED", OFFER_RESERVED)?;
+    m.add("OFFER_NOT_PLAIN", OFFER_NOT_PLAIN)
 }
