@@ -9,7 +9,6 @@ oracle) and nothing may be left in /dev/shm.
 
 import collections
 import os
-import queue
 import signal
 import textwrap
 import threading
@@ -368,7 +367,11 @@ def test_packed_ring_messages_in_one_process():
     assert ring.put_plain(7, [0.5, float("inf")])
     for refused in ([], [1, 2.0], [True], [2 ** 64], ["a"]):
         assert not ring.put_plain(8, refused)
-    tag, ok, packed = ring.take(pickle.loads, False)
+    def take():
+        got = []
+        assert ring.take_into(pickle.loads, 1, got.append) == 1
+        return got[0]
+    tag, ok, packed = take()
     assert (tag, ok, len(packed), packed.tolist()) == (5, True, 3, [1, -2, 3])
     target = ["x"] * 5
     packed.store(target, 2)
@@ -376,10 +379,9 @@ def test_packed_ring_messages_in_one_process():
     with pytest.raises(IndexError):
         packed.store(target, 3)
     assert target == ["x", "x", 1, -2, 3]
-    assert ring.take(pickle.loads, False)[2].tolist() == [2 ** 40, 1]
-    assert ring.take(pickle.loads, False)[2].tolist() == [0.5, float("inf")]
-    with pytest.raises(queue.Empty):
-        ring.take(pickle.loads, False)
+    assert take()[2].tolist() == [2 ** 40, 1]
+    assert take()[2].tolist() == [0.5, float("inf")]
+    assert ring.take_into(pickle.loads, 1, [].append) == 0
     # take_into appends what is there, up to its limit, without waiting unless
     # told to.
     assert ring.put_plain(1, "one") and ring.put_plain(2, None)
@@ -418,7 +420,9 @@ def test_results_interrupted_while_unpickled_are_kept():
     (t1, ok1, v1), (t2, ok2, v2) = into
     assert (t1, ok1, v1) == (1, True, "a")
     assert (t2, ok2, type(v2)) == (2, False, KeyboardInterrupt)
-    assert ring.take(pickle.loads, False) == (3, True, "c")
+    into.clear()
+    assert ring.take_into(pickle.loads, 9, into.append) == 1
+    assert list(into) == [(3, True, "c")]
 
 
 INTERRUPT_AT_ROUTE = textwrap.dedent("""

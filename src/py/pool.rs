@@ -22,7 +22,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use crate::message::{self, Format};
 use crate::py::packed::{self, Packed};
 use crate::py::ring::{
-    decode_native, empty_exc, encode_native, store_claim, unpickle, Handle, Landing, Parts,
+    decode_native, encode_native, store_claim, unpickle, Handle, Landing, Parts,
 };
 use crate::py::shm::PySegment;
 use crate::ring::Msg;
@@ -312,31 +312,6 @@ impl PoolRing {
             .collect();
         self.h.put_all(py, &msgs)?;
         Ok(msgs.len())
-    }
-
-    /// Takes the next message, as `(tag, ok, value)` (see `take_into`), waiting up to
-    /// `timeout` (forever if None) when `block`; raises queue.Empty when nothing came.
-    /// If `slot` is given, the tag goes into that claim word before the ring lets go
-    /// of the message.
-    #[pyo3(signature = (loads, block=true, timeout=None, slot=None))]
-    fn take<'py>(
-        &self,
-        py: Python<'py>,
-        loads: &Bound<'py, PyAny>,
-        block: bool,
-        timeout: Option<f64>,
-        slot: Option<usize>,
-    ) -> PyResult<(u64, bool, Bound<'py, PyAny>)> {
-        let claim = self.claim(slot)?;
-        let Some(landing) = self.h.take(py, block, timeout, claim)? else {
-            return Err(empty_exc(py)?);
-        };
-        let mut interrupted = None;
-        let r = tagged(py, landing, loads, &mut interrupted)?;
-        match interrupted {
-            Some(e) => Err(e),
-            None => Ok(r),
-        }
     }
 
     /// Takes up to `limit` messages and passes each to `append` (a deque's, say) as

@@ -282,7 +282,7 @@ pub(crate) enum Landing {
     Call(u64, Format, usize, Vec<u8>),
 }
 
-pub(crate) fn empty_exc(py: Python<'_>) -> PyResult<PyErr> {
+fn empty_exc(py: Python<'_>) -> PyResult<PyErr> {
     static EMPTY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     let t = EMPTY.get_or_try_init(py, || -> PyResult<_> {
         Ok(py
