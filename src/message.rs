@@ -50,6 +50,8 @@ pub const TAGGED_HEAD: usize = 24;
 pub const PAYLOAD_BYTES: u64 = 0;
 /// An out-of-band payload rebuilt as `bytearray`.
 pub const PAYLOAD_BYTEARRAY: u64 = 1;
+/// An out-of-band payload rebuilt as `str` (UTF-8, lone surrogates passed through).
+pub const PAYLOAD_STR: u64 = 2;
 
 /// What a message is (see the tables above).
 #[repr(u16)]
@@ -103,8 +105,10 @@ impl Format {
 
 /// An envelope's header: `u32` header length, `u32` payload count, `u64` in-band
 /// length, then (tagged only) the `u64` tag, then per payload `u64` kind
-/// ([`PAYLOAD_BYTES`] or [`PAYLOAD_BYTEARRAY`]) and `u64` length; all little endian.
-/// The body that follows is the in-band pickle, then each payload.
+/// ([`PAYLOAD_BYTES`], [`PAYLOAD_BYTEARRAY`] or [`PAYLOAD_STR`]) and `u64` length; all
+/// little endian. The body that follows is the in-band pickle, then each payload. An
+/// envelope with an empty in-band pickle and one payload stands for that payload
+/// itself: a `str` or `bytes` too long to be plain travels that way, whole, unpickled.
 pub fn envelope_head(tag: Option<u64>, inband: usize, payloads: &[(u64, usize)]) -> Vec<u8> {
     let fixed = if tag.is_some() {
         TAGGED_HEAD
@@ -165,7 +169,7 @@ pub fn read_envelope_head(tagged: bool, head: &[u8], body: usize) -> Result<Enve
     for i in 0..count {
         let kind = u64_at(head, fixed + 16 * i)?;
         let len = u64_at(head, fixed + 8 + 16 * i)?;
-        if kind > PAYLOAD_BYTEARRAY {
+        if kind > PAYLOAD_STR {
             return Err(bad());
         }
         total = total.checked_add(len).ok_or_else(bad)?;
@@ -207,7 +211,11 @@ mod tests {
 
     #[test]
     fn envelope_heads_read_back() {
-        let p = [(PAYLOAD_BYTES, 70_000), (PAYLOAD_BYTEARRAY, 5)];
+        let p = [
+            (PAYLOAD_BYTES, 70_000),
+            (PAYLOAD_BYTEARRAY, 5),
+            (PAYLOAD_STR, 0),
+        ];
         for tag in [None, Some(42)] {
             let h = envelope_head(tag, 10, &p);
             let got = read_envelope_head(tag.is_some(), &h, 70_015).unwrap();

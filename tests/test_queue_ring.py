@@ -18,6 +18,7 @@ import numpy
 import pytest
 
 import ferromp
+from ferromp import _core
 import ferromp.connection
 
 pytestmark = pytest.mark.timeout(90)
@@ -394,6 +395,10 @@ def _native_cases():
     return [0, -1, 2 ** 63 - 1, -2 ** 63, 2 ** 63, -2 ** 64 - 5, 10 ** 40, True, False,
             None, 0.0, -0.0, 1e308, float('inf'), '', 'héllo wörld ✓', '\x00', b'',
             b'\x00\xff', 'x' * 300000, b'y' * 300000, 'a\udc80b', _MyInt(7), _MyStr('s'),
+            # Just past the plain length (in characters, or in UTF-8 bytes only), and
+            # long ones with lone surrogates: out of band whole.
+            b'z' * (_core.PLAIN_MAX + 1), 'é' * (_core.PLAIN_MAX // 2 + 1),
+            'a\udc80b' * 20000, _MyStr('s' * 100000),
             _Color.RED, bytearray(b'ba'), 3 + 4j]
 
 

@@ -70,6 +70,7 @@ _PAYLOAD_HEADERS = {
     0x96: (8, True),    # BYTEARRAY8: bytearray
 }
 _NEXT_BUFFER = b'\x97'
+_STRINGS = (str, bytes)
 _OOB_MIN = 1 << 16
 _MAX_PAYLOADS = 60
 
@@ -80,9 +81,14 @@ def _dumps_for_ring(obj):
     envelope's header, see ``src/message.rs``), so that each is copied once into the
     ring and once out of it. ``inband`` is exactly ForkingPickler's pickle with each
     large payload's opcode replaced by NEXT_BUFFER; a payload is a ``bytes`` or a
-    ``bytearray``, as it is to be rebuilt."""
+    ``bytearray``, as it is to be rebuilt. A ``str`` or ``bytes`` too long to be plain
+    is ``(b'', obj)``: the object itself, out of band."""
     if is_plain(obj):
         return _plain_dumps(obj, _PROTOCOL)
+    if type(obj) in _STRINGS:
+        # Too long to be plain: it goes out of band whole, unpickled (an envelope with
+        # no in-band pickle stands for its one payload).
+        return (b'', obj)
     reduction._refresh_table()
     c = _Collector()
     reduction._FastPickler(c, _PROTOCOL).dump(obj)

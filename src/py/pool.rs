@@ -21,9 +21,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::message::{self, Format};
 use crate::py::packed::{self, Packed};
-use crate::py::ring::{
-    decode_native, encode_native, store_claim, unpickle, Handle, Landing, Parts,
-};
+use crate::py::ring::{decode_native, encode_native, store_claim, Handle, Landing, Parts};
 use crate::py::shm::PySegment;
 use crate::ring::Msg;
 
@@ -85,7 +83,7 @@ fn tagged<'py>(
     interrupted: &mut Option<PyErr>,
 ) -> PyResult<(u64, bool, Bound<'py, PyAny>)> {
     match landing {
-        Landing::Tagged(tag, inband, objs) => match unpickle(py, loads, inband, objs) {
+        Landing::Tagged(tag, env) => match env.load(py, loads) {
             Ok(obj) => Ok((tag, true, obj)),
             Err(e) if e.is_instance_of::<PyException>(py) => {
                 Ok((tag, false, e.into_value(py).into_bound(py).into_any()))

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use pyo3::exceptions::PyValueError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{
@@ -33,7 +34,7 @@ use pyo3::types::{
 };
 
 use crate::error::{Error, Result};
-use crate::message::{self, Format, PAYLOAD_BYTEARRAY, PAYLOAD_BYTES, PLAIN_MAX};
+use crate::message::{self, Format, PAYLOAD_BYTEARRAY, PAYLOAD_BYTES, PAYLOAD_STR, PLAIN_MAX};
 use crate::py::packed;
 use crate::py::{blocking, deadline, uninit_bytes};
 use crate::ring::{self, Dest, Msg};
@@ -184,7 +185,9 @@ impl<'a> Parts<'a> {
                 },
             });
         }
-        let bad = || PyValueError::new_err("bad envelope: (bytes, bytes or bytearray, ...)");
+        let py = data.py();
+        let bad =
+            || PyValueError::new_err("bad envelope: (bytes, *payloads of bytes, bytearray or str)");
         let t = data.cast::<PyTuple>().map_err(|_| bad())?;
         if t.len() < 2 || t.len() > 1 + message::MAX_PAYLOADS {
             return Err(bad());
@@ -196,12 +199,16 @@ impl<'a> Parts<'a> {
                 // SAFETY: the tuple, borrowed for 'a, keeps each item alive.
                 let sl = unsafe { std::slice::from_raw_parts(b.as_bytes().as_ptr(), b.len()?) };
                 (PAYLOAD_BYTES, Cow::Borrowed(sl))
+            } else if i == 0 {
+                return Err(bad());
             } else if let Ok(b) = item.cast::<PyByteArray>() {
-                if i == 0 {
-                    return Err(bad());
-                }
                 // Copied: a bytearray may change once the GIL is let go.
                 (PAYLOAD_BYTEARRAY, Cow::Owned(b.to_vec()))
+            } else if item.is_exact_instance_of::<PyString>() {
+                // As pickle writes a str: UTF-8, lone surrogates passed through.
+                let utf8 = item.call_method1(intern!(py, "encode"), SURROGATEPASS)?;
+                let utf8 = utf8.cast::<PyBytes>().map_err(|_| bad())?;
+                (PAYLOAD_STR, Cow::Owned(utf8.as_bytes().to_vec()))
             } else {
                 return Err(bad());
             };
@@ -265,14 +272,14 @@ pub(crate) enum Landing {
     Bytes(Py<PyBytes>),
     /// A large pickle, in the reused scratch buffer (its first `n` bytes).
     Scratch(Py<PyByteArray>, usize),
-    /// An envelope: its in-band pickle and out-of-band payloads.
-    Envelope(Py<PyBytes>, Vec<Py<PyAny>>),
+    /// An envelope.
+    Envelope(Envelope),
     /// A natively encoded `bytes` message: the object itself.
     Raw(Py<PyBytes>),
     /// Another natively encoded scalar (format, encoding).
     Native(Format, Vec<u8>),
-    /// A tagged envelope: its tag, in-band pickle and out-of-band payloads.
-    Tagged(u64, Py<PyBytes>, Vec<Py<PyAny>>),
+    /// A tagged envelope and its tag.
+    Tagged(u64, Envelope),
     /// A tagged packed list of numbers: its tag, element kind and array.
     Packed(u64, u32, Py<PyBytes>),
     /// A tagged native scalar: its tag, format and encoding.
@@ -322,28 +329,74 @@ fn new_bytearray(py: Python<'_>, n: usize) -> Result<(Py<PyByteArray>, *mut u8)>
     Ok((ba, p))
 }
 
-/// The buffers of an envelope with header `head`: its in-band pickle, its payload
-/// objects, and where to copy the `n` bytes of its body.
-type Buffers = (Py<PyBytes>, Vec<Py<PyAny>>, Vec<(*mut u8, usize)>);
+/// The arguments of `str.encode` and `bytes.decode` for a `str` payload.
+const SURROGATEPASS: (&str, &str) = ("utf-8", "surrogatepass");
 
-fn envelope_buffers(py: Python<'_>, tagged: bool, head: &[u8], n: usize) -> Result<(u64, Buffers)> {
+/// An envelope taken from a ring: its in-band pickle, its payload objects, and which
+/// of those are `str` payloads still in their UTF-8 form (a bit each).
+pub(crate) struct Envelope {
+    inband: Py<PyBytes>,
+    objs: Vec<Py<PyAny>>,
+    strs: u64,
+}
+
+impl Envelope {
+    /// The envelope's object: `loads(inband, buffers=payloads)`, or the one payload
+    /// itself when the in-band pickle is empty.
+    pub(crate) fn load<'py>(
+        self,
+        py: Python<'py>,
+        loads: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mut objs = Vec::with_capacity(self.objs.len());
+        for (i, o) in self.objs.into_iter().enumerate() {
+            let o = o.into_bound(py);
+            objs.push(if self.strs >> i & 1 == 1 {
+                o.call_method1(intern!(py, "decode"), SURROGATEPASS)?
+            } else {
+                o
+            });
+        }
+        if self.inband.bind(py).as_bytes().is_empty() && objs.len() == 1 {
+            return Ok(objs.pop().unwrap());
+        }
+        if objs.is_empty() {
+            return loads.call1((self.inband,));
+        }
+        let kw = PyDict::new(py);
+        kw.set_item("buffers", PyList::new(py, objs)?)?;
+        loads.call((self.inband,), Some(&kw))
+    }
+}
+
+/// The envelope a message with header `head` and a body of `n` bytes lands in, its
+/// tag, and where to copy the body.
+fn envelope_buffers(
+    py: Python<'_>,
+    tagged: bool,
+    head: &[u8],
+    n: usize,
+) -> Result<(u64, Envelope, Dest)> {
     let h = message::read_envelope_head(tagged, head, n)?;
     let (inband, p) = new_bytes(py, h.inband)?;
     let mut segs = Vec::with_capacity(1 + h.payloads.len());
     segs.push((p, h.inband));
     let mut objs = Vec::with_capacity(h.payloads.len());
-    for &(kind, len) in &h.payloads {
-        let (obj, p) = if kind == PAYLOAD_BYTES {
-            let (b, p) = new_bytes(py, len)?;
+    let mut strs = 0u64;
+    for (i, &(kind, len)) in h.payloads.iter().enumerate() {
+        let (obj, p) = if kind == PAYLOAD_BYTEARRAY {
+            let (b, p) = new_bytearray(py, len)?;
             (b.into_any(), p)
         } else {
-            let (b, p) = new_bytearray(py, len)?;
+            // A str payload lands in bytes and is decoded by `Envelope::load`.
+            strs |= u64::from(kind == PAYLOAD_STR) << i;
+            let (b, p) = new_bytes(py, len)?;
             (b.into_any(), p)
         };
         objs.push(obj);
         segs.push((p, len));
     }
-    Ok((h.tag, (inband, objs, segs)))
+    Ok((h.tag, Envelope { inband, objs, strs }, Dest::Many(segs)))
 }
 
 /// Stores a tagged message's tag into the taker's claim word, if any, before the ring
@@ -354,21 +407,6 @@ pub(crate) fn store_claim(claim: Option<&AtomicU64>, tag: u64) {
     if let Some(c) = claim {
         c.store(tag, Ordering::Release);
     }
-}
-
-/// `loads(inband, buffers=objs)`, or `loads(inband)` without buffers.
-pub(crate) fn unpickle<'py>(
-    py: Python<'py>,
-    loads: &Bound<'py, PyAny>,
-    inband: Py<PyBytes>,
-    objs: Vec<Py<PyAny>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    if objs.is_empty() {
-        return loads.call1((inband,));
-    }
-    let kw = PyDict::new(py);
-    kw.set_item("buffers", PyList::new(py, objs)?)?;
-    loads.call((inband,), Some(&kw))
 }
 
 // ----- the handle both ring classes hold -----------------------------------------------------
@@ -470,13 +508,13 @@ impl Handle {
                 Ok((Landing::Scratch(ba, n), Dest::One((p, n))))
             }
             Format::Envelope => {
-                let (_, (inband, objs, segs)) = envelope_buffers(py, false, head, n)?;
-                Ok((Landing::Envelope(inband, objs), Dest::Many(segs)))
+                let (_, env, dest) = envelope_buffers(py, false, head, n)?;
+                Ok((Landing::Envelope(env), dest))
             }
             Format::Tagged => {
-                let (tag, (inband, objs, segs)) = envelope_buffers(py, true, head, n)?;
+                let (tag, env, dest) = envelope_buffers(py, true, head, n)?;
                 store_claim(claim, tag);
-                Ok((Landing::Tagged(tag, inband, objs), Dest::Many(segs)))
+                Ok((Landing::Tagged(tag, env), dest))
             }
             Format::Packed => {
                 let (kind, count, tag) = message::read_native_head(head)?;
@@ -801,7 +839,7 @@ impl Ring {
             Some(Landing::Bytes(b)) => loads.call1((b,)),
             Some(Landing::Raw(b)) => Ok(b.into_bound(py).into_any()),
             Some(Landing::Native(fmt, v)) => decode_native(py, fmt, &v),
-            Some(Landing::Envelope(inband, objs)) => unpickle(py, loads, inband, objs),
+            Some(Landing::Envelope(env)) => env.load(py, loads),
             Some(Landing::Scratch(ba, n)) => self.h.loads_scratch(py, loads, ba, n),
             Some(_) => Err(PyValueError::new_err("a pool message on a queue ring")),
         }
