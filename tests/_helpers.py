@@ -20,6 +20,9 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # The directory ferromp was imported from, so child interpreters import the same copy.
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ferromp.__file__)))
 
+# Every start method, in the order the fixtures of conftest.py parametrise over them.
+START_METHODS = ("fork", "spawn", "forkserver")
+
 STOP = "__stop__"
 STOP_BYTES = b"__stop__"
 
