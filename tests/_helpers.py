@@ -81,6 +81,17 @@ def pid_gone(pid):
     return False
 
 
+def sleeping(pid):
+    """True while process ``pid`` sleeps in a blocking call (state S in /proc/pid/stat),
+    as a child does once it waits in a blocking get, put or acquire."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] == "S"
+
+
 def child_env():
     """Environment for a helper interpreter: ferromp and ``_helpers`` importable."""
     env = dict(os.environ)
@@ -159,6 +170,27 @@ def sleep_for(secs):
 def ready_then_sleep(conn):
     conn.send("ready")
     sleep_forever()
+
+
+def ready_then_put_bytes(q, ready, nbytes):
+    """Set the Event ``ready``, then put ``nbytes`` bytes on ``q`` (more than its ring
+    holds: the put streams the message and blocks while nobody reads)."""
+    data = b"z" * nbytes
+    ready.set()
+    q.put(data)
+
+
+def ready_then_get(q, out, ready):
+    """Set the Event ``ready``, then wait in ``q.get()``; put what came on ``out``."""
+    ready.set()
+    out.put(q.get())
+
+
+def ready_then_produce(q, ready, tag, n):
+    """Set the Event ``ready``, then put ``(tag, i)`` for i in range(n)."""
+    ready.set()
+    for i in range(n):
+        q.put((tag, i))
 
 
 def hold_then_exit(conn, secs):

@@ -700,14 +700,17 @@ def test_worker_death_noticed_when_its_sentinel_stays_silent(start_method):
 
 
 @pytest.mark.timeout(60)
-def test_terminate_while_tasks_run(start_method):
+def test_terminate_while_tasks_run(start_method, tmp_path):
     p = start_method.Pool(2)
     counter = [0]
-    pending = [p.apply_async(sqr, (i, 30)) for i in range(4)]
+    marks = [str(tmp_path / ("task-%d" % i)) for i in range(4)]
+    pending = [p.apply_async(note_pid_then_sleep, (m,)) for m in marks]
     pending.append(p.map_async(sqr, [30] * 6, chunksize=1))
     it = p.imap(sqr, count_yields(counter, itertools.count()))
     unordered = p.imap_unordered(sqr, [30] * 4)
-    time.sleep(0.2)
+    # Both workers are in a long task: each task notes its pid before it sleeps.
+    assert wait_until(lambda: sum(os.path.exists(m) and os.path.getsize(m) > 0
+                                  for m in marks) >= 2, 30)
     pids = [w.pid for w in p._pool]
     t = time.monotonic()
     p.terminate()
@@ -927,9 +930,16 @@ def test_threadpool_matches_stdlib():
 def test_threadpool_terminate_does_not_wait_for_busy_threads():
     p = fpool.ThreadPool(2)
     ev = threading.Event()
-    busy = [p.apply_async(ev.wait, (20,)) for _ in range(2)]
+    started = threading.Semaphore(0)
+
+    def busy_task():
+        started.release()
+        return ev.wait(20)
+    busy = [p.apply_async(busy_task) for _ in range(2)]
     queued = p.map_async(sqr, range(10), chunksize=1)
-    time.sleep(0.1)
+    # Both threads are in their task.
+    for _ in busy:
+        assert started.acquire(timeout=10)
     t = time.monotonic()
     p.terminate()
     p.join()

@@ -17,8 +17,10 @@ import time
 import numpy
 import pytest
 
+import _helpers
 import ferromp
 import ferromp.connection
+from _helpers import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -49,11 +51,6 @@ def _payload(seed):
 def _put_array(q):
     a = numpy.arange(BIG // 8, dtype=numpy.int64)
     q.put(a)
-
-
-def _put_forever_big(q):
-    # Blocks inside the put of a message larger than the ring while nobody reads.
-    q.put(b'z' * (16 << 20))
 
 
 def _get_one(q, out):
@@ -193,12 +190,13 @@ def test_killed_producer_in_the_middle_of_a_large_put(start_method):
     # The child dies while streaming a message larger than the ring: its message is
     # dropped, the queue keeps working for everyone else.
     q = start_method.Queue()
-    p = start_method.Process(target=_put_forever_big, args=(q,))
+    ready = start_method.Event()
+    p = start_method.Process(target=_helpers.ready_then_put_bytes,
+                             args=(q, ready, 16 << 20))
     p.start()
-    deadline = time.monotonic() + 30
-    while q.empty() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)
+    assert ready.wait(30)
+    # The message is four times the ring: once any of it shows, the put is under way.
+    assert wait_for(lambda: not q.empty(), 30)
     p.kill()
     p.join(10)
     q.put('survivor')
@@ -213,9 +211,12 @@ def test_killed_consumer_waiting_in_get(start_method):
     # takes over from the dead one instead of waiting forever.
     q = start_method.Queue()
     out = start_method.Queue()
-    p = start_method.Process(target=_get_one, args=(q, out))
+    ready = start_method.Event()
+    p = start_method.Process(target=_helpers.ready_then_get, args=(q, out, ready))
     p.start()
-    time.sleep(0.5)
+    assert ready.wait(30)
+    # Past ready.set(), the only thing the child can sleep in is the get.
+    assert wait_for(lambda: _helpers.sleeping(p.pid), 30)
     p.kill()
     p.join(10)
     q.put('for-the-living')
@@ -226,15 +227,20 @@ def test_killed_consumer_waiting_in_get(start_method):
 def test_killed_producer_leaves_nothing_half_written(start_method):
     # Kill producers at random points; every message that arrives is whole.
     q = start_method.SimpleQueue()
+    got = []
     for _ in range(3):
-        p = start_method.Process(target=_produce_tagged, args=(q, 'x', 10 ** 6))
+        ready = start_method.Event()
+        p = start_method.Process(target=_helpers.ready_then_produce,
+                                 args=(q, ready, 'x', 10 ** 6))
         p.start()
-        time.sleep(0.3)
+        assert ready.wait(30)
+        # The queue was emptied: once anything shows, this producer is putting. It is
+        # killed then, wherever in a put it is.
+        assert wait_for(lambda: not q.empty(), 30)
         p.kill()
         p.join(10)
-    got = []
-    while not q.empty():
-        got.append(q.get())
+        while not q.empty():
+            got.append(q.get())
     assert got and all(tag == 'x' and isinstance(i, int) for tag, i in got)
 
 
