@@ -20,6 +20,9 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # The directory ferromp was imported from, so child interpreters import the same copy.
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ferromp.__file__)))
 
+# Every start method, in the order the fixtures of conftest.py parametrise over them.
+START_METHODS = ("fork", "spawn", "forkserver")
+
 STOP = "__stop__"
 STOP_BYTES = b"__stop__"
 
@@ -76,6 +79,17 @@ def pid_gone(pid):
     except (FileNotFoundError, ProcessLookupError):
         return True
     return False
+
+
+def sleeping(pid):
+    """True while process ``pid`` sleeps in a blocking call (state S in /proc/pid/stat),
+    as a child does once it waits in a blocking get, put or acquire."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] == "S"
 
 
 def child_env():
@@ -156,6 +170,27 @@ def sleep_for(secs):
 def ready_then_sleep(conn):
     conn.send("ready")
     sleep_forever()
+
+
+def ready_then_put_bytes(q, ready, nbytes):
+    """Set the Event ``ready``, then put ``nbytes`` bytes on ``q`` (more than its ring
+    holds: the put streams the message and blocks while nobody reads)."""
+    data = b"z" * nbytes
+    ready.set()
+    q.put(data)
+
+
+def ready_then_get(q, out, ready):
+    """Set the Event ``ready``, then wait in ``q.get()``; put what came on ``out``."""
+    ready.set()
+    out.put(q.get())
+
+
+def ready_then_produce(q, ready, tag, n):
+    """Set the Event ``ready``, then put ``(tag, i)`` for i in range(n)."""
+    ready.set()
+    for i in range(n):
+        q.put((tag, i))
 
 
 def hold_then_exit(conn, secs):

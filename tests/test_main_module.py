@@ -142,20 +142,15 @@ def assert_same(results):
         ours.stderr, theirs.stderr)
 
 
-@pytest.fixture
-def method(start_method):
-    return start_method.get_start_method()
-
-
-def test_guarded_script(tmp_path, method):
+def test_guarded_script(tmp_path, start_method_name):
     script = tmp_path / "guarded.py"
     script.write_text(GUARDED)
-    results = run_both(lambda lib: [str(script), lib, method], cwd=tmp_path)
+    results = run_both(lambda lib: [str(script), lib, start_method_name], cwd=tmp_path)
     ours = results["ferromp"]
     assert ours.returncode == 0, ours.stderr
     lines = ours.stdout.splitlines()
     assert lines[0] == "import __main__" and lines[-1] == "exitcode 0"
-    if method == "fork":
+    if start_method_name == "fork":
         assert lines[1:-1] == ["child arg __main__ __main__ __main__"]
     else:
         # The child sees the script as __mp_main__, imported with the guard false.
@@ -164,11 +159,11 @@ def test_guarded_script(tmp_path, method):
     assert_same(results)
 
 
-def test_guarded_script_run_from_elsewhere(tmp_path, method):
+def test_guarded_script_run_from_elsewhere(tmp_path, start_method_name):
     # A relative script path and another cwd: the child must still find the script.
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "guarded.py").write_text(GUARDED)
-    results = run_both(lambda lib: [os.path.join("sub", "guarded.py"), lib, method],
+    results = run_both(lambda lib: [os.path.join("sub", "guarded.py"), lib, start_method_name],
                        cwd=tmp_path)
     assert results["ferromp"].returncode == 0, results["ferromp"].stderr
     assert results["ferromp"].stdout.splitlines()[-1] == "exitcode 0"
@@ -210,19 +205,19 @@ NAMESPACE = textwrap.dedent("""\
 """)
 
 
-def test_reimported_main_namespace_matches_stdlib(tmp_path, method):
+def test_reimported_main_namespace_matches_stdlib(tmp_path, start_method_name):
     script = tmp_path / "namespace.py"
     script.write_bytes(NAMESPACE.encode("latin-1"))
-    results = run_both(lambda lib: [str(script), lib, method], cwd=tmp_path)
+    results = run_both(lambda lib: [str(script), lib, start_method_name], cwd=tmp_path)
     ours = results["ferromp"]
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout.splitlines()[-1] == "exitcode 0"
-    if method != "fork":
+    if start_method_name != "fork":
         assert "import __mp_main__ '' None NoneType None None café" in ours.stdout
     assert_same(results)
 
 @pytest.mark.timeout(120)
-def test_unguarded_script_fails_cleanly(tmp_path, method):
+def test_unguarded_script_fails_cleanly(tmp_path, start_method_name):
     script = tmp_path / "unguarded.py"
     script.write_text(UNGUARDED)
     counters = {lib: tmp_path / ("%s.count" % lib) for lib in LIBS}
@@ -230,7 +225,7 @@ def test_unguarded_script_fails_cleanly(tmp_path, method):
     for lib in LIBS:
         env = _helpers.child_env()
         env["COUNTER"] = str(counters[lib])
-        results[lib] = _helpers.run_script([str(script), lib, method], timeout=60,
+        results[lib] = _helpers.run_script([str(script), lib, start_method_name], timeout=60,
                                            env=env, cwd=tmp_path)
     ours = results["ferromp"]
     imports = counters["ferromp"].read_text().splitlines()
@@ -238,7 +233,7 @@ def test_unguarded_script_fails_cleanly(tmp_path, method):
     # fork server.
     assert imports[0] == "__main__"
     assert len(imports) <= 3, imports
-    if method == "fork":
+    if start_method_name == "fork":
         assert ours.stdout == "in child\nexitcode 0 __main__\n"
     else:
         assert ours.stdout == "exitcode 1 __main__\n"
@@ -247,27 +242,27 @@ def test_unguarded_script_fails_cleanly(tmp_path, method):
     assert_same(results)
 
 
-def test_dash_m_module(tmp_path, method):
+def test_dash_m_module(tmp_path, start_method_name):
     pkg = tmp_path / "mppkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "mod.py").write_text(GUARDED)
-    results = run_both(lambda lib: ["-m", "mppkg.mod", lib, method], cwd=tmp_path)
+    results = run_both(lambda lib: ["-m", "mppkg.mod", lib, start_method_name], cwd=tmp_path)
     ours = results["ferromp"]
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout.splitlines()[-1] == "exitcode 0"
-    if method != "fork":
+    if start_method_name != "fork":
         assert "import __mp_main__" in ours.stdout.splitlines()
     assert_same(results)
 
 
-def test_dash_m_package_with_dunder_main(tmp_path, method):
+def test_dash_m_package_with_dunder_main(tmp_path, start_method_name):
     pkg = tmp_path / "mpapp"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "work.py").write_text(WORK)
     (pkg / "__main__.py").write_text(PKG_MAIN.format(work="mpapp.work"))
-    results = run_both(lambda lib: ["-m", "mpapp", lib, method], cwd=tmp_path)
+    results = run_both(lambda lib: ["-m", "mpapp", lib, start_method_name], cwd=tmp_path)
     ours = results["ferromp"]
     assert ours.returncode == 0, ours.stderr
     assert "work x mpapp.work" in ours.stdout.splitlines()
@@ -275,12 +270,12 @@ def test_dash_m_package_with_dunder_main(tmp_path, method):
     assert_same(results)
 
 
-def test_zip_app(tmp_path, method):
+def test_zip_app(tmp_path, start_method_name):
     app = tmp_path / "app.zip"
     with zipfile.ZipFile(app, "w") as z:
         z.writestr("__main__.py", PKG_MAIN.format(work="zwork"))
         z.writestr("zwork.py", WORK)
-    results = run_both(lambda lib: [str(app), lib, method], cwd=tmp_path)
+    results = run_both(lambda lib: [str(app), lib, start_method_name], cwd=tmp_path)
     ours = results["ferromp"]
     assert ours.returncode == 0, ours.stderr
     assert "work x zwork" in ours.stdout.splitlines()
@@ -288,8 +283,8 @@ def test_zip_app(tmp_path, method):
     assert_same(results)
 
 
-def test_dash_c_with_builtin_target(tmp_path, method):
-    results = run_both(lambda lib: ["-c", DASH_C, lib, method], cwd=tmp_path)
+def test_dash_c_with_builtin_target(tmp_path, start_method_name):
+    results = run_both(lambda lib: ["-c", DASH_C, lib, start_method_name], cwd=tmp_path)
     ours = results["ferromp"]
     assert ours.returncode == 0, ours.stderr
     lines = ours.stdout.splitlines()

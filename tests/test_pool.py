@@ -1,7 +1,7 @@
 """Tests for ferromp.pool (Pool, ThreadPool, the result objects), stdlib as oracle.
 
-Every process-level behaviour runs under fork, spawn and forkserver: the ``method``
-fixture below is module-scoped and parametrised, so the tests of one start method run
+Every process-level behaviour runs under fork, spawn and forkserver: conftest.py's
+``start_method`` fixture is module-scoped, so the tests of one start method run
 together and share one ferromp ``Pool(2)`` and one stdlib ``Pool(2)`` (``pools``) for
 the calls that leave a pool as they found it. Tests that break, terminate or
 reconfigure a pool make their own.
@@ -32,7 +32,6 @@ from ferromp import pool as fpool
 from _helpers import pid_gone
 from _helpers import wait_for as wait_until
 
-METHODS = ("fork", "spawn", "forkserver")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ferromp.__file__)))
 
@@ -164,23 +163,11 @@ def raising_generator(total, when):
 
 # --- fixtures ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=METHODS)
-def method(request):
-    """Start method name; module scoped so one method's tests share their pools."""
-    return request.param
-
-
-@pytest.fixture
-def ctx(method):
-    """The ferromp context for ``method``."""
-    return ferromp.get_context(method)
-
-
 @pytest.fixture(scope="module")
-def pools(method):
+def pools(start_method, std_ctx):
     """(ferromp Pool(2), stdlib Pool(2)) of one start method, for non-destructive calls."""
-    fp = ferromp.get_context(method).Pool(2)
-    sp = multiprocessing.get_context(method).Pool(2)
+    fp = start_method.Pool(2)
+    sp = std_ctx.Pool(2)
     _SHARED[:] = [fp, sp]
     yield fp, sp
     _SHARED[:] = []
@@ -207,11 +194,6 @@ def _reap_leftover_children():
                 p.join(5)
             except Exception:
                 pass
-
-
-def both(method):
-    """A fresh ferromp Pool and a fresh stdlib Pool factory for ``method``."""
-    return ferromp.get_context(method), multiprocessing.get_context(method)
 
 
 def run_script(directory, source, *args):
@@ -413,8 +395,8 @@ def test_large_arguments_and_results(pools):
 
 
 @pytest.mark.timeout(60)
-def test_imap_over_generator_is_lazy_and_bounded(ctx):
-    with ctx.Pool(2) as p:
+def test_imap_over_generator_is_lazy_and_bounded(start_method):
+    with start_method.Pool(2) as p:
         counter = [0]
         it = p.imap(sqr, count_yields(counter, itertools.count()))
         assert [next(it) for _ in range(30)] == [x * x for x in range(30)]
@@ -516,8 +498,8 @@ def test_task_and_result_references_are_released(pools):
 # --- construction and lifetime ----------------------------------------------------------------
 
 @pytest.mark.timeout(60)
-def test_validation_matches_stdlib(method):
-    ours, std = both(method)
+def test_validation_matches_stdlib(start_method, std_ctx):
+    ours, std = start_method, std_ctx
     for kwargs in ({"processes": 0}, {"processes": -1},
                    {"processes": 1, "maxtasksperchild": 0},
                    {"processes": 1, "maxtasksperchild": -1},
@@ -536,8 +518,8 @@ def test_validation_matches_stdlib(method):
 
 
 @pytest.mark.timeout(60)
-def test_lifecycle_matches_stdlib(method):
-    for ctx, mod in zip(both(method), (fpool, std_pool)):
+def test_lifecycle_matches_stdlib(start_method, std_ctx):
+    for ctx, mod in ((start_method, fpool), (std_ctx, std_pool)):
         p = ctx.Pool(2)
         assert p._state == mod.RUN and len(p._pool) == 2 and p._processes == 2
         assert all(w.daemon and "PoolWorker" in w.name for w in p._pool)
@@ -569,8 +551,8 @@ def test_lifecycle_matches_stdlib(method):
 
 
 @pytest.mark.timeout(60)
-def test_close_join_finishes_imap_and_maxtasks_work(ctx):
-    p = ctx.Pool(2, maxtasksperchild=1)
+def test_close_join_finishes_imap_and_maxtasks_work(start_method):
+    p = start_method.Pool(2, maxtasksperchild=1)
     it = p.imap(sqr, range(6))
     mr = p.map_async(sqr, range(4), chunksize=1)
     p.close()
@@ -579,8 +561,8 @@ def test_close_join_finishes_imap_and_maxtasks_work(ctx):
 
 
 @pytest.mark.timeout(60)
-def test_resource_warning_for_unclosed_pool(ctx):
-    p = ctx.Pool(1)
+def test_resource_warning_for_unclosed_pool(start_method):
+    p = start_method.Pool(1)
     p.terminate()
     p.join()
     p._state = fpool.RUN
@@ -594,7 +576,7 @@ def test_resource_warning_for_unclosed_pool(ctx):
                for w in caught)
 
     # A running pool that is dropped warns and is terminated (its workers go).
-    p = ctx.Pool(1)
+    p = start_method.Pool(1)
     pids = [w.pid for w in p._pool]
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
@@ -605,8 +587,8 @@ def test_resource_warning_for_unclosed_pool(ctx):
 
 
 @pytest.mark.timeout(60)
-def test_maxtasksperchild_churn(ctx):
-    p = ctx.Pool(2, maxtasksperchild=2)
+def test_maxtasksperchild_churn(start_method):
+    p = start_method.Pool(2, maxtasksperchild=2)
     try:
         first = set(w.pid for w in p._pool)
         results = [p.apply_async(worker_pid, (i,)) for i in range(16)]
@@ -625,8 +607,8 @@ def test_maxtasksperchild_churn(ctx):
 
 
 @pytest.mark.timeout(60)
-def test_initializer_state(method):
-    for ctx in both(method):
+def test_initializer_state(start_method, std_ctx):
+    for ctx in (start_method, std_ctx):
         with ctx.Pool(2, initializer=set_state, initargs=("ready", 42)) as p:
             assert p.map(get_state, range(4), chunksize=1) \
                 == [(("ready", 42), i) for i in range(4)]
@@ -636,10 +618,10 @@ def test_initializer_state(method):
 # --- robustness ----------------------------------------------------------------------------
 
 @pytest.mark.timeout(120)
-def test_worker_killed_mid_task_fails_only_that_task_100_runs(ctx):
+def test_worker_killed_mid_task_fails_only_that_task_100_runs(start_method):
     # Issue 5: killing a worker mid-task never hangs the pool, 100 runs out of 100.
     start = time.monotonic()
-    p = ctx.Pool(2)
+    p = start_method.Pool(2)
     try:
         for i in range(100):
             doomed = p.apply_async(kill_self)
@@ -662,8 +644,8 @@ def test_worker_killed_mid_task_fails_only_that_task_100_runs(ctx):
 
 
 @pytest.mark.timeout(60)
-def test_worker_killed_from_outside_and_os_exit(ctx, tmp_path):
-    p = ctx.Pool(2)
+def test_worker_killed_from_outside_and_os_exit(start_method, tmp_path):
+    p = start_method.Pool(2)
     try:
         path = str(tmp_path / "pid")
         res = p.apply_async(note_pid_then_sleep, (path,))
@@ -693,11 +675,11 @@ def test_worker_killed_from_outside_and_os_exit(ctx, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_worker_death_noticed_when_its_sentinel_stays_silent(ctx):
+def test_worker_death_noticed_when_its_sentinel_stays_silent(start_method):
     # A fork worker's sentinel stays silent if a process forked by another thread at
     # the wrong moment inherited its pipe end; the pool must notice the death anyway.
     # Stand-in: a sentinel that never fires.
-    p = ctx.Pool(1)
+    p = start_method.Pool(1)
     r, w = os.pipe()
     try:
         assert p.apply(sqr, (2,)) == 4
@@ -718,14 +700,17 @@ def test_worker_death_noticed_when_its_sentinel_stays_silent(ctx):
 
 
 @pytest.mark.timeout(60)
-def test_terminate_while_tasks_run(ctx):
-    p = ctx.Pool(2)
+def test_terminate_while_tasks_run(start_method, tmp_path):
+    p = start_method.Pool(2)
     counter = [0]
-    pending = [p.apply_async(sqr, (i, 30)) for i in range(4)]
+    marks = [str(tmp_path / ("task-%d" % i)) for i in range(4)]
+    pending = [p.apply_async(note_pid_then_sleep, (m,)) for m in marks]
     pending.append(p.map_async(sqr, [30] * 6, chunksize=1))
     it = p.imap(sqr, count_yields(counter, itertools.count()))
     unordered = p.imap_unordered(sqr, [30] * 4)
-    time.sleep(0.2)
+    # Both workers are in a long task: each task notes its pid before it sleeps.
+    assert wait_until(lambda: sum(os.path.exists(m) and os.path.getsize(m) > 0
+                                  for m in marks) >= 2, 30)
     pids = [w.pid for w in p._pool]
     t = time.monotonic()
     p.terminate()
@@ -744,9 +729,9 @@ def test_terminate_while_tasks_run(ctx):
 
 
 @pytest.mark.timeout(60)
-def test_initializer_that_raises_breaks_the_pool_cleanly(ctx, capfd):
+def test_initializer_that_raises_breaks_the_pool_cleanly(start_method, capfd):
     t = time.monotonic()
-    p = ctx.Pool(2, initializer=init_raises)
+    p = start_method.Pool(2, initializer=init_raises)
     err = error_of(p.map, sqr, range(10))
     assert isinstance(err, fpool.BrokenPoolError)
     assert isinstance(err, multiprocessing.ProcessError)
@@ -758,13 +743,13 @@ def test_initializer_that_raises_breaks_the_pool_cleanly(ctx, capfd):
     p.close()
     p.join()
     assert time.monotonic() - t < 30
-    if ctx.get_start_method() != "forkserver":
+    if start_method.get_start_method() != "forkserver":
         # The workers' tracebacks (a forkserver child writes to the stderr the fork
         # server started with, which an earlier test captured).
         assert "on purpose" in capfd.readouterr().err
 
     # An initializer that kills its process: the cause names the exit code.
-    p = ctx.Pool(2, initializer=init_exits)
+    p = start_method.Pool(2, initializer=init_exits)
     err = error_of(p.apply, sqr, (1,))
     assert isinstance(err, fpool.BrokenPoolError)
     assert isinstance(err.__cause__, fpool.WorkerLostError)
@@ -829,10 +814,10 @@ SCRIPT_CTRL_C = """
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("to_group", [False, True], ids=["parent", "group"])
-def test_ctrl_c_during_map(method, tmp_path, to_group):
+def test_ctrl_c_during_map(start_method_name, tmp_path, to_group):
     marks = tmp_path / "marks"
     marks.mkdir()
-    proc = run_script(tmp_path, SCRIPT_CTRL_C, method, str(marks))
+    proc = run_script(tmp_path, SCRIPT_CTRL_C, start_method_name, str(marks))
     try:
         pids = [int(x) for x in proc.stdout.readline().split()[1:]]
         assert len(pids) == 2
@@ -868,8 +853,8 @@ SCRIPT_ORPHAN = """
 
 
 @pytest.mark.timeout(60)
-def test_workers_die_with_their_parent(method, tmp_path):
-    proc = run_script(tmp_path, SCRIPT_ORPHAN, method)
+def test_workers_die_with_their_parent(start_method_name, tmp_path):
+    proc = run_script(tmp_path, SCRIPT_ORPHAN, start_method_name)
     try:
         pids = [int(x) for x in proc.stdout.readline().split()[1:]]
         assert len(pids) == 2
@@ -945,9 +930,16 @@ def test_threadpool_matches_stdlib():
 def test_threadpool_terminate_does_not_wait_for_busy_threads():
     p = fpool.ThreadPool(2)
     ev = threading.Event()
-    busy = [p.apply_async(ev.wait, (20,)) for _ in range(2)]
+    started = threading.Semaphore(0)
+
+    def busy_task():
+        started.release()
+        return ev.wait(20)
+    busy = [p.apply_async(busy_task) for _ in range(2)]
     queued = p.map_async(sqr, range(10), chunksize=1)
-    time.sleep(0.1)
+    # Both threads are in their task.
+    for _ in busy:
+        assert started.acquire(timeout=10)
     t = time.monotonic()
     p.terminate()
     p.join()

@@ -17,18 +17,15 @@ import time
 import numpy
 import pytest
 
+import _helpers
 import ferromp
 from ferromp import _core
 import ferromp.connection
+from _helpers import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
 BIG = 64 << 20
-
-
-@pytest.fixture(params=['fork', 'spawn', 'forkserver'])
-def ctx(request):
-    return ferromp.get_context(request.param)
 
 
 # --- child targets (module level: spawn and forkserver pickle them by reference) ---
@@ -57,11 +54,6 @@ def _put_array(q):
     q.put(a)
 
 
-def _put_forever_big(q):
-    # Blocks inside the put of a message larger than the ring while nobody reads.
-    q.put(b'z' * (16 << 20))
-
-
 def _get_one(q, out):
     out.put(q.get())
 
@@ -78,14 +70,15 @@ def _square(x):
 # --- many producers, many consumers ----------------------------------------------
 
 @pytest.mark.parametrize('kind', ['Queue', 'SimpleQueue', 'JoinableQueue'])
-def test_many_producers_many_consumers_count_checksum_and_order(ctx, kind):
-    q = getattr(ctx, kind)()
-    out = ctx.Queue()
+def test_many_producers_many_consumers_count_checksum_and_order(start_method, kind):
+    q = getattr(start_method, kind)()
+    out = start_method.Queue()
     n, producers, consumers = 3000, 3, 2
     total = n * producers
     per = [total // consumers + (i < total % consumers) for i in range(consumers)]
-    procs = [ctx.Process(target=_produce_tagged, args=(q, t, n)) for t in range(producers)]
-    procs += [ctx.Process(target=_consume_n, args=(q, k, out)) for k in per]
+    procs = [start_method.Process(target=_produce_tagged, args=(q, t, n))
+             for t in range(producers)]
+    procs += [start_method.Process(target=_consume_n, args=(q, k, out)) for k in per]
     for p in procs:
         p.start()
     got = [out.get(timeout=60) for _ in range(consumers)]
@@ -106,9 +99,9 @@ def test_many_producers_many_consumers_count_checksum_and_order(ctx, kind):
 # --- large and empty messages --------------------------------------------------
 
 @pytest.mark.parametrize('kind', ['Queue', 'SimpleQueue'])
-def test_64mib_bytes_from_a_child(ctx, kind):
-    q = getattr(ctx, kind)()
-    p = ctx.Process(target=_put_big, args=(q, 7))
+def test_64mib_bytes_from_a_child(start_method, kind):
+    q = getattr(start_method, kind)()
+    p = start_method.Process(target=_put_big, args=(q, 7))
     p.start()
     got = q.get()
     assert len(got) == BIG and got == _payload(7)
@@ -117,9 +110,9 @@ def test_64mib_bytes_from_a_child(ctx, kind):
     assert p.exitcode == 0
 
 
-def test_64mib_numpy_array_from_a_child(ctx):
-    q = ctx.Queue()
-    p = ctx.Process(target=_put_array, args=(q,))
+def test_64mib_numpy_array_from_a_child(start_method):
+    q = start_method.Queue()
+    p = start_method.Process(target=_put_array, args=(q,))
     p.start()
     a = q.get()
     p.join(30)
@@ -180,11 +173,11 @@ def test_maxsize_qsize_full_empty(mod):
     q.join_thread()
 
 
-def test_bounded_put_blocks_until_a_consumer_takes(ctx):
-    q = ctx.Queue(maxsize=1)
-    out = ctx.Queue()
+def test_bounded_put_blocks_until_a_consumer_takes(start_method):
+    q = start_method.Queue(maxsize=1)
+    out = start_method.Queue()
     q.put('first')
-    p = ctx.Process(target=_get_one, args=(q, out))
+    p = start_method.Process(target=_get_one, args=(q, out))
     p.start()
     q.put('second', timeout=30)  # unblocks once the child took 'first'
     assert out.get(timeout=30) == 'first'
@@ -194,16 +187,17 @@ def test_bounded_put_blocks_until_a_consumer_takes(ctx):
 
 # --- processes killed mid-operation -------------------------------------------
 
-def test_killed_producer_in_the_middle_of_a_large_put(ctx):
+def test_killed_producer_in_the_middle_of_a_large_put(start_method):
     # The child dies while streaming a message larger than the ring: its message is
     # dropped, the queue keeps working for everyone else.
-    q = ctx.Queue()
-    p = ctx.Process(target=_put_forever_big, args=(q,))
+    q = start_method.Queue()
+    ready = start_method.Event()
+    p = start_method.Process(target=_helpers.ready_then_put_bytes,
+                             args=(q, ready, 16 << 20))
     p.start()
-    deadline = time.monotonic() + 30
-    while q.empty() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)
+    assert ready.wait(30)
+    # The message is four times the ring: once any of it shows, the put is under way.
+    assert wait_for(lambda: not q.empty(), 30)
     p.kill()
     p.join(10)
     q.put('survivor')
@@ -213,14 +207,17 @@ def test_killed_producer_in_the_middle_of_a_large_put(ctx):
     assert q.qsize() == 0
 
 
-def test_killed_consumer_waiting_in_get(ctx):
+def test_killed_consumer_waiting_in_get(start_method):
     # A consumer killed while it waits in get() holds the read side; the next consumer
     # takes over from the dead one instead of waiting forever.
-    q = ctx.Queue()
-    out = ctx.Queue()
-    p = ctx.Process(target=_get_one, args=(q, out))
+    q = start_method.Queue()
+    out = start_method.Queue()
+    ready = start_method.Event()
+    p = start_method.Process(target=_helpers.ready_then_get, args=(q, out, ready))
     p.start()
-    time.sleep(0.5)
+    assert ready.wait(30)
+    # Past ready.set(), the only thing the child can sleep in is the get.
+    assert wait_for(lambda: _helpers.sleeping(p.pid), 30)
     p.kill()
     p.join(10)
     q.put('for-the-living')
@@ -228,28 +225,33 @@ def test_killed_consumer_waiting_in_get(ctx):
     assert out.empty()
 
 
-def test_killed_producer_leaves_nothing_half_written(ctx):
+def test_killed_producer_leaves_nothing_half_written(start_method):
     # Kill producers at random points; every message that arrives is whole.
-    q = ctx.SimpleQueue()
+    q = start_method.SimpleQueue()
+    got = []
     for _ in range(3):
-        p = ctx.Process(target=_produce_tagged, args=(q, 'x', 10 ** 6))
+        ready = start_method.Event()
+        p = start_method.Process(target=_helpers.ready_then_produce,
+                                 args=(q, ready, 'x', 10 ** 6))
         p.start()
-        time.sleep(0.3)
+        assert ready.wait(30)
+        # The queue was emptied: once anything shows, this producer is putting. It is
+        # killed then, wherever in a put it is.
+        assert wait_for(lambda: not q.empty(), 30)
         p.kill()
         p.join(10)
-    got = []
-    while not q.empty():
-        got.append(q.get())
+        while not q.empty():
+            got.append(q.get())
     assert got and all(tag == 'x' and isinstance(i, int) for tag, i in got)
 
 
 # --- waiting on the reader, Ctrl-C ------------------------------------------------
 
 @pytest.mark.parametrize('wait', [ferromp.connection.wait, multiprocessing.connection.wait])
-def test_simple_queue_reader_is_waitable(ctx, wait):
-    q = ctx.SimpleQueue()
+def test_simple_queue_reader_is_waitable(start_method, wait):
+    q = start_method.SimpleQueue()
     assert wait([q._reader], 0.05) == []
-    p = ctx.Process(target=_put_later, args=(q, 0.2, 'ring'))
+    p = start_method.Process(target=_put_later, args=(q, 0.2, 'ring'))
     p.start()
     assert wait([q._reader], 30) == [q._reader]
     assert q._reader.poll()
@@ -284,12 +286,12 @@ def test_blocking_get_wakes_on_a_signal_and_the_queue_stays_usable():
 
 # --- exit semantics -------------------------------------------------------------
 
-def test_joinable_queue_join_waits_for_every_task_done(ctx):
-    q = ctx.JoinableQueue()
-    out = ctx.Queue()
+def test_joinable_queue_join_waits_for_every_task_done(start_method):
+    q = start_method.JoinableQueue()
+    out = start_method.Queue()
     for i in range(5):
         q.put(i)
-    p = ctx.Process(target=_consume_and_mark_done, args=(q, 5, out))
+    p = start_method.Process(target=_consume_and_mark_done, args=(q, 5, out))
     p.start()
     q.join()
     assert out.get(timeout=10) == list(range(5))
@@ -305,11 +307,11 @@ def _consume_and_mark_done(q, n, out):
     out.put(got)
 
 
-def test_a_producer_can_be_joined_before_its_items_are_drained(ctx):
+def test_a_producer_can_be_joined_before_its_items_are_drained(start_method):
     # cpython#73983: with the stdlib a process that put large items cannot be joined
     # until someone reads them (its feeder thread blocks on a full pipe).
-    q = ctx.Queue()
-    p = ctx.Process(target=_produce_tagged, args=(q, 'p', 2000))
+    q = start_method.Queue()
+    p = start_method.Process(target=_produce_tagged, args=(q, 'p', 2000))
     p.start()
     p.join(30)
     assert p.exitcode == 0
@@ -318,8 +320,8 @@ def test_a_producer_can_be_joined_before_its_items_are_drained(ctx):
 
 # --- the stdlib's ProcessPoolExecutor on a ferromp context ----------------------
 
-def test_stdlib_process_pool_executor_on_a_ferromp_context(ctx):
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as ex:
+def test_stdlib_process_pool_executor_on_a_ferromp_context(start_method):
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=start_method) as ex:
         assert list(ex.map(_square, range(50))) == [x * x for x in range(50)]
         fut = ex.submit(_square, 12)
         assert fut.result(timeout=30) == 144
@@ -339,7 +341,7 @@ def _echo_back(q_in, q_out):
 
 
 @pytest.mark.parametrize('kind', ['Queue', 'SimpleQueue'])
-def test_out_of_band_payloads_keep_their_types_and_identity(ctx, kind):
+def test_out_of_band_payloads_keep_their_types_and_identity(start_method, kind):
     big = b'b' * 100000
     arr = numpy.arange(50000, dtype=numpy.float64).reshape(250, 200)
     obj = {
@@ -350,8 +352,8 @@ def test_out_of_band_payloads_keep_their_types_and_identity(ctx, kind):
         'many': [bytes([i]) * 65536 for i in range(70)],  # more than an envelope holds
         'small': b'tiny',
     }
-    q_in, q_out = getattr(ctx, kind)(), getattr(ctx, kind)()
-    p = ctx.Process(target=_echo_back, args=(q_in, q_out))
+    q_in, q_out = getattr(start_method, kind)(), getattr(start_method, kind)()
+    p = start_method.Process(target=_echo_back, args=(q_in, q_out))
     p.start()
     q_in.put(obj)
     got = q_out.get()
@@ -403,11 +405,11 @@ def _native_cases():
 
 
 @pytest.mark.parametrize('kind', ['Queue', 'SimpleQueue', 'JoinableQueue'])
-def test_scalars_and_their_subclasses_keep_type_and_value(ctx, kind):
+def test_scalars_and_their_subclasses_keep_type_and_value(start_method, kind):
     import math
     cases = _native_cases()
-    q_in, q_out = getattr(ctx, kind)(), getattr(ctx, kind)()
-    p = ctx.Process(target=_echo_n, args=(q_in, q_out, len(cases)))
+    q_in, q_out = getattr(start_method, kind)(), getattr(start_method, kind)()
+    p = start_method.Process(target=_echo_n, args=(q_in, q_out, len(cases)))
     p.start()
     for c in cases:
         q_in.put(c)
@@ -419,7 +421,7 @@ def test_scalars_and_their_subclasses_keep_type_and_value(ctx, kind):
         if isinstance(a, float):
             assert math.copysign(1, a) == math.copysign(1, b)
     nan = float('nan')
-    q_in2 = getattr(ctx, kind)()
+    q_in2 = getattr(start_method, kind)()
     q_in2.put(nan)
     assert math.isnan(q_in2.get())
 

@@ -40,17 +40,12 @@ def _joinable_worker(q):
             break
 
 
-@pytest.fixture(params=['fork', 'spawn', 'forkserver'])
-def ctx(request):
-    return ferromp.get_context(request.param)
-
-
-def test_many_producers_one_consumer_no_loss_no_duplication(ctx):
-    q = ctx.Queue()
-    out = ctx.SimpleQueue()
+def test_many_producers_one_consumer_no_loss_no_duplication(start_method):
+    q = start_method.Queue()
+    out = start_method.SimpleQueue()
     n = 2000
-    producers = [ctx.Process(target=_produce, args=(q, k * n, n)) for k in range(3)]
-    consumer = ctx.Process(target=_consume_until_none, args=(q, out))
+    producers = [start_method.Process(target=_produce, args=(q, k * n, n)) for k in range(3)]
+    consumer = start_method.Process(target=_consume_until_none, args=(q, out))
     for p in producers + [consumer]:
         p.start()
     for p in producers:
@@ -66,11 +61,11 @@ def test_many_producers_one_consumer_no_loss_no_duplication(ctx):
     assert all(p.exitcode == 0 for p in producers + [consumer])
 
 
-def test_items_put_before_exit_are_not_lost(ctx):
+def test_items_put_before_exit_are_not_lost(start_method):
     # The feeder thread flushes at process exit: a child that puts and exits at once
     # still delivers everything.
-    q = ctx.Queue()
-    p = ctx.Process(target=_produce, args=(q, 0, 500))
+    q = start_method.Queue()
+    p = start_method.Process(target=_produce, args=(q, 0, 500))
     p.start()
     got = [q.get(timeout=10) for _ in range(500)]
     p.join()
@@ -148,9 +143,9 @@ def test_feeder_error_hook_of_a_subclass_is_called():
     q.join_thread()
 
 
-def test_joinable_queue_protocol(ctx):
-    q = ctx.JoinableQueue()
-    workers = [ctx.Process(target=_joinable_worker, args=(q,)) for _ in range(2)]
+def test_joinable_queue_protocol(start_method):
+    q = start_method.JoinableQueue()
+    workers = [start_method.Process(target=_joinable_worker, args=(q,)) for _ in range(2)]
     for w in workers:
         w.start()
     for i in range(50):
@@ -174,10 +169,10 @@ def test_task_done_too_many_times(mod):
         q.task_done()
 
 
-def test_simple_queue_round_trip_and_close(ctx):
-    q = ctx.SimpleQueue()
-    out = ctx.SimpleQueue()
-    p = ctx.Process(target=_consume_until_none, args=(q, out))
+def test_simple_queue_round_trip_and_close(start_method):
+    q = start_method.SimpleQueue()
+    out = start_method.SimpleQueue()
+    p = start_method.Process(target=_consume_until_none, args=(q, out))
     p.start()
     for i in range(100):
         q.put(i)

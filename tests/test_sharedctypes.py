@@ -1,9 +1,9 @@
 """Tests for ferromp.sharedctypes and ferromp.heap, with the stdlib as oracle.
 
-Cross-process behaviour runs under fork, spawn and forkserver (the ``mp_ctx`` fixture
-below). Child targets are module-level functions so they pickle by reference. The
-oracle for what a child does to shared objects is the same function applied, in this
-process, to the stdlib's objects built from the same arguments.
+Cross-process behaviour runs under fork, spawn and forkserver (the ``start_method``
+fixture of conftest.py). Child targets are module-level functions so they pickle by
+reference. The oracle for what a child does to shared objects is the same function
+applied, in this process, to the stdlib's objects built from the same arguments.
 """
 
 import ctypes
@@ -20,7 +20,6 @@ import ferromp
 from ferromp import heap
 from ferromp import sharedctypes
 
-START_METHODS = ('fork', 'spawn', 'forkserver')
 START = 30.0
 
 # One initial value per type code the stdlib accepts.
@@ -29,12 +28,6 @@ INITIAL = {
     'I': 4000000000, 'l': -(2 ** 40), 'L': 2 ** 63, 'q': -(2 ** 62), 'Q': 2 ** 64 - 2,
     'f': 1.5, 'd': -2.25,
 }
-
-
-@pytest.fixture(params=START_METHODS)
-def mp_ctx(request):
-    """A ferromp context per start method."""
-    return ferromp.get_context(request.param)
 
 
 def run(ctx, target, *args):
@@ -128,20 +121,20 @@ def check_lock_object(v, lock):
 #
 
 @pytest.mark.timeout(120)
-def test_value_every_typecode_across_processes(mp_ctx):
-    ours = [(c, mp_ctx.Value(c, INITIAL[c])) for c in INITIAL]
+def test_value_every_typecode_across_processes(start_method):
+    ours = [(c, start_method.Value(c, INITIAL[c])) for c in INITIAL]
     theirs = [(c, std_sct.Value(c, INITIAL[c])) for c in INITIAL]
     for (c, v), (_, s) in zip(ours, theirs):
         assert v.value == s.value, c
         assert type(v.get_obj()) is type(s.get_obj()), c
-    run(mp_ctx, change_values, ours)
+    run(start_method, change_values, ours)
     change_values(theirs)
     for (c, v), (_, s) in zip(ours, theirs):
         assert v.value == s.value, c
 
 
 @pytest.mark.timeout(120)
-def test_array_every_typecode_across_processes(mp_ctx):
+def test_array_every_typecode_across_processes(start_method):
     def init(c):
         if c == 'c':
             return b'abcdef'
@@ -151,9 +144,9 @@ def test_array_every_typecode_across_processes(mp_ctx):
             return [0.5 * i for i in range(6)]
         return list(range(1, 7))
 
-    ours = [(c, mp_ctx.Array(c, init(c))) for c in INITIAL]
+    ours = [(c, start_method.Array(c, init(c))) for c in INITIAL]
     theirs = [(c, std_sct.Array(c, init(c))) for c in INITIAL]
-    run(mp_ctx, change_arrays, ours)
+    run(start_method, change_arrays, ours)
     change_arrays(theirs)
     for (c, a), (_, s) in zip(ours, theirs):
         assert a[:] == s[:], c
@@ -230,17 +223,17 @@ def test_errors_match_stdlib():
 
 
 @pytest.mark.timeout(60)
-def test_get_lock_get_obj_and_given_locks(mp_ctx):
-    v = mp_ctx.Value('i', 5)
-    assert type(v.get_lock()) is type(mp_ctx.RLock())
+def test_get_lock_get_obj_and_given_locks(start_method):
+    v = start_method.Value('i', 5)
+    assert type(v.get_lock()) is type(start_method.RLock())
     assert isinstance(v.get_obj(), ctypes.c_int)
     assert repr(v) == '<Synchronized wrapper for c_int(5)>'
-    lock = mp_ctx.Lock()
-    v2 = mp_ctx.Value('i', 5, lock=lock)
+    lock = start_method.Lock()
+    v2 = start_method.Value('i', 5, lock=lock)
     assert v2.get_lock() is lock
-    a = mp_ctx.Array('i', 3, lock=lock)
+    a = start_method.Array('i', 3, lock=lock)
     assert a.get_lock() is lock
-    assert mp_ctx.Value('i', 1, lock=None).get_lock() is not None
+    assert start_method.Value('i', 1, lock=None).get_lock() is not None
     # A lock of another kind is used as it is.
     import threading
     tl = threading.Lock()
@@ -250,7 +243,7 @@ def test_get_lock_get_obj_and_given_locks(mp_ctx):
         assert tl.locked()
     v3.value = 4
     assert v3.value == 4 and not tl.locked()
-    run(mp_ctx, check_lock_object, v2, lock)
+    run(start_method, check_lock_object, v2, lock)
     assert v2.value == 99
 
 
@@ -267,11 +260,11 @@ def test_synchronized_value_holds_lock_recursively():
 
 
 @pytest.mark.timeout(120)
-def test_char_arrays_value_and_raw(mp_ctx):
-    s = mp_ctx.Array('c', 10)
-    raw = mp_ctx.Array(ctypes.c_char, b'0123456789')
+def test_char_arrays_value_and_raw(start_method):
+    s = start_method.Array('c', 10)
+    raw = start_method.Array(ctypes.c_char, b'0123456789')
     assert type(s).__name__ == 'SynchronizedString'
-    run(mp_ctx, change_strings, s, raw)
+    run(start_method, change_strings, s, raw)
     oracle_s, oracle_raw = std_sct.Array('c', 10), std_sct.Array('c', b'0123456789')
     change_strings(oracle_s, oracle_raw)
     assert (s.value, s.raw) == (oracle_s.value, oracle_s.raw)
@@ -280,28 +273,28 @@ def test_char_arrays_value_and_raw(mp_ctx):
 
 
 @pytest.mark.timeout(120)
-def test_copy_and_synchronized(mp_ctx):
+def test_copy_and_synchronized(start_method):
     base = sharedctypes.RawValue('d', 1.5)
     dup = sharedctypes.copy(base)
     assert dup.value == 1.5 and ctypes.addressof(dup) != ctypes.addressof(base)
     base.value = 3.0
     assert dup.value == 1.5
-    sv = sharedctypes.synchronized(sharedctypes.RawValue('i', 1), ctx=mp_ctx)
-    sa = sharedctypes.synchronized(sharedctypes.RawArray('i', 5), ctx=mp_ctx)
+    sv = sharedctypes.synchronized(sharedctypes.RawValue('i', 1), ctx=start_method)
+    sa = sharedctypes.synchronized(sharedctypes.RawArray('i', 5), ctx=start_method)
     sp = sharedctypes.synchronized(sharedctypes.copy(sharedctypes.RawValue(Point, 2, 4.0)),
-                                   ctx=mp_ctx)
+                                   ctx=start_method)
     assert type(sa).__name__ == 'SynchronizedArray'
     with pytest.raises(AssertionError, match='already synchronized'):
         sharedctypes.synchronized(sv)
-    run(mp_ctx, change_sync, sv, sa, sp)
+    run(start_method, change_sync, sv, sa, sp)
     assert (sv.value, sa[:], sp.x, sp.y) == (2, [0, 42, 7, 8, 0], 11, 8.0)
 
 
 @pytest.mark.timeout(180)
-def test_counter_four_processes_exact(mp_ctx):
-    v = mp_ctx.Value('i', 0)
+def test_counter_four_processes_exact(start_method):
+    v = start_method.Value('i', 0)
     n = 2000
-    procs = [mp_ctx.Process(target=count, args=(v, n)) for _ in range(4)]
+    procs = [start_method.Process(target=count, args=(v, n)) for _ in range(4)]
     for p in procs:
         p.start()
     for p in procs:
@@ -311,12 +304,12 @@ def test_counter_four_processes_exact(mp_ctx):
 
 
 @pytest.mark.timeout(60)
-def test_buffer_wrapper_shared_with_child(mp_ctx):
+def test_buffer_wrapper_shared_with_child(start_method):
     w = heap.BufferWrapper(10000)
     mv = w.create_memoryview()
     assert len(mv) == 10000 and not mv.readonly
     mv[:] = b'\x00' * 10000
-    run(mp_ctx, fill_buffer, w, 7)
+    run(start_method, fill_buffer, w, 7)
     assert bytes(w.create_memoryview()) == b'\x07' * 10000
 
 
@@ -356,12 +349,12 @@ def test_reexported_from_context():
 
 
 @pytest.mark.timeout(120)
-def test_access_waits_for_a_lock_held_elsewhere(mp_ctx):
+def test_access_waits_for_a_lock_held_elsewhere(start_method):
     import time
-    v = mp_ctx.Value('i', 0)
-    a = mp_ctx.Array('i', 3, lock=v.get_lock())
-    held = mp_ctx.Event()
-    p = mp_ctx.Process(target=hold_lock, args=(v, held, 0.5))
+    v = start_method.Value('i', 0)
+    a = start_method.Array('i', 3, lock=v.get_lock())
+    held = start_method.Event()
+    p = start_method.Process(target=hold_lock, args=(v, held, 0.5))
     p.start()
     assert held.wait(START)
     t0 = time.monotonic()

@@ -1,17 +1,17 @@
 """Tests for ferromp.synchronize and ferromp._multiprocessing, with the stdlib as oracle.
 
-Every cross-process behaviour runs under fork, spawn and forkserver (the ``mp_ctx``
-fixture below; this module does not rely on conftest.py). Child targets are module-level
-functions so they pickle by reference; a spawn or forkserver child imports this module
-to find them. Shared state that the children write (counters, flags) lives in a small
-memfd mapping of the test's own (``SharedInts``), because ``Value`` is another module's.
-Children report through exit codes or a one-way Pipe; none is daemonic.
+Every cross-process behaviour runs under fork, spawn and forkserver (the
+``start_method`` fixture of conftest.py; ``std_ctx`` is the stdlib context of the same
+method). Child targets are module-level functions so they pickle by reference; a spawn
+or forkserver child imports this module to find them. Shared state that the children
+write (counters, flags) lives in a small memfd mapping of the test's own
+(``SharedInts``), because ``Value`` is another module's. Children report through exit
+codes or a one-way Pipe; none is daemonic.
 """
 
 import errno
 import inspect
 import mmap
-import multiprocessing
 import multiprocessing.synchronize as std_sync
 import os
 import pickle
@@ -28,22 +28,8 @@ from ferromp import _multiprocessing as fm_c
 from ferromp import reduction
 from ferromp import synchronize
 
-START_METHODS = ('fork', 'spawn', 'forkserver')
-
 # How long a child may take to start and reach a rendezvous on a loaded 2-core VM.
 START = 30.0
-
-
-@pytest.fixture(params=START_METHODS)
-def mp_ctx(request):
-    """A ferromp context per start method."""
-    return ferromp.get_context(request.param)
-
-
-@pytest.fixture
-def std_ctx(mp_ctx):
-    """The stdlib context of the same start method, for oracle comparisons."""
-    return multiprocessing.get_context(mp_ctx.get_start_method())
 
 
 def start(ctx, target, *args):
@@ -319,11 +305,11 @@ def test_c_semlock_subclass_and_rebuild():
 
 
 @pytest.mark.timeout(30)
-def test_recover_flag_follows_the_type(mp_ctx):
-    assert mp_ctx.Lock()._semlock.recover
-    assert mp_ctx.RLock()._semlock.recover
-    assert not mp_ctx.BoundedSemaphore(1)._semlock.recover
-    assert not mp_ctx.Semaphore(1)._semlock.recover
+def test_recover_flag_follows_the_type(start_method):
+    assert start_method.Lock()._semlock.recover
+    assert start_method.RLock()._semlock.recover
+    assert not start_method.BoundedSemaphore(1)._semlock.recover
+    assert not start_method.Semaphore(1)._semlock.recover
 
 
 #
@@ -339,7 +325,7 @@ def test_all_and_names():
 
 
 @pytest.mark.timeout(30)
-def test_lock_semantics_match_stdlib(mp_ctx, std_ctx):
+def test_lock_semantics_match_stdlib(start_method, std_ctx):
     def script(ctx):
         out = []
         lock = ctx.Lock()
@@ -362,11 +348,11 @@ def test_lock_semantics_match_stdlib(mp_ctx, std_ctx):
         out += [one.acquire(), one.acquire(False), one.release(), outcome(one.release)]
         return out
 
-    assert script(mp_ctx) == script(std_ctx)
+    assert script(start_method) == script(std_ctx)
 
 
 @pytest.mark.timeout(30)
-def test_lock_repr_from_a_thread(mp_ctx, std_ctx):
+def test_lock_repr_from_a_thread(start_method, std_ctx):
     def script(ctx):
         out = []
         lock, rlock = ctx.Lock(), ctx.RLock()
@@ -387,11 +373,11 @@ def test_lock_repr_from_a_thread(mp_ctx, std_ctx):
         lock.release()
         return out
 
-    assert script(mp_ctx) == script(std_ctx)
+    assert script(start_method) == script(std_ctx)
 
 
 @pytest.mark.timeout(30)
-def test_condition_and_event_in_one_process(mp_ctx, std_ctx):
+def test_condition_and_event_in_one_process(start_method, std_ctx):
     def script(ctx):
         out = []
         cond = ctx.Condition()
@@ -406,7 +392,7 @@ def test_condition_and_event_in_one_process(mp_ctx, std_ctx):
         out.append(repr(ev).split(' at ')[0] + repr(ev).rsplit(' ', 1)[1])
         return out
 
-    assert script(mp_ctx) == script(std_ctx)
+    assert script(start_method) == script(std_ctx)
 
 
 @pytest.mark.timeout(30)
@@ -433,8 +419,8 @@ def test_condition_across_threads():
 
 
 @pytest.mark.timeout(30)
-def test_timeouts(mp_ctx):
-    sem = mp_ctx.Semaphore(0)
+def test_timeouts(start_method):
+    sem = start_method.Semaphore(0)
     # (acquire's arguments, least and most time it may take)
     for args, low, high in (((False,), 0, 0.1), ((False, 5), 0, 0.1), ((True, -1), 0, 0.1),
                             ((True, 0), 0, 0.1), ((True, 0.2), 0.19, 5)):
@@ -499,20 +485,22 @@ def test_acquire_arguments_past_the_fast_path():
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize('kind', ['Lock', 'RLock', 'BoundedSemaphore'])
-def test_mutual_exclusion(mp_ctx, kind):
-    lock = getattr(mp_ctx, kind)()
+def test_mutual_exclusion(start_method, kind):
+    lock = getattr(start_method, kind)()
     ints = SharedInts(1)
     n, procs = 300, 3
-    ps = [start(mp_ctx, child_count, lock, ints, n, kind == 'RLock') for _ in range(procs)]
+    ps = [start(start_method, child_count, lock, ints, n, kind == 'RLock')
+          for _ in range(procs)]
     child_count(lock, ints, n, kind == 'RLock')
     join_ok(*ps, timeout=90)
     assert ints[0] == n * (procs + 1)
 
 
 @pytest.mark.timeout(60)
-def test_lock_held_by_another_process(mp_ctx):
-    lock, held, go = mp_ctx.Lock(), mp_ctx.Semaphore(0), mp_ctx.Semaphore(0)
-    p = start(mp_ctx, child_hold, lock, held, go)
+def test_lock_held_by_another_process(start_method):
+    lock = start_method.Lock()
+    held, go = start_method.Semaphore(0), start_method.Semaphore(0)
+    p = start(start_method, child_hold, lock, held, go)
     assert held.acquire(timeout=START)
     t = time.monotonic()
     assert lock.acquire(timeout=0.3) is False
@@ -526,26 +514,26 @@ def test_lock_held_by_another_process(mp_ctx):
 
 
 @pytest.mark.timeout(60)
-def test_lock_released_by_another_process(mp_ctx):
+def test_lock_released_by_another_process(start_method):
     # A Lock (unlike an RLock) may be released by a process that never acquired it.
-    lock = mp_ctx.Lock()
+    lock = start_method.Lock()
     lock.acquire()
-    join_ok(start(mp_ctx, child_release, lock))
+    join_ok(start(start_method, child_release, lock))
     assert lock.acquire(timeout=START)
     lock.release()
     # And a second release, from anywhere, is an over-release.
-    p = start(mp_ctx, child_release, lock)
+    p = start(start_method, child_release, lock)
     p.join(START)
     assert p.exitcode == 1
 
 
 @pytest.mark.timeout(60)
-def test_rlock_ownership_across_processes(mp_ctx):
-    rlock = mp_ctx.RLock()
-    r, w = mp_ctx.Pipe(duplex=False)
+def test_rlock_ownership_across_processes(start_method):
+    rlock = start_method.RLock()
+    r, w = start_method.Pipe(duplex=False)
     rlock.acquire()
     rlock.acquire()
-    p = start(mp_ctx, child_rlock_probe, rlock, w)
+    p = start(start_method, child_rlock_probe, rlock, w)
     w.close()
     msg = 'attempt to release recursive lock not owned by thread'
     assert r.poll(START) and r.recv() == ('AssertionError', msg)
@@ -562,9 +550,9 @@ def test_rlock_ownership_across_processes(mp_ctx):
 
 
 @pytest.mark.timeout(60)
-def test_semlock_passed_on_to_a_grandchild(mp_ctx):
-    lock = mp_ctx.Lock()
-    join_ok(start(mp_ctx, child_start_grandchild, lock, mp_ctx.get_start_method()),
+def test_semlock_passed_on_to_a_grandchild(start_method, start_method_name):
+    lock = start_method.Lock()
+    join_ok(start(start_method, child_start_grandchild, lock, start_method_name),
             timeout=2 * START)
     assert lock.acquire(False)
     lock.release()
@@ -601,10 +589,10 @@ def test_rlock_after_fork():
 
 
 @pytest.mark.timeout(60)
-def test_condition_notify_across_processes(mp_ctx):
-    cond = mp_ctx.Condition()
-    ready, woken = mp_ctx.Semaphore(0), mp_ctx.Semaphore(0)
-    ps = [start(mp_ctx, child_cond_wait, cond, ready, woken) for _ in range(3)]
+def test_condition_notify_across_processes(start_method):
+    cond = start_method.Condition()
+    ready, woken = start_method.Semaphore(0), start_method.Semaphore(0)
+    ps = [start(start_method, child_cond_wait, cond, ready, woken) for _ in range(3)]
     for _ in ps:
         assert ready.acquire(timeout=START)
     # Each has released the lock inside wait() once we can take it.
@@ -629,11 +617,11 @@ def test_condition_notify_across_processes(mp_ctx):
 
 
 @pytest.mark.timeout(60)
-def test_condition_wait_for_across_processes(mp_ctx):
-    cond = mp_ctx.Condition(mp_ctx.Lock())
+def test_condition_wait_for_across_processes(start_method):
+    cond = start_method.Condition(start_method.Lock())
     ints = SharedInts(2)
-    ready = mp_ctx.Semaphore(0)
-    ps = [start(mp_ctx, child_wait_for, cond, ints, ready, 3) for _ in range(2)]
+    ready = start_method.Semaphore(0)
+    ps = [start(start_method, child_wait_for, cond, ints, ready, 3) for _ in range(2)]
     for _ in ps:
         assert ready.acquire(timeout=START)
     for _ in range(3):
@@ -646,8 +634,8 @@ def test_condition_wait_for_across_processes(mp_ctx):
 
 
 @pytest.mark.timeout(60)
-def test_condition_wait_timeout(mp_ctx):
-    cond = mp_ctx.Condition()
+def test_condition_wait_timeout(start_method):
+    cond = start_method.Condition()
     with cond:
         t = time.monotonic()
         assert cond.wait(0.2) is False
@@ -661,10 +649,10 @@ def test_condition_wait_timeout(mp_ctx):
 
 
 @pytest.mark.timeout(60)
-def test_event_across_processes(mp_ctx):
-    ev_in, ev_out = mp_ctx.Event(), mp_ctx.Event()
+def test_event_across_processes(start_method):
+    ev_in, ev_out = start_method.Event(), start_method.Event()
     ints = SharedInts(1)
-    p = start(mp_ctx, child_event, ev_in, ev_out, ints)
+    p = start(start_method, child_event, ev_in, ev_out, ints)
     assert ev_out.wait(0.1) is False
     ev_in.set()
     assert ev_out.wait(START) is True
@@ -678,13 +666,13 @@ def test_event_across_processes(mp_ctx):
 
 
 @pytest.mark.timeout(90)
-def test_barrier_across_processes(mp_ctx):
+def test_barrier_across_processes(start_method):
     ints = SharedInts(4)
-    barrier = mp_ctx.Barrier(3, action=AddOne(ints, 0), timeout=START)
+    barrier = start_method.Barrier(3, action=AddOne(ints, 0), timeout=START)
     assert (barrier.parties, barrier.n_waiting, barrier.broken) == (3, 0, False)
     for _ in range(2):      # two rounds: the barrier is reusable
         ints[1] = ints[2] = 0
-        ps = [start(mp_ctx, child_barrier, barrier, ints, slot) for slot in (1, 2)]
+        ps = [start(start_method, child_barrier, barrier, ints, slot) for slot in (1, 2)]
         wait_until(lambda: barrier.n_waiting == 2)
         mine = barrier.wait()
         join_ok(*ps)
@@ -694,10 +682,10 @@ def test_barrier_across_processes(mp_ctx):
 
 
 @pytest.mark.timeout(90)
-def test_barrier_abort_reset_timeout(mp_ctx):
+def test_barrier_abort_reset_timeout(start_method):
     ints = SharedInts(2)
-    barrier = mp_ctx.Barrier(3)
-    ps = [start(mp_ctx, child_barrier_abort, barrier, ints) for _ in range(2)]
+    barrier = start_method.Barrier(3)
+    ps = [start(start_method, child_barrier_abort, barrier, ints) for _ in range(2)]
     wait_until(lambda: barrier.n_waiting == 2)
     barrier.abort()
     join_ok(*ps)
@@ -708,7 +696,7 @@ def test_barrier_abort_reset_timeout(mp_ctx):
     assert not barrier.broken
 
     ints[0] = 0
-    ps = [start(mp_ctx, child_barrier_reset, barrier, ints) for _ in range(2)]
+    ps = [start(start_method, child_barrier_reset, barrier, ints) for _ in range(2)]
     wait_until(lambda: barrier.n_waiting == 2)
     barrier.reset()
     wait_until(lambda: ints[0] == 2)
@@ -726,13 +714,13 @@ def test_barrier_abort_reset_timeout(mp_ctx):
 
 
 @pytest.mark.timeout(60)
-def test_barrier_default_timeout(mp_ctx):
-    barrier = mp_ctx.Barrier(2, timeout=0.2)
+def test_barrier_default_timeout(start_method):
+    barrier = start_method.Barrier(2, timeout=0.2)
     t = time.monotonic()
     with pytest.raises(threading.BrokenBarrierError):
         barrier.wait()
     assert time.monotonic() - t >= 0.19
-    single = mp_ctx.Barrier(1)
+    single = start_method.Barrier(1)
     assert single.wait() == 0 and single.wait() == 0
 
 
@@ -742,10 +730,10 @@ def test_barrier_default_timeout(mp_ctx):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize('kind', ['Lock', 'RLock'])
-def test_dead_holder_is_recovered(mp_ctx, kind):
-    lock = getattr(mp_ctx, kind)()
-    held = mp_ctx.Semaphore(0)
-    p = start(mp_ctx, child_die_holding, lock, held)
+def test_dead_holder_is_recovered(start_method, kind):
+    lock = getattr(start_method, kind)()
+    held = start_method.Semaphore(0)
+    p = start(start_method, child_die_holding, lock, held)
     assert held.acquire(timeout=START)
     p.join(START)
     assert p.exitcode == -signal.SIGKILL
@@ -760,12 +748,12 @@ def test_dead_holder_is_recovered(mp_ctx, kind):
 
 
 @pytest.mark.timeout(60)
-def test_dead_holder_of_bounded_semaphore_is_not_recovered(mp_ctx):
+def test_dead_holder_of_bounded_semaphore_is_not_recovered(start_method):
     # BoundedSemaphore(1) is released by other processes by design (Queue's hand-off),
     # so it waits like the stdlib's: the timeout ends the wait.
-    sem = mp_ctx.BoundedSemaphore(1)
-    held = mp_ctx.Semaphore(0)
-    p = start(mp_ctx, child_die_holding, sem, held)
+    sem = start_method.BoundedSemaphore(1)
+    held = start_method.Semaphore(0)
+    p = start(start_method, child_die_holding, sem, held)
     assert held.acquire(timeout=START)
     p.join(START)
     t = time.monotonic()
@@ -778,7 +766,7 @@ def test_dead_holder_of_bounded_semaphore_is_not_recovered(mp_ctx):
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize('kind', ['Lock', 'RLock', 'Semaphore', 'BoundedSemaphore',
                                   'Condition', 'Event', 'Barrier'])
-def test_pickling_outside_process_start(mp_ctx, std_ctx, kind):
+def test_pickling_outside_process_start(start_method, std_ctx, kind):
     args = (2,) if kind == 'Barrier' else ()
 
     def err(ctx):
@@ -786,7 +774,7 @@ def test_pickling_outside_process_start(mp_ctx, std_ctx, kind):
             pickle.dumps(getattr(ctx, kind)(*args))
         return str(e.value)
 
-    msg = err(mp_ctx)
+    msg = err(start_method)
     assert msg == err(std_ctx)
     assert msg.endswith('objects should only be shared between processes '
                         'through inheritance')
@@ -796,10 +784,9 @@ def test_pickling_outside_process_start(mp_ctx, std_ctx, kind):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize('method', ['spawn', 'forkserver'])
-def test_fork_context_lock_refused_by_spawned_child(method):
+def test_fork_context_lock_refused_by_spawned_child(non_fork_start_method):
     lock = ferromp.get_context('fork').Lock()
-    p = ferromp.get_context(method).Process(target=child_release, args=(lock,))
+    p = non_fork_start_method.Process(target=child_release, args=(lock,))
     with pytest.raises(RuntimeError, match='A SemLock created in a fork context'):
         p.start()
 
