@@ -16,11 +16,6 @@ pub enum Error {
     EofInMessage,
     /// A frame header announced a length that cannot be right.
     BadLength(i64),
-    /// A message longer than the caller's limit; the stream stays in sync because the
-    /// body was consumed, but the connection must not be trusted further.
-    TooLong(usize),
-    /// A message larger than the caller's buffer; the whole message is handed back.
-    BufferTooShort(Vec<u8>),
     /// A wait was interrupted by a signal and the caller chose to stop (Python raised).
     Interrupted,
     /// A child could not be executed; the errno came back over the CLOEXEC pipe.
@@ -40,8 +35,6 @@ impl fmt::Display for Error {
             Error::Eof => f.write_str("end of file"),
             Error::EofInMessage => f.write_str("got end of file during message"),
             Error::BadLength(n) => write!(f, "bad message length: {n}"),
-            Error::TooLong(n) => write!(f, "bad message length: {n} bytes exceeds maxlength"),
-            Error::BufferTooShort(v) => write!(f, "buffer too short for {} bytes", v.len()),
             Error::Interrupted => f.write_str("interrupted"),
             Error::Exec(e) => write!(f, "exec failed: {}", e.desc()),
         }

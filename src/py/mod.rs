@@ -27,11 +27,7 @@ impl From<Error> for PyErr {
             }
             Error::Eof => PyEOFError::new_err(()),
             Error::EofInMessage => PyOSError::new_err("got end of file during message"),
-            Error::BadLength(_) | Error::TooLong(_) => PyOSError::new_err("bad message length"),
-            Error::BufferTooShort(v) => PyValueError::new_err(format!(
-                "buffer too short for a message of {} bytes",
-                v.len()
-            )),
+            Error::BadLength(_) => PyOSError::new_err("bad message length"),
             Error::Interrupted => {
                 pyo3::exceptions::PyInterruptedError::new_err("interrupted system call")
             }
