@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use pyo3::exceptions::{PyEOFError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -22,8 +23,9 @@ mod sync;
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         match e {
+            // `OSError(errno, strerror)`: CPython picks the subclass (FileNotFoundError...).
             Error::Os(errno) | Error::Exec(errno) => {
-                PyOSError::new_err((errno as i32, errno.desc().to_string()))
+                PyOSError::new_err((errno as i32, strerror(errno)))
             }
             Error::Eof => PyEOFError::new_err(()),
             Error::EofInMessage => PyOSError::new_err("got end of file during message"),
@@ -32,6 +34,20 @@ impl From<Error> for PyErr {
                 pyo3::exceptions::PyInterruptedError::new_err("interrupted system call")
             }
         }
+    }
+}
+
+/// The C library's message for `errno`, which is what the stdlib's OSErrors carry
+/// (nix's own descriptions differ for some codes, e.g. EBADF, EAGAIN, ENOMEM).
+pub(crate) fn strerror(errno: Errno) -> String {
+    let mut buf = [0u8; 128];
+    // SAFETY: `buf` is writable for `buf.len()` bytes; the XSI strerror_r (libc binds
+    // glibc's __xpg_strerror_r) writes a NUL-terminated, possibly truncated message
+    // into it and touches nothing else.
+    let rc = unsafe { libc::strerror_r(errno as i32, buf.as_mut_ptr().cast(), buf.len()) };
+    match std::ffi::CStr::from_bytes_until_nul(&buf) {
+        Ok(msg) if rc == 0 => msg.to_string_lossy().into_owned(),
+        _ => errno.desc().to_owned(),
     }
 }
 

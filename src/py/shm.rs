@@ -59,7 +59,7 @@ use std::sync::OnceLock;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use pyo3::exceptions::{PyAttributeError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -692,15 +692,19 @@ fn shm_name(path: &Bound<'_, PyString>) -> PyResult<CString> {
 }
 
 /// A core error of a call on `path`: an OS error carries the name, as `_posixshmem`'s.
+/// Setting `filename` after construction leaves the same exception as
+/// `OSError(errno, strerror, path)` would be: CPython keeps only the first two in
+/// `args` either way, and `str()` / pickling read the attribute.
 fn named_err(e: Error, path: &Bound<'_, PyString>) -> PyErr {
-    match e {
-        Error::Os(errno) => PyOSError::new_err((
-            errno as i32,
-            errno.desc().to_string(),
-            path.clone().unbind(),
-        )),
-        other => other.into(),
+    let is_os = matches!(e, Error::Os(_));
+    let err = PyErr::from(e);
+    if is_os {
+        // OSError's `filename` is a plain writable member: this cannot fail.
+        let _ = err
+            .value(path.py())
+            .setattr(intern!(path.py(), "filename"), path);
     }
+    err
 }
 
 /// `shm_open(path, flags, mode=0o777)`: opens the POSIX shared-memory object `path`

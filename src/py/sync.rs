@@ -38,7 +38,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyTuple, PyType};
 
-use crate::py::deadline;
+use crate::py::{deadline, strerror};
 use crate::sync::{Recovery, SemKind, Semaphore, SyncError, SEM_VALUE_MAX};
 
 /// The longest a blocked acquire sleeps before it runs Python's signal handlers (see
@@ -62,20 +62,6 @@ pub(crate) fn sync_err(e: SyncError) -> PyErr {
 /// `OSError(errno, strerror)`: CPython picks the subclass (FileNotFoundError...).
 fn os_err(errno: Errno) -> PyErr {
     PyOSError::new_err((errno as i32, strerror(errno)))
-}
-
-/// The C library's message for `errno`, which is what the stdlib shows (nix's own
-/// descriptions differ for some codes, e.g. EBADF).
-fn strerror(errno: Errno) -> String {
-    let mut buf = [0u8; 128];
-    // SAFETY: `buf` is writable for `buf.len()` bytes; the XSI strerror_r (libc binds
-    // glibc's __xpg_strerror_r) writes a NUL-terminated, possibly truncated message
-    // into it and touches nothing else.
-    let rc = unsafe { libc::strerror_r(errno as i32, buf.as_mut_ptr().cast(), buf.len()) };
-    match std::ffi::CStr::from_bytes_until_nul(&buf) {
-        Ok(msg) if rc == 0 => msg.to_string_lossy().into_owned(),
-        _ => errno.desc().to_owned(),
-    }
 }
 
 /// A flag argument taken as the stdlib's `bool(accept={int})` arguments are: a bool
