@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use pyo3::exceptions::{PyEOFError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyAssertionError, PyEOFError, PyInterruptedError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -19,7 +19,8 @@ mod ring;
 pub(crate) mod shm;
 mod sync;
 
-/// The one conversion from core errors to Python exceptions.
+/// The one conversion from core errors to Python exceptions: the classes and messages
+/// the stdlib raises in the same situations.
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         match e {
@@ -27,19 +28,22 @@ impl From<Error> for PyErr {
             Error::Os(errno) | Error::Exec(errno) => {
                 PyOSError::new_err((errno as i32, strerror(errno)))
             }
+            // Never escapes a SemLock call (`acquire` handles it); raised like its errno.
+            Error::WouldBlock => Error::Os(Errno::EAGAIN).into(),
             Error::Eof => PyEOFError::new_err(()),
             Error::EofInMessage => PyOSError::new_err("got end of file during message"),
             Error::BadLength(_) => PyOSError::new_err("bad message length"),
-            Error::Interrupted => {
-                pyo3::exceptions::PyInterruptedError::new_err("interrupted system call")
-            }
+            Error::Interrupted => PyInterruptedError::new_err("interrupted system call"),
+            // Both messages are the stdlib's, word for word (see Error's Display).
+            Error::NotOwner => PyAssertionError::new_err(e.to_string()),
+            Error::OverRelease(_) => PyValueError::new_err(e.to_string()),
         }
     }
 }
 
 /// The C library's message for `errno`, which is what the stdlib's OSErrors carry
 /// (nix's own descriptions differ for some codes, e.g. EBADF, EAGAIN, ENOMEM).
-pub(crate) fn strerror(errno: Errno) -> String {
+fn strerror(errno: Errno) -> String {
     let mut buf = [0u8; 128];
     // SAFETY: `buf` is writable for `buf.len()` bytes; the XSI strerror_r (libc binds
     // glibc's __xpg_strerror_r) writes a NUL-terminated, possibly truncated message

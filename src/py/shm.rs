@@ -65,7 +65,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyInt, PyString, PyTuple, PyType};
 
-use super::sync::{slow, sync_err, PySemLock};
+use super::sync::{slow, PySemLock};
 use crate::error::Error;
 use crate::shm::Segment;
 
@@ -405,7 +405,7 @@ impl Cell {
 
     fn unlock(&self, py: Python<'_>) -> PyResult<()> {
         match &self.sem {
-            Some(sem) => sem.get().sem.release().map_err(sync_err),
+            Some(sem) => Ok(sem.get().sem.release()?),
             None => self.release.call0(py).map(drop),
         }
     }
