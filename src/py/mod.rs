@@ -1,7 +1,8 @@
 //! The `ferromp._core` extension module: the only Rust code that touches Python.
 //!
 //! Functions here convert arguments, release the GIL around every blocking core call
-//! (through [`blocking`]) and map core errors to Python exceptions in one place.
+//! (through [`blocking`], or [`blocking_sliced`] built on it) and map core errors to
+//! Python exceptions in one place.
 
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,35 @@ where
         Err(Error::Interrupted) if pending.is_some() => Err(pending.take().unwrap()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// [`blocking`] for a wait that also runs Python's signal handlers every `slice`, not
+/// only on EINTR: a signal interrupts a sleeping syscall only if it arrives during it,
+/// and one that lands just before (while spinning, or between two sleeps) only sets
+/// Python's flag, so a wait relying on EINTR alone would sleep on, deaf to Ctrl-C.
+///
+/// `step(until)` waits at most until `until` and returns `Ok(true)` when done,
+/// `Ok(false)` when `until` came first, `Err(Interrupted)` on EINTR. Returns `Ok(false)`
+/// once `deadline` (None: never) has passed.
+pub(crate) fn blocking_sliced<F>(
+    py: Python<'_>,
+    deadline: Option<Instant>,
+    slice: Duration,
+    mut step: F,
+) -> PyResult<bool>
+where
+    F: Send + FnMut(Instant) -> crate::error::Result<bool>,
+{
+    blocking(py, move |intr| loop {
+        let slice_end = Instant::now() + slice;
+        match step(deadline.map_or(slice_end, |d| d.min(slice_end))) {
+            Ok(true) => return Ok(true),
+            Ok(false) if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(false),
+            // The end of a slice, or EINTR: run the handlers, then wait on.
+            Ok(false) | Err(Error::Interrupted) => intr()?,
+            Err(e) => return Err(e),
+        }
+    })
 }
 
 #[pymodule]

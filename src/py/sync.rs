@@ -28,7 +28,7 @@
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use pyo3::exceptions::PyValueError;
@@ -39,7 +39,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyTuple, PyType};
 
 use crate::error::Error;
-use crate::py::deadline;
+use crate::py::{blocking_sliced, deadline};
 use crate::sync::{Recovery, SemKind, Semaphore, SEM_VALUE_MAX};
 
 /// The longest a blocked acquire sleeps before it runs Python's signal handlers (see
@@ -275,29 +275,22 @@ impl PySemLock {
     /// and resuming with the same deadline unless one of them raised.
     ///
     /// The sleep is cut into slices of at most [`SIGNAL_SLICE`], and Python's signal
-    /// handlers run between two slices too. A signal only interrupts the futex call if
-    /// it arrives during it; one that lands in between (while spinning, or while a
-    /// robust waiter checks its holder every 100 ms) only sets Python's flag, and the
-    /// stdlib's semaphore would then sleep on, deaf to Ctrl-C. Here it is seen at the
-    /// end of the slice at the latest.
+    /// handlers run between two slices too (see [`blocking_sliced`]): a signal that
+    /// misses the futex call (lands while spinning, or while a robust waiter checks its
+    /// holder every 100 ms) would leave the stdlib's semaphore sleeping on, deaf to
+    /// Ctrl-C; here it is seen at the end of the slice at the latest.
     pub(crate) fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         // The stdlib treats a negative timeout as zero.
         let deadline = deadline(timeout.map(|t| if t < 0.0 { 0.0 } else { t }))?;
-        loop {
-            let slice_end = Instant::now() + SIGNAL_SLICE;
-            let until = deadline.map_or(slice_end, |d| d.min(slice_end));
-            // The bookkeeping is updated here, with the GIL: see `crate::sync`.
-            match py.detach(|| self.sem.acquire_word(Some(until))) {
-                Ok(true) => {
-                    self.sem.note_acquired();
-                    return Ok(true);
-                }
-                Ok(false) if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(false),
-                // The end of a slice: a signal may have come between two sleeps.
-                Ok(false) | Err(Error::Interrupted) => py.check_signals()?,
-                Err(e) => return Err(e.into()),
-            }
+        let sem = &self.sem;
+        let got = blocking_sliced(py, deadline, SIGNAL_SLICE, |until| {
+            sem.acquire_word(Some(until))
+        })?;
+        // The bookkeeping is updated here, with the GIL: see `crate::sync`.
+        if got {
+            self.sem.note_acquired();
         }
+        Ok(got)
     }
 
     /// Maps the semaphore in `fd`, checking it is of the expected kind and bound.
