@@ -5,8 +5,9 @@ use std::fmt;
 
 use nix::errno::Errno;
 
-/// Everything a core operation can fail with.
-#[derive(Debug)]
+/// Everything a core operation can fail with. Which operation returns which variant is
+/// listed on each function; timeouts are not errors (waits return `Ok(false)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Error {
     /// An OS call failed; the errno is kept so Python gets the right OSError subclass.
     Os(Errno),
@@ -16,20 +17,32 @@ pub enum Error {
     EofInMessage,
     /// A frame header announced a length that cannot be right.
     BadLength(i64),
-    /// A message longer than the caller's limit; the stream stays in sync because the
-    /// body was consumed, but the connection must not be trusted further.
-    TooLong(usize),
-    /// A message larger than the caller's buffer; the whole message is handed back.
-    BufferTooShort(Vec<u8>),
-    /// A wait was interrupted by a signal and the caller chose to stop (Python raised).
+    /// A signal interrupted a wait. From a semaphore's `acquire`: a handler ran during
+    /// the sleep (`EINTR`); the caller runs Python's handlers and, if they do not raise,
+    /// waits again with the same deadline. From an `Intr` callback: a handler raised
+    /// (Ctrl-C) and the operation stops.
     Interrupted,
     /// A child could not be executed; the errno came back over the CLOEXEC pipe.
     Exec(Errno),
+    /// A semaphore's `try_acquire`: not available right now (the stdlib's `EAGAIN`).
+    WouldBlock,
+    /// `release` of a recursive mutex by a thread that does not own it (the stdlib
+    /// raises `AssertionError`).
+    NotOwner,
+    /// `release` would raise a semaphore's value above the `maxvalue` carried here (the
+    /// stdlib raises `ValueError`).
+    OverRelease(u32),
 }
 
 impl From<Errno> for Error {
     fn from(e: Errno) -> Self {
         Error::Os(e)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Os(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
     }
 }
 
@@ -40,10 +53,12 @@ impl fmt::Display for Error {
             Error::Eof => f.write_str("end of file"),
             Error::EofInMessage => f.write_str("got end of file during message"),
             Error::BadLength(n) => write!(f, "bad message length: {n}"),
-            Error::TooLong(n) => write!(f, "bad message length: {n} bytes exceeds maxlength"),
-            Error::BufferTooShort(v) => write!(f, "buffer too short for {} bytes", v.len()),
-            Error::Interrupted => f.write_str("interrupted"),
+            Error::Interrupted => f.write_str("interrupted by a signal"),
             Error::Exec(e) => write!(f, "exec failed: {}", e.desc()),
+            Error::WouldBlock => f.write_str("semaphore not available"),
+            // The stdlib's messages, word for word: the bindings raise them as they are.
+            Error::NotOwner => f.write_str("attempt to release recursive lock not owned by thread"),
+            Error::OverRelease(_) => f.write_str("semaphore or lock released too many times"),
         }
     }
 }

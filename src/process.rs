@@ -16,6 +16,7 @@ use nix::sys::signal::{kill as nix_kill, Signal};
 use nix::sys::wait::{waitpid as nix_waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::connection::Intr;
 use crate::error::{Error, Result};
 
 /// Forks the calling process. Returns 0 in the child and the child's pid in the parent.
@@ -43,9 +44,11 @@ fn exitcode(status: WaitStatus) -> Option<i32> {
     }
 }
 
-/// Reaps `pid` if it has exited. `block` waits for it. Returns the stdlib exitcode, or
-/// None if it is still running. ECHILD (reaped elsewhere) is an error for the caller.
-pub fn waitpid(pid: i32, block: bool) -> Result<Option<i32>> {
+/// Reaps `pid` if it has exited. `block` waits for it, calling `intr` whenever a signal
+/// interrupts the wait (and giving up with its error, see [`Intr`]). Returns the stdlib
+/// exitcode, or None if it is still running. ECHILD (reaped elsewhere) is an error for
+/// the caller.
+pub fn waitpid(pid: i32, block: bool, intr: Intr) -> Result<Option<i32>> {
     let flags = if block {
         None
     } else {
@@ -62,7 +65,7 @@ pub fn waitpid(pid: i32, block: bool) -> Result<Option<i32>> {
                     return Ok(None);
                 }
             }
-            Err(Errno::EINTR) if block => return Err(Error::Os(Errno::EINTR)),
+            Err(Errno::EINTR) if block => intr()?,
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         }

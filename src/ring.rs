@@ -88,7 +88,7 @@ use crate::message::Format;
 use crate::shm::Segment;
 use crate::spin;
 use crate::sync::futex::{self, Wake};
-use crate::sync::{RawSemaphore, Recovery, SemKind, SyncError, OWNER_CHECK_PERIOD, STATE_SIZE};
+use crate::sync::{RawSemaphore, Recovery, SemKind, OWNER_CHECK_PERIOD, STATE_SIZE};
 
 const MAGIC: u32 = u32::from_be_bytes(*b"fmR1");
 const REC_HDR: u64 = 8;
@@ -296,14 +296,6 @@ unsafe impl Send for Ring {}
 // SAFETY: as for Send; every method takes `&self` and synchronises through the locks.
 unsafe impl Sync for Ring {}
 
-fn sync_err(e: SyncError) -> Error {
-    match e {
-        SyncError::Os(errno) => Error::Os(errno),
-        SyncError::Interrupted => Error::Interrupted,
-        _ => Error::Os(Errno::EINVAL),
-    }
-}
-
 fn pad8(n: u64) -> u64 {
     (n + 7) & !7
 }
@@ -337,8 +329,7 @@ impl Ring {
                     1,
                     1,
                     Recovery::DeadOwner,
-                )
-                .map_err(sync_err)?;
+                )?;
             }
         }
         let (r, w) =
@@ -374,9 +365,7 @@ impl Ring {
                 RawSemaphore::attach((&raw mut (*h).bell_lock.0).cast(), STATE_SIZE),
             )
         };
-        let wlock = wlock.map_err(sync_err)?;
-        let rlock = rlock.map_err(sync_err)?;
-        let bell_lock = bell_lock.map_err(sync_err)?;
+        let (wlock, rlock, bell_lock) = (wlock?, rlock?, bell_lock?);
         // SAFETY: HEADER is within the mapping (checked above).
         let data = unsafe { base.add(HEADER) };
         Ok(Ring {
@@ -593,8 +582,8 @@ impl Ring {
         loop {
             match lock.acquire(deadline) {
                 Ok(got) => return Ok(got),
-                Err(SyncError::Interrupted) => intr()?,
-                Err(e) => return Err(sync_err(e)),
+                Err(Error::Interrupted) => intr()?,
+                Err(e) => return Err(e),
             }
         }
     }

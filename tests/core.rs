@@ -52,18 +52,24 @@ fn recv_frame(fd: RawFd) -> ferromp::error::Result<Vec<u8>> {
 fn exit_codes_and_signals() {
     let _g = FORK_MTX.lock().unwrap();
     let pid = fork_run(|| 7);
-    assert_eq!(process::waitpid(pid, true).unwrap(), Some(7));
+    assert_eq!(
+        process::waitpid(pid, true, &mut no_intr()).unwrap(),
+        Some(7)
+    );
 
     let pid = fork_run(|| {
         std::thread::sleep(Duration::from_secs(30));
         0
     });
-    assert_eq!(process::waitpid(pid, false).unwrap(), None);
+    assert_eq!(process::waitpid(pid, false, &mut no_intr()).unwrap(), None);
     assert!(process::exists(pid));
     process::kill(pid, libc::SIGTERM).unwrap();
-    assert_eq!(process::waitpid(pid, true).unwrap(), Some(-libc::SIGTERM));
+    assert_eq!(
+        process::waitpid(pid, true, &mut no_intr()).unwrap(),
+        Some(-libc::SIGTERM)
+    );
     assert!(matches!(
-        process::waitpid(pid, false),
+        process::waitpid(pid, false, &mut no_intr()),
         Err(Error::Os(nix::errno::Errno::ECHILD))
     ));
 }
@@ -103,7 +109,10 @@ fn frames_cross_processes_in_both_header_forms() {
     conn::write_all(w1, &[&long], &mut no_intr()).unwrap();
     assert_eq!(recv_frame(r2).unwrap(), b"hello");
     close(w1);
-    assert_eq!(process::waitpid(pid, true).unwrap(), Some(0));
+    assert_eq!(
+        process::waitpid(pid, true, &mut no_intr()).unwrap(),
+        Some(0)
+    );
     assert!(matches!(recv_frame(r2), Err(Error::Eof)));
     close(r2);
 }
@@ -170,7 +179,10 @@ fn spawn_keeps_exactly_the_fds_asked_for() {
         .collect();
     let pid = process::spawn(b"/bin/sh", &args, &[w]).unwrap();
     close(w);
-    assert_eq!(process::waitpid(pid, true).unwrap(), Some(0));
+    assert_eq!(
+        process::waitpid(pid, true, &mut no_intr()).unwrap(),
+        Some(0)
+    );
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {

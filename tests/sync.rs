@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ferromp::error::Error;
 use ferromp::sync::{
-    RawSemaphore, Recovery, SemKind, Semaphore, SyncError, OWNER_CHECK_PERIOD, SEM_VALUE_MAX,
-    STATE_SIZE,
+    RawSemaphore, Recovery, SemKind, Semaphore, OWNER_CHECK_PERIOD, SEM_VALUE_MAX, STATE_SIZE,
 };
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::Pid;
@@ -219,7 +219,7 @@ fn acquire_times_out_on_time() {
             let t0 = Instant::now();
             assert_eq!(sem.acquire(Some(t0)), Ok(false), "{name}");
             assert!(t0.elapsed() < Duration::from_millis(20), "{name}");
-            assert_eq!(sem.try_acquire(), Err(SyncError::WouldBlock), "{name}");
+            assert_eq!(sem.try_acquire(), Err(Error::WouldBlock), "{name}");
             assert_eq!(sem.recoveries(), 0, "{name}");
         });
         assert_eq!(
@@ -274,7 +274,7 @@ fn over_release_is_an_error() {
     let _g = fork_lock();
     // BoundedSemaphore(2).
     let sem = Semaphore::new(SemKind::Semaphore, 2, 2, Recovery::Never).unwrap();
-    assert_eq!(sem.release(), Err(SyncError::OverRelease(2)));
+    assert_eq!(sem.release(), Err(Error::OverRelease(2)));
     let child = spawn(|| {
         assert_eq!(sem.try_acquire(), Ok(()));
         assert_eq!(sem.try_acquire(), Ok(()));
@@ -285,17 +285,17 @@ fn over_release_is_an_error() {
     // Releasing what another process acquired is legal for a semaphore.
     sem.release().unwrap();
     sem.release().unwrap();
-    assert_eq!(sem.release(), Err(SyncError::OverRelease(2)));
+    assert_eq!(sem.release(), Err(Error::OverRelease(2)));
     assert_eq!(sem.get_value(), 2);
 
     // Lock: acquired by a child, released by the parent, then once too often.
     let lock = Semaphore::new(SemKind::Semaphore, 1, 1, Recovery::DeadOwner).unwrap();
-    assert_eq!(lock.release(), Err(SyncError::OverRelease(1)));
+    assert_eq!(lock.release(), Err(Error::OverRelease(1)));
     let child = spawn(|| i32::from(lock.try_acquire().is_err()));
     assert_eq!(join(child), 0);
     assert_eq!(lock.holder(), Some(child.as_raw() as u32));
     assert_eq!(lock.release(), Ok(()));
-    assert_eq!(lock.release(), Err(SyncError::OverRelease(1)));
+    assert_eq!(lock.release(), Err(Error::OverRelease(1)));
 
     // An unbounded Semaphore still stops at SEM_VALUE_MAX.
     let big = Semaphore::new(
@@ -306,11 +306,11 @@ fn over_release_is_an_error() {
     );
     assert_eq!(
         big.unwrap().release(),
-        Err(SyncError::OverRelease(SEM_VALUE_MAX))
+        Err(Error::OverRelease(SEM_VALUE_MAX))
     );
     // BoundedSemaphore(0) can never be released.
     let zero = Semaphore::new(SemKind::Semaphore, 0, 0, Recovery::Never).unwrap();
-    assert_eq!(zero.release(), Err(SyncError::OverRelease(0)));
+    assert_eq!(zero.release(), Err(Error::OverRelease(0)));
 }
 
 #[test]
@@ -318,7 +318,7 @@ fn recursive_mutex_ownership() {
     let _g = fork_lock();
     let rlock = Semaphore::new(SemKind::RecursiveMutex, 1, 1, Recovery::DeadOwner).unwrap();
     assert!(!rlock.is_mine());
-    assert_eq!(rlock.release(), Err(SyncError::NotOwner));
+    assert_eq!(rlock.release(), Err(Error::NotOwner));
     for n in 1..=3 {
         assert_eq!(rlock.acquire(None), Ok(true));
         assert_eq!(rlock.count(), n);
@@ -331,8 +331,8 @@ fn recursive_mutex_ownership() {
     thread::scope(|s| {
         s.spawn(|| {
             assert!(!rlock.is_mine());
-            assert_eq!(rlock.release(), Err(SyncError::NotOwner));
-            assert_eq!(rlock.try_acquire(), Err(SyncError::WouldBlock));
+            assert_eq!(rlock.release(), Err(Error::NotOwner));
+            assert_eq!(rlock.try_acquire(), Err(Error::WouldBlock));
             assert_eq!(
                 rlock.acquire(deadline(Duration::from_millis(20))),
                 Ok(false)
@@ -350,8 +350,8 @@ fn recursive_mutex_ownership() {
         );
         rlock.after_fork();
         assert_eq!(rlock.count(), 0);
-        assert_eq!(rlock.release(), Err(SyncError::NotOwner));
-        assert_eq!(rlock.try_acquire(), Err(SyncError::WouldBlock));
+        assert_eq!(rlock.release(), Err(Error::NotOwner));
+        assert_eq!(rlock.try_acquire(), Err(Error::WouldBlock));
         0
     });
     assert_eq!(join(child), 0);
@@ -365,7 +365,7 @@ fn recursive_mutex_ownership() {
         assert_eq!(rlock.count(), n);
     }
     assert!(!rlock.is_mine());
-    assert_eq!(rlock.release(), Err(SyncError::NotOwner));
+    assert_eq!(rlock.release(), Err(Error::NotOwner));
     assert_eq!(rlock.get_value(), 1);
 
     // Now a child can take it, re-enter, and give it back.
@@ -507,7 +507,7 @@ fn value_and_is_zero() {
     // Created held: value 0, holder unknown, and it never "recovers".
     let held = Semaphore::new(SemKind::Semaphore, 0, 1, Recovery::DeadOwner).unwrap();
     assert_eq!((held.get_value(), held.holder()), (0, None));
-    assert_eq!(held.try_acquire(), Err(SyncError::WouldBlock));
+    assert_eq!(held.try_acquire(), Err(Error::WouldBlock));
     assert_eq!(held.acquire(deadline(Duration::from_millis(30))), Ok(false));
     held.release().unwrap();
     assert_eq!(held.get_value(), 1);
@@ -557,7 +557,7 @@ fn memfd_is_cloexec_and_reattaches_from_fd() {
     let n = unsafe { libc::pwrite(fd.as_raw_fd(), zeros.as_ptr().cast(), zeros.len(), 0) };
     assert_eq!(n, STATE_SIZE as isize);
     let err = Semaphore::from_fd(fd).unwrap_err();
-    assert_eq!(err, SyncError::Os(nix::errno::Errno::EINVAL));
+    assert_eq!(err, Error::Os(nix::errno::Errno::EINVAL));
 }
 
 extern "C" fn ignore_signal(_: libc::c_int) {}
@@ -588,7 +588,7 @@ fn a_signal_interrupts_the_wait() {
             // SAFETY: the handler does nothing, so it is trivially async-signal-safe.
             unsafe { signal::sigaction(Signal::SIGUSR1, &act) }.unwrap();
             match sem.acquire(None) {
-                Err(SyncError::Interrupted) => 0,
+                Err(Error::Interrupted) => 0,
                 _ => 1,
             }
         });

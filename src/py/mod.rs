@@ -1,11 +1,13 @@
 //! The `ferromp._core` extension module: the only Rust code that touches Python.
 //!
 //! Functions here convert arguments, release the GIL around every blocking core call
-//! (through [`blocking`]) and map core errors to Python exceptions in one place.
+//! (through [`blocking`], or [`blocking_sliced`] built on it) and map core errors to
+//! Python exceptions in one place.
 
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::{PyEOFError, PyOSError, PyValueError};
+use nix::errno::Errno;
+use pyo3::exceptions::{PyAssertionError, PyEOFError, PyInterruptedError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -19,24 +21,39 @@ mod ring;
 pub(crate) mod shm;
 mod sync;
 
-/// The one conversion from core errors to Python exceptions.
+/// The one conversion from core errors to Python exceptions: the classes and messages
+/// the stdlib raises in the same situations.
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         match e {
+            // `OSError(errno, strerror)`: CPython picks the subclass (FileNotFoundError...).
             Error::Os(errno) | Error::Exec(errno) => {
-                PyOSError::new_err((errno as i32, errno.desc().to_string()))
+                PyOSError::new_err((errno as i32, strerror(errno)))
             }
+            // Never escapes a SemLock call (`acquire` handles it); raised like its errno.
+            Error::WouldBlock => Error::Os(Errno::EAGAIN).into(),
             Error::Eof => PyEOFError::new_err(()),
             Error::EofInMessage => PyOSError::new_err("got end of file during message"),
-            Error::BadLength(_) | Error::TooLong(_) => PyOSError::new_err("bad message length"),
-            Error::BufferTooShort(v) => PyValueError::new_err(format!(
-                "buffer too short for a message of {} bytes",
-                v.len()
-            )),
-            Error::Interrupted => {
-                pyo3::exceptions::PyInterruptedError::new_err("interrupted system call")
-            }
+            Error::BadLength(_) => PyOSError::new_err("bad message length"),
+            Error::Interrupted => PyInterruptedError::new_err("interrupted system call"),
+            // Both messages are the stdlib's, word for word (see Error's Display).
+            Error::NotOwner => PyAssertionError::new_err(e.to_string()),
+            Error::OverRelease(_) => PyValueError::new_err(e.to_string()),
         }
+    }
+}
+
+/// The C library's message for `errno`, which is what the stdlib's OSErrors carry
+/// (nix's own descriptions differ for some codes, e.g. EBADF, EAGAIN, ENOMEM).
+fn strerror(errno: Errno) -> String {
+    let mut buf = [0u8; 128];
+    // SAFETY: `buf` is writable for `buf.len()` bytes; the XSI strerror_r (libc binds
+    // glibc's __xpg_strerror_r) writes a NUL-terminated, possibly truncated message
+    // into it and touches nothing else.
+    let rc = unsafe { libc::strerror_r(errno as i32, buf.as_mut_ptr().cast(), buf.len()) };
+    match std::ffi::CStr::from_bytes_until_nul(&buf) {
+        Ok(msg) if rc == 0 => msg.to_string_lossy().into_owned(),
+        _ => errno.desc().to_owned(),
     }
 }
 
@@ -90,6 +107,35 @@ where
         Err(Error::Interrupted) if pending.is_some() => Err(pending.take().unwrap()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// [`blocking`] for a wait that also runs Python's signal handlers every `slice`, not
+/// only on EINTR: a signal interrupts a sleeping syscall only if it arrives during it,
+/// and one that lands just before (while spinning, or between two sleeps) only sets
+/// Python's flag, so a wait relying on EINTR alone would sleep on, deaf to Ctrl-C.
+///
+/// `step(until)` waits at most until `until` and returns `Ok(true)` when done,
+/// `Ok(false)` when `until` came first, `Err(Interrupted)` on EINTR. Returns `Ok(false)`
+/// once `deadline` (None: never) has passed.
+pub(crate) fn blocking_sliced<F>(
+    py: Python<'_>,
+    deadline: Option<Instant>,
+    slice: Duration,
+    mut step: F,
+) -> PyResult<bool>
+where
+    F: Send + FnMut(Instant) -> crate::error::Result<bool>,
+{
+    blocking(py, move |intr| loop {
+        let slice_end = Instant::now() + slice;
+        match step(deadline.map_or(slice_end, |d| d.min(slice_end))) {
+            Ok(true) => return Ok(true),
+            Ok(false) if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(false),
+            // The end of a slice, or EINTR: run the handlers, then wait on.
+            Ok(false) | Err(Error::Interrupted) => intr()?,
+            Err(e) => return Err(e),
+        }
+    })
 }
 
 #[pymodule]

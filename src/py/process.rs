@@ -3,8 +3,8 @@
 
 use pyo3::prelude::*;
 
-use crate::error::Error;
 use crate::process;
+use crate::py::blocking;
 
 /// Forks the interpreter as `os.fork()` does: the at-fork hooks registered with
 /// `os.register_at_fork` run before and after, and the child re-initialises the
@@ -43,7 +43,9 @@ fn spawnv_passfds(
     args: Vec<Vec<u8>>,
     passfds: Vec<i32>,
 ) -> PyResult<i32> {
-    Ok(py.detach(|| process::spawn(&path, &args, &passfds))?)
+    // Never abandoned for a signal: once the child exists, `spawn` must wait for its
+    // exec (a moment, CLONE_VFORK) to return its pid or the exec error.
+    blocking(py, |_intr| process::spawn(&path, &args, &passfds))
 }
 
 /// Reaps `pid`; returns its exitcode (negative signal number) or None if it runs.
@@ -52,14 +54,10 @@ fn spawnv_passfds(
 #[pyo3(signature = (pid, block=false))]
 fn waitpid(py: Python<'_>, pid: i32, block: bool) -> PyResult<Option<i32>> {
     if !block {
-        return Ok(process::waitpid(pid, false)?);
+        // WNOHANG: returns at once, so keep the GIL (and retry an EINTR in the core).
+        return Ok(process::waitpid(pid, false, &mut || Ok(()))?);
     }
-    loop {
-        match py.detach(|| process::waitpid(pid, true)) {
-            Err(Error::Os(nix::errno::Errno::EINTR)) => py.check_signals()?,
-            r => return Ok(r?),
-        }
-    }
+    blocking(py, |intr| process::waitpid(pid, true, intr))
 }
 
 /// Sends signal `sig` to `pid`.

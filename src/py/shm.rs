@@ -59,13 +59,13 @@ use std::sync::OnceLock;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use pyo3::exceptions::{PyAttributeError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyInt, PyString, PyTuple, PyType};
 
-use super::sync::{slow, sync_err, PySemLock};
+use super::sync::{slow, PySemLock};
 use crate::error::Error;
 use crate::shm::Segment;
 
@@ -405,7 +405,7 @@ impl Cell {
 
     fn unlock(&self, py: Python<'_>) -> PyResult<()> {
         match &self.sem {
-            Some(sem) => sem.get().sem.release().map_err(sync_err),
+            Some(sem) => Ok(sem.get().sem.release()?),
             None => self.release.call0(py).map(drop),
         }
     }
@@ -692,15 +692,19 @@ fn shm_name(path: &Bound<'_, PyString>) -> PyResult<CString> {
 }
 
 /// A core error of a call on `path`: an OS error carries the name, as `_posixshmem`'s.
+/// Setting `filename` after construction leaves the same exception as
+/// `OSError(errno, strerror, path)` would be: CPython keeps only the first two in
+/// `args` either way, and `str()` / pickling read the attribute.
 fn named_err(e: Error, path: &Bound<'_, PyString>) -> PyErr {
-    match e {
-        Error::Os(errno) => PyOSError::new_err((
-            errno as i32,
-            errno.desc().to_string(),
-            path.clone().unbind(),
-        )),
-        other => other.into(),
+    let is_os = matches!(e, Error::Os(_));
+    let err = PyErr::from(e);
+    if is_os {
+        // OSError's `filename` is a plain writable member: this cannot fail.
+        let _ = err
+            .value(path.py())
+            .setattr(intern!(path.py(), "filename"), path);
     }
+    err
 }
 
 /// `shm_open(path, flags, mode=0o777)`: opens the POSIX shared-memory object `path`

@@ -28,55 +28,24 @@
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
-use pyo3::exceptions::{PyAssertionError, PyOSError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyTuple, PyType};
 
-use crate::py::deadline;
-use crate::sync::{Recovery, SemKind, Semaphore, SyncError, SEM_VALUE_MAX};
+use crate::error::Error;
+use crate::py::{blocking_sliced, deadline};
+use crate::sync::{Recovery, SemKind, Semaphore, SEM_VALUE_MAX};
 
 /// The longest a blocked acquire sleeps before it runs Python's signal handlers (see
 /// [`PySemLock::wait`]): the worst-case Ctrl-C latency when the signal misses the
 /// futex call. The same period as the dead-owner check, whose wake-ups it shares.
 const SIGNAL_SLICE: Duration = crate::sync::OWNER_CHECK_PERIOD;
-
-/// Maps a core semaphore error to the exception the stdlib raises for it.
-pub(crate) fn sync_err(e: SyncError) -> PyErr {
-    match e {
-        // Both messages are the stdlib's, word for word (see SyncError's Display).
-        SyncError::NotOwner => PyAssertionError::new_err(e.to_string()),
-        SyncError::OverRelease(_) => PyValueError::new_err(e.to_string()),
-        // Neither escapes `acquire` (handled there); mapped like the errno they stand for.
-        SyncError::WouldBlock => os_err(Errno::EAGAIN),
-        SyncError::Interrupted => os_err(Errno::EINTR),
-        SyncError::Os(errno) => os_err(errno),
-    }
-}
-
-/// `OSError(errno, strerror)`: CPython picks the subclass (FileNotFoundError...).
-fn os_err(errno: Errno) -> PyErr {
-    PyOSError::new_err((errno as i32, strerror(errno)))
-}
-
-/// The C library's message for `errno`, which is what the stdlib shows (nix's own
-/// descriptions differ for some codes, e.g. EBADF).
-fn strerror(errno: Errno) -> String {
-    let mut buf = [0u8; 128];
-    // SAFETY: `buf` is writable for `buf.len()` bytes; the XSI strerror_r (libc binds
-    // glibc's __xpg_strerror_r) writes a NUL-terminated, possibly truncated message
-    // into it and touches nothing else.
-    let rc = unsafe { libc::strerror_r(errno as i32, buf.as_mut_ptr().cast(), buf.len()) };
-    match std::ffi::CStr::from_bytes_until_nul(&buf) {
-        Ok(msg) if rc == 0 => msg.to_string_lossy().into_owned(),
-        _ => errno.desc().to_owned(),
-    }
-}
 
 /// A flag argument taken as the stdlib's `bool(accept={int})` arguments are: a bool
 /// or anything with `__index__` that fits a C int (so `acquire(0)` works like
@@ -112,11 +81,11 @@ fn names() -> std::sync::MutexGuard<'static, BTreeSet<String>> {
 fn sem_key(name: &str) -> PyResult<String> {
     let key = name.trim_start_matches('/');
     if key.is_empty() || key.contains('/') || key.contains('\0') {
-        return Err(os_err(Errno::EINVAL));
+        return Err(Error::Os(Errno::EINVAL).into());
     }
     // glibc prefixes "sem." and the result must fit in NAME_MAX.
     if key.len() + 4 > 255 {
-        return Err(os_err(Errno::ENAMETOOLONG));
+        return Err(Error::Os(Errno::ENAMETOOLONG).into());
     }
     Ok(key.to_owned())
 }
@@ -163,7 +132,7 @@ impl PySemLock {
             return Self::attach(fd, kind, maxvalue, name);
         }
         let IntFlag(unlink) = unlink;
-        let value = u32::try_from(value).map_err(|_| os_err(Errno::EINVAL))?;
+        let value = u32::try_from(value).map_err(|_| Error::Os(Errno::EINVAL))?;
         // A negative bound makes every release an over-release, as in the stdlib.
         let maxvalue = u32::try_from(maxvalue).unwrap_or(0);
         let recovery = if recover {
@@ -177,10 +146,10 @@ impl PySemLock {
         let mut table = names();
         if let Some(k) = &key {
             if table.contains(k) {
-                return Err(os_err(Errno::EEXIST));
+                return Err(Error::Os(Errno::EEXIST).into());
             }
         }
-        let sem = Semaphore::new(kind, value, maxvalue, recovery).map_err(sync_err)?;
+        let sem = Semaphore::new(kind, value, maxvalue, recovery)?;
         let name = match key {
             Some(k) if !unlink => {
                 table.insert(k);
@@ -231,8 +200,8 @@ impl PySemLock {
         // The uncontended path: one CAS, no GIL release.
         match self.sem.try_acquire() {
             Ok(()) => return Ok(true),
-            Err(SyncError::WouldBlock) => {}
-            Err(e) => return Err(sync_err(e)),
+            Err(Error::WouldBlock) => {}
+            Err(e) => return Err(e.into()),
         }
         if !block.0 {
             return Ok(false);
@@ -306,34 +275,27 @@ impl PySemLock {
     /// and resuming with the same deadline unless one of them raised.
     ///
     /// The sleep is cut into slices of at most [`SIGNAL_SLICE`], and Python's signal
-    /// handlers run between two slices too. A signal only interrupts the futex call if
-    /// it arrives during it; one that lands in between (while spinning, or while a
-    /// robust waiter checks its holder every 100 ms) only sets Python's flag, and the
-    /// stdlib's semaphore would then sleep on, deaf to Ctrl-C. Here it is seen at the
-    /// end of the slice at the latest.
+    /// handlers run between two slices too (see [`blocking_sliced`]): a signal that
+    /// misses the futex call (lands while spinning, or while a robust waiter checks its
+    /// holder every 100 ms) would leave the stdlib's semaphore sleeping on, deaf to
+    /// Ctrl-C; here it is seen at the end of the slice at the latest.
     pub(crate) fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         // The stdlib treats a negative timeout as zero.
         let deadline = deadline(timeout.map(|t| if t < 0.0 { 0.0 } else { t }))?;
-        loop {
-            let slice_end = Instant::now() + SIGNAL_SLICE;
-            let until = deadline.map_or(slice_end, |d| d.min(slice_end));
-            // The bookkeeping is updated here, with the GIL: see `crate::sync`.
-            match py.detach(|| self.sem.acquire_word(Some(until))) {
-                Ok(true) => {
-                    self.sem.note_acquired();
-                    return Ok(true);
-                }
-                Ok(false) if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(false),
-                // The end of a slice: a signal may have come between two sleeps.
-                Ok(false) | Err(SyncError::Interrupted) => py.check_signals()?,
-                Err(e) => return Err(sync_err(e)),
-            }
+        let sem = &self.sem;
+        let got = blocking_sliced(py, deadline, SIGNAL_SLICE, |until| {
+            sem.acquire_word(Some(until))
+        })?;
+        // The bookkeeping is updated here, with the GIL: see `crate::sync`.
+        if got {
+            self.sem.note_acquired();
         }
+        Ok(got)
     }
 
     /// Maps the semaphore in `fd`, checking it is of the expected kind and bound.
     fn attach(fd: OwnedFd, kind: SemKind, maxvalue: i32, name: Option<String>) -> PyResult<Self> {
-        let sem = Semaphore::from_fd(fd).map_err(sync_err)?;
+        let sem = Semaphore::from_fd(fd)?;
         if sem.kind() != kind || i64::from(sem.maxvalue()) != i64::from(maxvalue.max(0)) {
             return Err(PyValueError::new_err(
                 "the handle holds a semaphore of another kind or maxvalue",
@@ -349,7 +311,7 @@ fn adopt_fd(fd: i32) -> PyResult<OwnedFd> {
     // IO-safety violation, which aborts the interpreter in debug builds).
     // SAFETY: F_GETFD only reads the descriptor flags; any int is a valid argument.
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-        return Err(os_err(Errno::EBADF));
+        return Err(Error::Os(Errno::EBADF).into());
     }
     // SAFETY: the caller hands the fd over (the documented contract of `_rebuild`: a
     // detached DupFd); from here on the returned OwnedFd is its only owner, so it is
@@ -365,7 +327,7 @@ fn sem_unlink(name: &str) -> PyResult<()> {
     if names().remove(&key) {
         Ok(())
     } else {
-        Err(os_err(Errno::ENOENT))
+        Err(Error::Os(Errno::ENOENT).into())
     }
 }
 
@@ -537,7 +499,7 @@ unsafe extern "C" fn semlock_release(
     match lock.sem.release() {
         // SAFETY: the GIL is held and None is live.
         Ok(()) => unsafe { new_ref(ffi::Py_None()) },
-        Err(e) => slow(|_| Err(sync_err(e))),
+        Err(e) => slow(|_| Err(e.into())),
     }
 }
 

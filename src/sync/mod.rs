@@ -128,6 +128,7 @@ use std::time::{Duration, Instant};
 use memmap2::{MmapMut, MmapOptions};
 use nix::errno::Errno;
 
+use crate::error::{Error, Result};
 use futex::Wake;
 
 /// The largest value a semaphore can hold (Linux `SEM_VALUE_MAX`, exposed by the
@@ -191,48 +192,6 @@ pub enum Recovery {
     Never,
     /// A waiter takes over the lock when its holder process is gone.
     DeadOwner,
-}
-
-/// What can go wrong in a semaphore operation. Which operation returns which variant is
-/// listed on each method; timeouts are not errors (`acquire` returns `Ok(false)`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncError {
-    /// `try_acquire`: not available right now (the stdlib's `EAGAIN`).
-    WouldBlock,
-    /// `acquire`: a signal handler interrupted the sleep (`EINTR`). The caller runs the
-    /// handlers and, if they do not raise, calls `acquire` again with the same deadline.
-    Interrupted,
-    /// `release` of a recursive mutex by a thread that does not own it
-    /// (the stdlib raises `AssertionError`).
-    NotOwner,
-    /// `release` would raise the value above `maxvalue` (carried here; the stdlib raises
-    /// `ValueError`).
-    OverRelease(u32),
-    /// An OS call failed (creating or mapping the memfd, or a futex call).
-    Os(Errno),
-}
-
-impl fmt::Display for SyncError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SyncError::WouldBlock => f.write_str("semaphore not available"),
-            SyncError::Interrupted => f.write_str("wait interrupted by a signal"),
-            // The stdlib's messages, word for word, so the bindings can reuse them.
-            SyncError::NotOwner => {
-                f.write_str("attempt to release recursive lock not owned by thread")
-            }
-            SyncError::OverRelease(_) => f.write_str("semaphore or lock released too many times"),
-            SyncError::Os(e) => write!(f, "{}", e.desc()),
-        }
-    }
-}
-
-impl std::error::Error for SyncError {}
-
-impl From<std::io::Error> for SyncError {
-    fn from(e: std::io::Error) -> Self {
-        SyncError::Os(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
-    }
 }
 
 /// The shared part of a semaphore. Only `word`, `waiters` and `recoveries` change after
@@ -325,10 +284,10 @@ impl RawSemaphore {
         value: u32,
         maxvalue: u32,
         recovery: Recovery,
-    ) -> Result<RawSemaphore, SyncError> {
+    ) -> Result<RawSemaphore> {
         let state = check_region(region, len)?;
         if value > SEM_VALUE_MAX || (kind == SemKind::RecursiveMutex && value > 1) {
-            return Err(SyncError::Os(Errno::EINVAL));
+            return Err(Error::Os(Errno::EINVAL));
         }
         let mutex = kind == SemKind::RecursiveMutex || (maxvalue == 1 && value <= 1);
         let (word, mut flags) = match (mutex, value) {
@@ -369,7 +328,7 @@ impl RawSemaphore {
     /// returned handle is used, and must not be written other than through this module's
     /// handles. If it holds a semaphore state, that state must be fully written (the
     /// `init` happened before this call).
-    pub unsafe fn attach(region: *mut u8, len: usize) -> Result<RawSemaphore, SyncError> {
+    pub unsafe fn attach(region: *mut u8, len: usize) -> Result<RawSemaphore> {
         let state = check_region(region, len)?;
         // SAFETY: aligned, in bounds and valid per the caller's contract; every bit
         // pattern is a valid `SemState` (integers and atomics only).
@@ -377,7 +336,7 @@ impl RawSemaphore {
         let kind = SemKind::from_raw(st.kind);
         let known_flags = FLAG_MUTEX | FLAG_ROBUST;
         let (Some(kind), MAGIC, 0) = (kind, st.magic, st.flags & !known_flags) else {
-            return Err(SyncError::Os(Errno::EINVAL));
+            return Err(Error::Os(Errno::EINVAL));
         };
         Ok(RawSemaphore {
             state,
@@ -420,7 +379,7 @@ impl RawSemaphore {
     ///
     /// Errors: `WouldBlock` when it is not available.
     #[inline]
-    pub fn try_acquire(&self) -> Result<(), SyncError> {
+    pub fn try_acquire(&self) -> Result<()> {
         if self.kind == SemKind::RecursiveMutex && self.is_mine() {
             self.add_count(1);
             return Ok(());
@@ -430,7 +389,7 @@ impl RawSemaphore {
                 self.note_acquired();
                 Ok(())
             }
-            Err(_) => Err(SyncError::WouldBlock),
+            Err(_) => Err(Error::WouldBlock),
         }
     }
 
@@ -441,7 +400,7 @@ impl RawSemaphore {
     /// Errors: `Interrupted` when a signal handler ran during the sleep (retry with the
     /// same deadline after running Python's handlers); `Os` if the futex call fails.
     #[inline]
-    pub fn acquire(&self, deadline: Option<Instant>) -> Result<bool, SyncError> {
+    pub fn acquire(&self, deadline: Option<Instant>) -> Result<bool> {
         match self.try_acquire() {
             Ok(()) => Ok(true),
             Err(_) => {
@@ -462,7 +421,7 @@ impl RawSemaphore {
     /// [`try_acquire`](Self::try_acquire), which handles an `RLock`'s re-entry.
     ///
     /// Errors: as `acquire`.
-    pub fn acquire_word(&self, deadline: Option<Instant>) -> Result<bool, SyncError> {
+    pub fn acquire_word(&self, deadline: Option<Instant>) -> Result<bool> {
         self.acquire_slow(deadline)
     }
 
@@ -472,10 +431,10 @@ impl RawSemaphore {
     /// `OverRelease(maxvalue)` when the value is already `maxvalue` (or `SEM_VALUE_MAX`);
     /// `Os` if the futex wake fails (the release itself has happened then).
     #[inline]
-    pub fn release(&self) -> Result<(), SyncError> {
+    pub fn release(&self) -> Result<()> {
         if self.kind == SemKind::RecursiveMutex {
             if !self.is_mine() {
-                return Err(SyncError::NotOwner);
+                return Err(Error::NotOwner);
             }
             // Only the owner thread changes `count` while it is positive: no race here.
             if self.add_count(-1) > 0 {
@@ -501,11 +460,11 @@ impl RawSemaphore {
     ///
     /// Errors: `WouldBlock`; from giving it back, as `release` (then `f` has run).
     #[inline]
-    pub fn try_locked<T>(&self, f: impl FnOnce() -> T) -> Result<T, SyncError> {
+    pub fn try_locked<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         if self.kind == SemKind::RecursiveMutex && self.is_mine() {
             return Ok(f());
         }
-        self.try_take().map_err(|_| SyncError::WouldBlock)?;
+        self.try_take().map_err(|_| Error::WouldBlock)?;
         let r = f();
         self.give()?;
         Ok(r)
@@ -601,7 +560,7 @@ impl RawSemaphore {
     /// One attempt at the shared transition; on failure, the word that was seen (the
     /// value to sleep on).
     #[inline]
-    fn try_take(&self) -> Result<(), u32> {
+    fn try_take(&self) -> std::result::Result<(), u32> {
         let word = &self.state().word;
         if self.mutex {
             word.compare_exchange(
@@ -632,7 +591,7 @@ impl RawSemaphore {
     }
 
     /// The shared half of `release`: the word transition, then the wake-up.
-    fn give(&self) -> Result<(), SyncError> {
+    fn give(&self) -> Result<()> {
         let st = self.state();
         if self.mutex {
             // Usually the releaser is the acquirer: try that first, one CAS.
@@ -643,12 +602,12 @@ impl RawSemaphore {
             {
                 loop {
                     if seen == FREE {
-                        return Err(SyncError::OverRelease(self.maxvalue));
+                        return Err(Error::OverRelease(self.maxvalue));
                     }
                     if self.kind == SemKind::RecursiveMutex {
                         // Our bookkeeping says we own it, the shared word disagrees:
                         // only possible if the memory was tampered with. Refuse.
-                        return Err(SyncError::NotOwner);
+                        return Err(Error::NotOwner);
                     }
                     match st
                         .word
@@ -664,7 +623,7 @@ impl RawSemaphore {
             let mut v = st.word.load(Ordering::SeqCst);
             loop {
                 if v >= limit {
-                    return Err(SyncError::OverRelease(self.maxvalue));
+                    return Err(Error::OverRelease(self.maxvalue));
                 }
                 match st
                     .word
@@ -676,7 +635,7 @@ impl RawSemaphore {
             }
         }
         if st.waiters.load(Ordering::SeqCst) != 0 {
-            futex::wake(&st.word, 1).map_err(SyncError::Os)?;
+            futex::wake(&st.word, 1)?;
         }
         Ok(())
     }
@@ -711,7 +670,7 @@ impl RawSemaphore {
 
     /// Spin, then sleep on the futex; see the module docs for the protocol.
     #[cold]
-    fn acquire_slow(&self, deadline: Option<Instant>) -> Result<bool, SyncError> {
+    fn acquire_slow(&self, deadline: Option<Instant>) -> Result<bool> {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(self.try_take().is_ok());
         }
@@ -749,14 +708,14 @@ impl RawSemaphore {
                 let to_check = OWNER_CHECK_PERIOD.saturating_sub(now - last_check);
                 timeout = Some(timeout.map_or(to_check, |t| t.min(to_check)));
             }
-            match futex::wait(&st.word, seen, timeout).map_err(SyncError::Os)? {
+            match futex::wait(&st.word, seen, timeout)? {
                 Wake::Woken | Wake::TimedOut => slept = true,
                 Wake::Changed => {}
                 Wake::Interrupted => {
                     // A wake-up may have raced with the signal: take what is there.
                     return match self.try_take() {
                         Ok(()) => Ok(true),
-                        Err(_) => Err(SyncError::Interrupted),
+                        Err(_) => Err(Error::Interrupted),
                     };
                 }
             }
@@ -793,10 +752,10 @@ impl fmt::Debug for RawSemaphore {
     }
 }
 
-fn check_region(region: *mut u8, len: usize) -> Result<NonNull<SemState>, SyncError> {
-    let state = NonNull::new(region.cast::<SemState>()).ok_or(SyncError::Os(Errno::EINVAL))?;
+fn check_region(region: *mut u8, len: usize) -> Result<NonNull<SemState>> {
+    let state = NonNull::new(region.cast::<SemState>()).ok_or(Error::Os(Errno::EINVAL))?;
     if len < STATE_SIZE || (region as usize) % STATE_ALIGN != 0 {
-        return Err(SyncError::Os(Errno::EINVAL));
+        return Err(Error::Os(Errno::EINVAL));
     }
     Ok(state)
 }
@@ -817,13 +776,8 @@ impl Semaphore {
     ///
     /// Errors: as [`RawSemaphore::init`], plus `Os` from `memfd_create`, `ftruncate`,
     /// `mmap`.
-    pub fn new(
-        kind: SemKind,
-        value: u32,
-        maxvalue: u32,
-        recovery: Recovery,
-    ) -> Result<Semaphore, SyncError> {
-        let fd = futex::memfd(c"ferromp-semaphore", STATE_SIZE).map_err(SyncError::Os)?;
+    pub fn new(kind: SemKind, value: u32, maxvalue: u32, recovery: Recovery) -> Result<Semaphore> {
+        let fd = futex::memfd(c"ferromp-semaphore", STATE_SIZE)?;
         let mut map = map_state(&fd)?;
         // SAFETY: the mapping is page aligned, STATE_SIZE long, MAP_SHARED, and lives in
         // the returned struct next to the handle; nobody else has the fd yet.
@@ -838,10 +792,10 @@ impl Semaphore {
     ///
     /// Errors: `Os(EINVAL)` if the file is too small or holds no semaphore, `Os` from
     /// `fstat` / `mmap`.
-    pub fn from_fd(fd: OwnedFd) -> Result<Semaphore, SyncError> {
-        let size = nix::sys::stat::fstat(&fd).map_err(SyncError::Os)?.st_size;
+    pub fn from_fd(fd: OwnedFd) -> Result<Semaphore> {
+        let size = nix::sys::stat::fstat(&fd)?.st_size;
         if !usize::try_from(size).is_ok_and(|s| s >= STATE_SIZE) {
-            return Err(SyncError::Os(Errno::EINVAL));
+            return Err(Error::Os(Errno::EINVAL));
         }
         let mut map = map_state(&fd)?;
         // SAFETY: a MAP_SHARED mapping of STATE_SIZE bytes within the file, kept alive in
@@ -857,7 +811,7 @@ impl Semaphore {
     }
 }
 
-fn map_state(fd: &OwnedFd) -> Result<MmapMut, SyncError> {
+fn map_state(fd: &OwnedFd) -> Result<MmapMut> {
     // SAFETY: memmap2 asks us to ensure nobody truncates or modifies the file behind the
     // mapping in ways Rust cannot see. The file is a memfd only this module sizes, and
     // its bytes are only ever accessed through atomics (`SemState`), so concurrent
@@ -937,7 +891,7 @@ mod tests {
         let l = Semaphore::new(SemKind::Semaphore, 1, 1, Recovery::DeadOwner).unwrap();
         l.try_acquire().unwrap();
         // A Lock held, even by the caller, is not re-entered.
-        assert_eq!(l.try_locked(|| ()), Err(SyncError::WouldBlock));
+        assert_eq!(l.try_locked(|| ()), Err(Error::WouldBlock));
         l.release().unwrap();
         assert_eq!(l.try_locked(|| l.get_value()), Ok(0));
         assert_eq!((l.count(), l.get_value()), (0, 1));
@@ -945,7 +899,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_arguments() {
-        let bad = Err(SyncError::Os(Errno::EINVAL));
+        let bad = Err(Error::Os(Errno::EINVAL));
         let r = Semaphore::new(
             SemKind::Semaphore,
             SEM_VALUE_MAX + 1,
