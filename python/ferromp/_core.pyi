@@ -1,6 +1,6 @@
 """Type stubs for ferromp._core, the Rust extension module (src/py/)."""
 
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from typing_extensions import disjoint_base, final
 
@@ -8,8 +8,9 @@ __all__ = [
     'fork', 'spawnv_passfds', 'waitpid', 'kill', 'pid_exists', 'watch_parent',
     'send_bytes', 'recv_bytes', 'poll', 'wait', 'sendfds', 'socketpair', 'recvfds',
     'SemLock', 'sem_unlink', 'Segment', 'SharedCell', 'shm_open', 'shm_open_sized',
-    'shm_unlink', 'Ring', 'PLAIN_MAX', 'OFFER_FULL', 'OFFER_WRITTEN', 'OFFER_RESERVED',
-    'OFFER_NOT_PLAIN', 'PoolRing', 'ServeEnd', 'Served', 'Packed',
+    'shm_unlink', 'Ring', 'is_plain', 'PLAIN_MAX', 'OFFER_FULL', 'OFFER_WRITTEN', 'OFFER_RESERVED',
+    'OFFER_NOT_PLAIN', 'PoolRing', 'SERVE_LIMIT', 'SERVE_TASK', 'SERVE_RESULT',
+    'SERVE_ERROR', 'Packed',
 ]
 
 # --- processes (src/py/process.rs) ---
@@ -112,6 +113,11 @@ class SharedCell:
 # --- rings (src/py/ring.rs, src/py/pool.rs, src/py/packed.rs) ---
 
 PLAIN_MAX: int
+
+def is_plain(obj: object) -> bool:
+    """An exact int, float, bool or None, or str or bytes of at most PLAIN_MAX."""
+    ...
+
 OFFER_FULL: int
 OFFER_WRITTEN: int
 OFFER_RESERVED: int
@@ -146,27 +152,11 @@ class Ring:
     def full(self) -> bool: ...
     def arm_bell(self) -> int: ...
 
-@final
-class ServeEnd:
-    """Why PoolRing.serve came back to Python."""
-    LIMIT: ClassVar["ServeEnd"]
-    TASK: ClassVar["ServeEnd"]
-    RESULT: ClassVar["ServeEnd"]
-    ERROR: ClassVar["ServeEnd"]
-
-@final
-class Served:
-    """What PoolRing.serve returns."""
-    @property
-    def done(self) -> int: ...
-    @property
-    def end(self) -> ServeEnd: ...
-    @property
-    def tag(self) -> int: ...
-    @property
-    def ok(self) -> bool: ...
-    @property
-    def value(self) -> Any: ...
+# Why PoolRing.serve came back to Python.
+SERVE_LIMIT: int
+SERVE_TASK: int
+SERVE_RESULT: int
+SERVE_ERROR: int
 
 # A tagged message as Python sees it: (tag, ok, value or exception).
 _Tagged = Tuple[int, bool, Any]
@@ -190,7 +180,8 @@ class PoolRing:
                   append: Callable[[_Tagged], Any], block: bool = ...,
                   timeout: Optional[float] = ...) -> int: ...
     def serve(self, results: "PoolRing", funcs: Dict[bytes, Any],
-              loads: Callable[..., Any], slot: int, limit: int) -> Served: ...
+              loads: Callable[..., Any], slot: int,
+              limit: int) -> Tuple[int, int, int, bool, Any]: ...
     def has_data(self) -> bool: ...
     def abandon(self) -> None: ...
 

@@ -301,7 +301,8 @@ def _ctl_tag(kind, wid):
 
 # Task numbers are handed out in blocks of _BLOCK consecutive numbers, one block per
 # batch that a submit writes (a batch of native calls needs consecutive tags).
-_BLOCK = 256
+_BLOCK_BITS = 8
+_BLOCK = 1 << _BLOCK_BITS
 # Tasks pickled per batch (one ring write and one wake-up each); the first batch of a
 # long submit goes out once pickling has taken _FIRST_BATCH_TIME, so a worker starts
 # while the caller pickles on.
@@ -591,15 +592,14 @@ class _RingSide:
 
     def take(self, limit):
         # The core runs the plain calls itself and comes back for anything else.
-        s = self.serve(*self.serve_args, _SERVE_FOREVER if limit is None else limit)
-        end = s.end
+        done, end, tag, ok, value = self.serve(
+            *self.serve_args, _SERVE_FOREVER if limit is None else limit)
         if end == _SERVED_TASK:
-            tag = s.tag
             if tag == _STOP_TAG:
-                return s.done, _STOP, None, None
-            if not s.ok:
-                return s.done, _BAD, tag, s.value
-            fkey, args, kwds = s.value
+                return done, _STOP, None, None
+            if not ok:
+                return done, _BAD, tag, value
+            fkey, args, kwds = value
             funcs = self.funcs
             try:
                 func = funcs[fkey]
@@ -607,13 +607,11 @@ class _RingSide:
                 try:
                     func = funcs.worker_func(fkey)
                 except Exception as e:
-                    return s.done, _BAD, tag, e
-            return s.done, _TASK, tag, (func, args, kwds)
+                    return done, _BAD, tag, e
+            return done, _TASK, tag, (func, args, kwds)
         if end == _SERVED_LIMIT:
-            return s.done, _LIMIT, None, None
-        if end == _SERVED_RESULT:
-            return s.done, _RESULT, s.tag, s.value
-        return s.done, _ERROR, s.tag, s.value
+            return done, _LIMIT, None, None
+        return done, _RESULT if end == _SERVED_RESULT else _ERROR, tag, value
 
     def post(self, tag, ok, value, func=None, more=True, general=False):
         results = self.channel.results
@@ -638,9 +636,9 @@ class _RingSide:
 
 
 _PACKING_RUNNERS = frozenset(_CHUNK_RUNNERS.values())
-_SERVED_TASK = _core.ServeEnd.TASK
-_SERVED_LIMIT = _core.ServeEnd.LIMIT
-_SERVED_RESULT = _core.ServeEnd.RESULT
+_SERVED_TASK = _core.SERVE_TASK
+_SERVED_LIMIT = _core.SERVE_LIMIT
+_SERVED_RESULT = _core.SERVE_RESULT
 
 
 def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=None,
@@ -1129,8 +1127,8 @@ class _Engine:
 
     def _queue_room(self):
         # How many more tasks the feeder may queue now (the thread engine bounds its
-        # pending queue; the process engine's task ring absorbs them).
-        return self.feed_burst
+        # inbox; the process engine's task ring absorbs them).
+        return self.lookahead
 
     def _feed_room(self, f):
         # How many more tasks this imap may have in flight: bounded by what the caller
@@ -1142,9 +1140,10 @@ class _Engine:
 
     def _produce(self, f, limit=None):
         # Pulls a burst of items (or chunks) from one feed and submits them: short, so
-        # that feeds take turns.
-        limit = min(self._feed_room(f) if limit is None else limit, self._queue_room(),
-                    self.feed_burst)
+        # that feeds take turns. (An inline feed is given its limit: all its room.)
+        if limit is None:
+            limit = min(self._feed_room(f), self.feed_burst)
+        limit = min(limit, self._queue_room())
         if limit <= 0 or self.state == TERMINATE:
             return
         idx = f.next_index
@@ -1153,14 +1152,19 @@ class _Engine:
         error = None
         self.feeder_in_user_code = True
         try:
-            if f.iterator is None:
+            if f.inline and f.chunksize == 1:
+                # A list, tuple or range: a slice of it (a range's is a range).
+                items = f.source[idx:idx + limit]
+                ended = idx + len(items) >= len(f.source)
+            elif f.iterator is None:
                 if f.chunksize == 1:
                     f.iterator = iter(f.source)
                 else:
                     f.iterator = Pool._get_tasks(f.func, f.source, f.chunksize)
-            next_item = f.iterator.__next__
-            for _ in range(limit):
-                items.append(next_item())
+            if f.iterator is not None:
+                next_item = f.iterator.__next__
+                for _ in range(limit):
+                    items.append(next_item())
         except StopIteration:
             ended = True
         except Exception as e:
@@ -1360,46 +1364,49 @@ class _ProcessEngine(_Engine):
     def submit(self, job, func, items, first=0, unpack=False, kwds=None, feeding=False):
         self._may_submit(feeding)
         fkey = self.funcs.parent_key(func)
-        # func(item) of a plain scalar item goes natively (see PoolRing.put_calls).
-        native = (not unpack and not kwds and type(fkey) is bytes
-                  and type(items) in _SEQUENCES)
+        # func(item) of a plain scalar item goes natively (PoolRing.put_calls), up to
+        # _BLOCK a batch; the rest is pickled, _BATCH a batch.
+        native = type(fkey) is bytes and not unpack and not kwds and type(items) in _SEQUENCES
+        inflight = self.inflight
         n = len(items)
         at = 0
-        started = time.perf_counter()
         while at < n:
-            tag0 = next(self.blocks) * _BLOCK
-            if native and _is_plain(items[at]):
-                w = self._put_calls(tag0, job, fkey, items, at, min(n, at + _BLOCK), first)
-                if w:
-                    at += w
+            tag0 = next(self.blocks) << _BLOCK_BITS
+            if native:
+                k = n - at if n - at < _BLOCK else _BLOCK
+                # Recorded before the write: a result may come back before it returns.
+                if k == 1:
+                    inflight[tag0] = (job, first + at)
+                else:
+                    inflight.update(zip(range(tag0, tag0 + k), zip(
+                        itertools.repeat(job), range(first + at, first + at + k))))
+                try:
+                    written = self.channel.tasks.put_calls(tag0, fkey, items, at, at + k)
+                except BaseException:
+                    written = 0
+                    raise
+                finally:
+                    if written < k:
+                        for tag in range(tag0 + written, tag0 + k):
+                            del inflight[tag]
+                if written:
+                    at += written
                     continue
-            # The general way, a batch at a time, up to the next item that goes
-            # natively (the first goes this way in any case: an int beyond 64 bits is
-            # plain but not native).
+                # (Nothing went out under tag0: the pickled batch takes the block. After
+                # it, the plain items go natively again.)
             at = self._put_pickled(tag0, job, fkey, items, at, min(n, at + _BATCH), first,
-                                   unpack, kwds, native, feeding, at == 0 and started)
+                                   unpack, kwds, feeding, at == 0)
             if at < n:
                 # Take in the results that came meanwhile, here rather than in the
                 # engine's thread, which would wait for our GIL.
                 self.drain()
         self._submitted()
 
-    def _put_calls(self, tag0, job, fkey, items, start, stop, first):
-        # Recorded before the write: a result may come back before the write returns.
-        inflight = self.inflight
-        k = stop - start
-        inflight.update(zip(range(tag0, tag0 + k),
-                            zip(itertools.repeat(job), range(first + start, first + stop))))
-        w = 0
-        try:
-            w = self.channel.tasks.put_calls(tag0, fkey, items, start, stop)
-        finally:
-            for tag in range(tag0 + w, tag0 + k):
-                inflight.pop(tag, None)
-        return w
-
-    def _put_pickled(self, tag0, job, fkey, items, at, stop, first, unpack, kwds, native,
-                     feeding, started):
+    def _put_pickled(self, tag0, job, fkey, items, at, stop, first, unpack, kwds, feeding,
+                     first_batch):
+        # Pickles and writes the items from ``at`` up to ``stop``; returns where it
+        # stopped (before ``stop`` when a long first batch goes out early).
+        started = first_batch and time.perf_counter()
         encode = self.channel.encode_task
         inflight = self.inflight
         batch = []
@@ -1408,8 +1415,6 @@ class _ProcessEngine(_Engine):
             while at < stop:
                 item = items[at]
                 i = first + at
-                if native and batch and _is_plain(item):
-                    break
                 at += 1
                 try:
                     args = tuple(item) if unpack else (item,)

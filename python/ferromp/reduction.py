@@ -85,22 +85,15 @@ class _FastPickler(pickle.Pickler):
 
 
 _table_key = None
-# Plain objects: the types the C pickler writes itself, never consulting a dispatch
-# table, so the plain pickle.dumps gives the same bytes, and the rings carry them
-# natively (src/message.rs). Not long strings: pickle.dumps grows its buffer by
-# reallocation, while a pickler over a file writes a large payload straight through
-# (16x faster for 1 MiB), and a ring moves a large payload out of band.
-_SCALAR_TYPES = frozenset({int, float, bool, type(None)})
-_STRING_TYPES = frozenset({str, bytes})
-_PLAIN_MAX = _core.PLAIN_MAX
+# Plain objects (``_core.is_plain``, defined in src/py/ring.rs): exact ints, floats,
+# bools, None, and str or bytes of at most ``_core.PLAIN_MAX`` characters or bytes. The C
+# pickler writes these itself, never consulting a dispatch table, so the plain
+# pickle.dumps gives the same bytes, and the rings carry them natively. Not long
+# strings: pickle.dumps grows its buffer by reallocation, while a pickler over a file
+# writes a large payload straight through (16x faster for 1 MiB), and a ring moves a
+# large payload out of band.
+is_plain = _core.is_plain
 _plain_dumps = pickle.dumps
-
-
-def is_plain(obj):
-    """Whether ``obj`` is plain: an int, float, bool or None, or a str or bytes of at
-    most ``_core.PLAIN_MAX`` characters or bytes (exact types, not subclasses)."""
-    t = type(obj)
-    return t in _SCALAR_TYPES or (t in _STRING_TYPES and len(obj) <= _PLAIN_MAX)
 
 
 def _refresh_table():

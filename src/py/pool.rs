@@ -32,44 +32,25 @@ pub(crate) struct PoolRing {
     claims: Py<PySegment>,
 }
 
-/// Why [`PoolRing::serve`] came back to Python.
-#[pyclass(module = "ferromp._core", frozen, eq, eq_int)]
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Why [`PoolRing::serve`] came back to Python: named constants of the module (plain
+/// ints, compared once per return of `serve`), as `SERVE_LIMIT` and so on.
+#[derive(Clone, Copy)]
+#[repr(u8)]
 pub(crate) enum ServeEnd {
     /// It ran as many tasks as it was allowed: nothing to do.
-    #[pyo3(name = "LIMIT")]
-    Limit,
+    Limit = 0,
     /// A task for Python to run: `value` is `(fkey, args, kwds)`, or the exception
     /// that rebuilding it raised (`ok` false).
-    #[pyo3(name = "TASK")]
-    Task,
+    Task = 1,
     /// The core ran the task, whose result `value` needs the pickler.
-    #[pyo3(name = "RESULT")]
-    Result,
+    Result = 2,
     /// The core ran the task, which raised the Exception `value`.
-    #[pyo3(name = "ERROR")]
-    Error,
+    Error = 3,
 }
 
-/// What [`PoolRing::serve`] returns.
-#[pyclass(module = "ferromp._core", frozen)]
-pub(crate) struct Served {
-    /// Tasks the core ran and answered before it came back.
-    #[pyo3(get)]
-    done: u64,
-    /// Why it came back.
-    #[pyo3(get)]
-    end: ServeEnd,
-    /// The tag of the task `value` belongs to.
-    #[pyo3(get)]
-    tag: u64,
-    /// Whether `value` is a task or result (not an exception).
-    #[pyo3(get)]
-    ok: bool,
-    /// See [`ServeEnd`].
-    #[pyo3(get)]
-    value: Py<PyAny>,
-}
+/// What [`PoolRing::serve`] returns: `(done, end, tag, ok, value)`, the tasks it ran
+/// and answered, why it came back ([`ServeEnd`]), and the task `value` belongs to.
+type Served<'py> = (u64, u8, u64, bool, Bound<'py, PyAny>);
 
 /// A tagged message as Python sees it: `(tag, True, loads(message))`, or `(tag, False,
 /// exception)` when `loads` raised an Exception. An error of `loads` that is not an
@@ -142,26 +123,6 @@ impl PoolRing {
         )?;
         store_claim(claim, 0);
         Ok(())
-    }
-
-    fn served(
-        py: Python<'_>,
-        done: u64,
-        end: ServeEnd,
-        tag: u64,
-        ok: bool,
-        value: Bound<'_, PyAny>,
-    ) -> PyResult<Py<Served>> {
-        Py::new(
-            py,
-            Served {
-                done,
-                end,
-                tag,
-                ok,
-                value: value.unbind(),
-            },
-        )
     }
 }
 
@@ -365,7 +326,7 @@ impl PoolRing {
         loads: &Bound<'py, PyAny>,
         slot: usize,
         limit: u64,
-    ) -> PyResult<Py<Served>> {
+    ) -> PyResult<Served<'py>> {
         let claim = self.claim(Some(slot))?;
         let results = results.get();
         let mut done = 0u64;
@@ -383,7 +344,7 @@ impl PoolRing {
                     if let Some(e) = interrupted {
                         return Err(e);
                     }
-                    return Self::served(py, done, ServeEnd::Task, tag, ok, obj);
+                    return Ok((done, ServeEnd::Task as u8, tag, ok, obj));
                 }
             };
             let key = &v[..klen];
@@ -398,7 +359,7 @@ impl PoolRing {
                         // Not looked up in this process yet: the Python loop does it.
                         let landing = Landing::Call(tag, fmt, klen, v);
                         let (tag, ok, obj) = tagged(py, landing, loads, &mut None)?;
-                        return Self::served(py, done, ServeEnd::Task, tag, ok, obj);
+                        return Ok((done, ServeEnd::Task as u8, tag, ok, obj));
                     }
                 },
             };
@@ -407,12 +368,12 @@ impl PoolRing {
                 Ok(value) => value,
                 Err(e) if e.is_instance_of::<PyException>(py) => {
                     let exc = e.into_value(py).into_bound(py).into_any();
-                    return Self::served(py, done, ServeEnd::Error, tag, false, exc);
+                    return Ok((done, ServeEnd::Error as u8, tag, false, exc));
                 }
                 Err(e) => return Err(e),
             };
             let Some((rfmt, enc)) = encode_native(&value)? else {
-                return Self::served(py, done, ServeEnd::Result, tag, true, value);
+                return Ok((done, ServeEnd::Result as u8, tag, true, value));
             };
             let body = enc.bytes();
             let head = (rfmt as u32, body.len() as u64, tag);
@@ -420,7 +381,13 @@ impl PoolRing {
             results.put_native(py, Format::TaggedNative, head, body, claim, hold)?;
             done += 1;
         }
-        Self::served(py, done, ServeEnd::Limit, 0, true, py.None().into_bound(py))
+        Ok((
+            done,
+            ServeEnd::Limit as u8,
+            0,
+            true,
+            py.None().into_bound(py),
+        ))
     }
 
     /// Whether a message (or part of one) waits to be read.
@@ -437,6 +404,8 @@ impl PoolRing {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PoolRing>()?;
-    m.add_class::<ServeEnd>()?;
-    m.add_class::<Served>()
+    m.add("SERVE_LIMIT", ServeEnd::Limit as u8)?;
+    m.add("SERVE_TASK", ServeEnd::Task as u8)?;
+    m.add("SERVE_RESULT", ServeEnd::Result as u8)?;
+    m.add("SERVE_ERROR", ServeEnd::Error as u8)
 }

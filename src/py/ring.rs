@@ -68,9 +68,29 @@ impl Native<'_> {
     }
 }
 
-/// `obj`'s native encoding, or None when it must be pickled. Only objects of exactly
-/// these types qualify: int within 64 bits, float, bool, None, and str or bytes of at
-/// most [`PLAIN_MAX`] bytes (a subclass, a larger int, a longer string: pickled).
+/// Whether `obj` is plain: an int, float, bool or None, or a str or bytes of at most
+/// [`PLAIN_MAX`] characters or bytes, of exactly that type (not a subclass). The one
+/// definition: `_core.is_plain` (`reduction.is_plain`) is this function, and the
+/// native encoder takes nothing else. A plain object is pickled by the plain pickler
+/// (the same bytes as the stdlib's) and, where it has a native form, travels natively.
+pub(crate) fn is_plain(obj: &Bound<'_, PyAny>) -> bool {
+    if obj.is_exact_instance_of::<PyString>() || obj.is_exact_instance_of::<PyBytes>() {
+        return obj.len().is_ok_and(|n| n <= PLAIN_MAX);
+    }
+    obj.is_exact_instance_of::<PyInt>()
+        || obj.is_exact_instance_of::<PyFloat>()
+        || obj.is_none()
+        || obj.is_exact_instance_of::<PyBool>()
+}
+
+#[pyfunction(name = "is_plain")]
+fn py_is_plain(obj: &Bound<'_, PyAny>) -> bool {
+    is_plain(obj)
+}
+
+/// `obj`'s native encoding, or None when it must be pickled: a plain object (see
+/// [`is_plain`]) that has one. An int beyond 64 bits, a str with lone surrogates or
+/// whose UTF-8 form is longer than [`PLAIN_MAX`] has none.
 pub(crate) fn encode_native<'a>(
     obj: &'a Bound<'_, PyAny>,
 ) -> PyResult<Option<(Format, Native<'a>)>> {
@@ -876,6 +896,7 @@ impl Ring {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Ring>()?;
+    m.add_function(wrap_pyfunction!(py_is_plain, m)?)?;
     m.add("PLAIN_MAX", PLAIN_MAX)?;
     m.add("OFFER_FULL", OFFER_FULL)?;
     m.add("OFFER_WRITTEN", OFFER_WRITTEN)?;
