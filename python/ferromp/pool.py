@@ -11,7 +11,7 @@ How it is built (``docs/architecture.md``, "Pool", has the reasons)
 =====================================================================
 
 The front (``Pool``, ``ThreadPool``, the result classes) turns every call into tasks of
-one shape, "``func(item)`` (or ``func(*item)``) for each item of a list, as tasks
+one shape, "``func(item)`` (or ``func(*item)``) for each item of a sequence, as tasks
 ``i0, i0 + 1, ...`` of a job", and hands them to its engine's ``submit``:
 
 * ``apply_async(f, args)``: one task, ``f(*args)``;
@@ -34,8 +34,8 @@ Two engines carry the tasks:
     (``_spill``).
 
 ``_ThreadEngine`` (``ThreadPool``)
-    A queue per worker thread; the engine's thread hands each idle thread one task at a
-    time and reads their results from an outbox, as the stdlib schedules.
+    The worker threads take tasks from one shared inbox and post results to an outbox
+    that the engine's thread reads, as the stdlib schedules.
 
 Every worker, thread or process, runs ``_work``: take a task, run it, post the result.
 Process workers take and post through the rings (``_RingSide``), and the core runs the
