@@ -327,3 +327,43 @@ def test_listener_ignores_address_and_family():
     assert listener.address.maxsize == 2
     listener.close()
     assert listener.address is None
+
+
+def _init_once_then_fail(counter, lock):
+    with lock:
+        counter[0] += 1
+        first = counter[0] == 1
+    if not first:
+        raise RuntimeError('this initializer works only once')
+
+
+@pytest.mark.timeout(30)
+def test_threadpool_broken_with_a_live_thread_still_closes_and_joins():
+    # The first thread's initializer works, every later one fails: the pool turns
+    # broken while that thread runs a task, and the thread must still get its stop
+    # message once the task is done (the engine's turns must not swallow it).
+    from ferromp.pool import ThreadPool, BrokenPoolError
+    counter, lock = [0], threading.Lock()
+    started, release = threading.Event(), threading.Event()
+
+    def busy():
+        started.set()
+        release.wait(20)
+        return 'done'
+    pool = ThreadPool(2, initializer=_init_once_then_fail, initargs=(counter, lock))
+    r = pool.apply_async(busy)
+    assert started.wait(20)
+    deadline = time.monotonic() + 20
+    while pool._engine.broken is None:
+        assert time.monotonic() < deadline, 'the pool never turned broken'
+        time.sleep(0.01)
+    with pytest.raises(BrokenPoolError):
+        pool.apply(abs, (-1,))
+    for _ in range(20):         # engine turns while the thread is busy
+        pool._engine.wake()
+        time.sleep(0.005)
+    release.set()
+    assert r.get(20) == 'done'
+    pool.close()
+    pool.join()
+    assert not any(t.is_alive() for t in pool._pool)

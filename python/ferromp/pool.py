@@ -1268,14 +1268,20 @@ class _ThreadEngine(_Engine):
                 self.inbox.put(None)
 
     def _take_queued(self):
+        # The tasks no thread has taken yet, out of the inbox; its stop messages stay.
         tasks = []
+        stops = 0
         try:
             while True:
                 task = self.inbox.get_nowait()
-                if task is not None:
+                if task is None:
+                    stops += 1
+                else:
                     tasks.append(task)
         except queue.Empty:
             pass
+        for _ in range(stops):
+            self.inbox.put(None)
         return tasks
 
     def _wait(self, timeout, _):
