@@ -338,6 +338,7 @@ def _init_once_then_fail(counter, lock):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnhandledThreadExceptionWarning')
 def test_threadpool_broken_with_a_live_thread_still_closes_and_joins():
     # The first thread's initializer works, every later one fails: the pool turns
     # broken while that thread runs a task, and the thread must still get its stop
