@@ -329,11 +329,13 @@ def test_listener_ignores_address_and_family():
     assert listener.address is None
 
 
-def _init_once_then_fail(counter, lock):
+def _init_once_then_fail(counter, lock, busy):
     with lock:
         counter[0] += 1
         first = counter[0] == 1
     if not first:
+        # Fail only once the first thread runs a task, so the pool turns broken then.
+        busy.wait(20)
         raise RuntimeError('this initializer works only once')
 
 
@@ -351,7 +353,8 @@ def test_threadpool_broken_with_a_live_thread_still_closes_and_joins():
         started.set()
         release.wait(20)
         return 'done'
-    pool = ThreadPool(2, initializer=_init_once_then_fail, initargs=(counter, lock))
+    pool = ThreadPool(2, initializer=_init_once_then_fail,
+                      initargs=(counter, lock, started))
     r = pool.apply_async(busy)
     assert started.wait(20)
     deadline = time.monotonic() + 20
