@@ -388,7 +388,8 @@ class _Channel:
                     break
             else:
                 return _plain_dumps((fkey, args, None), 5)
-        return self.dumps((fkey, args, kwds or None))
+        # (A tuple is never plain: straight to the general pickler.)
+        return _spill.dumps((fkey, args, kwds or None), queues._dumps_for_ring, self.spill)
 
 
 #
