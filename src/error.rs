@@ -49,12 +49,12 @@ impl From<std::io::Error> for Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Os(e) => write!(f, "{}", e.desc()),
+            Error::Os(e) => f.write_str(&strerror(*e)),
             Error::Eof => f.write_str("end of file"),
             Error::EofInMessage => f.write_str("got end of file during message"),
             Error::BadLength(n) => write!(f, "bad message length: {n}"),
             Error::Interrupted => f.write_str("interrupted by a signal"),
-            Error::Exec(e) => write!(f, "exec failed: {}", e.desc()),
+            Error::Exec(e) => write!(f, "exec failed: {}", strerror(*e)),
             Error::WouldBlock => f.write_str("semaphore not available"),
             // The stdlib's messages, word for word: the bindings raise them as they are.
             Error::NotOwner => f.write_str("attempt to release recursive lock not owned by thread"),
@@ -64,6 +64,20 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// The C library's message for `errno`, which is what the stdlib's OSErrors carry
+/// (nix's own descriptions differ for some codes, e.g. EBADF, EAGAIN, ENOMEM).
+pub fn strerror(errno: Errno) -> String {
+    let mut buf = [0u8; 128];
+    // SAFETY: `buf` is writable for `buf.len()` bytes; the XSI strerror_r (libc binds
+    // glibc's __xpg_strerror_r) writes a NUL-terminated, possibly truncated message
+    // into it and touches nothing else.
+    let rc = unsafe { libc::strerror_r(errno as i32, buf.as_mut_ptr().cast(), buf.len()) };
+    match std::ffi::CStr::from_bytes_until_nul(&buf) {
+        Ok(msg) if rc == 0 => msg.to_string_lossy().into_owned(),
+        _ => errno.desc().to_owned(),
+    }
+}
 
 /// Result alias for the core.
 pub type Result<T> = std::result::Result<T, Error>;

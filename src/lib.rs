@@ -11,6 +11,7 @@ pub mod error;
 pub mod message;
 pub mod process;
 pub mod ring;
+pub mod scalar;
 pub mod shm;
 pub mod spin;
 pub mod sync;

@@ -205,6 +205,27 @@ pub fn read_native_head(head: &[u8]) -> Result<(u32, u64, u64)> {
     Ok((u32_at(head, 4)?, u64_at(head, 8)?, u64_at(head, 16)?))
 }
 
+/// Reads the [`native_head`] of a `TaggedNative` or `TaggedCall` message (`fmt`) whose
+/// body is `body` bytes long: the scalar's format, the length of the function's key
+/// that comes before the argument (0 for `TaggedNative`), and the tag. An error unless
+/// the kind is a scalar format and the count fits the body (`TaggedNative`: the count
+/// is the scalar's length, the whole body).
+pub fn read_scalar_head(fmt: Format, head: &[u8], body: usize) -> Result<(Format, usize, u64)> {
+    let (kind, count, tag) = read_native_head(head)?;
+    let scalar = u16::try_from(kind)
+        .ok()
+        .and_then(|k| Format::from_u16(k).ok())
+        .filter(|f| f.is_scalar());
+    let key = match fmt {
+        Format::TaggedCall => Some(count).filter(|&c| c <= body as u64),
+        _ => (count == body as u64).then_some(0),
+    };
+    match (scalar, key) {
+        (Some(s), Some(k)) => Ok((s, k as usize, tag)),
+        _ => Err(Error::BadLength(body as i64)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +256,23 @@ mod tests {
         assert!(read_envelope_head(false, &h, 0).is_err()); // lengths overflow
         h[4..8].copy_from_slice(&1000u32.to_le_bytes()); // too many payloads
         assert!(read_envelope_head(false, &h, 0).is_err());
+    }
+
+    #[test]
+    fn scalar_heads_are_checked() {
+        let (int, call, native) = (Format::Int as u32, Format::TaggedCall, Format::TaggedNative);
+        assert_eq!(
+            read_scalar_head(call, &native_head(int, 5, 9), 13),
+            Ok((Format::Int, 5, 9))
+        );
+        assert!(read_scalar_head(call, &native_head(int, 14, 9), 13).is_err());
+        assert_eq!(
+            read_scalar_head(native, &native_head(int, 8, 3), 8),
+            Ok((Format::Int, 0, 3))
+        );
+        assert!(read_scalar_head(native, &native_head(int, 7, 3), 8).is_err());
+        let tagged = Format::Tagged as u32;
+        assert!(read_scalar_head(native, &native_head(tagged, 8, 3), 8).is_err());
     }
 
     #[test]

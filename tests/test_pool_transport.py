@@ -362,11 +362,11 @@ def test_packed_ring_messages_in_one_process():
     from ferromp import _core
     import pickle
     ring = _core.PoolRing(1 << 16, _core.Segment(64))
-    assert ring.put_plain(5, [1, -2, 3])
-    assert ring.put_plain(6, [2 ** 40, 1])
-    assert ring.put_plain(7, [0.5, float("inf")])
+    assert ring.put(5, [1, -2, 3], plain=True)
+    assert ring.put(6, [2 ** 40, 1], plain=True)
+    assert ring.put(7, [0.5, float("inf")], plain=True)
     for refused in ([], [1, 2.0], [True], [2 ** 64], ["a"]):
-        assert not ring.put_plain(8, refused)
+        assert not ring.put(8, refused, plain=True)
     def take():
         got = []
         assert ring.take_into(pickle.loads, 1, got.append) == 1
@@ -384,9 +384,9 @@ def test_packed_ring_messages_in_one_process():
     assert ring.take_into(pickle.loads, 1, [].append) == 0
     # take_into appends what is there, up to its limit, without waiting unless
     # told to.
-    assert ring.put_plain(1, "one") and ring.put_plain(2, None)
+    assert ring.put(1, "one", plain=True) and ring.put(2, None, plain=True)
     ring.put(3, pickle.dumps((1, 2)))
-    assert not ring.put_plain(4, 2 ** 64)
+    assert not ring.put(4, 2 ** 64, plain=True)
     into = collections.deque([(0, True, "before")])
     assert ring.take_into(pickle.loads, 2, into.append) == 2
     assert list(into) == [(0, True, "before"), (1, True, "one"), (2, True, None)]

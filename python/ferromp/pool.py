@@ -624,8 +624,8 @@ class _RingSide:
         # Plain scalars and map chunks' lists of plain numbers go without the pickler
         # (the core tried already when it ran the task itself: general).
         packs = type(value) is list and func in _PACKING_RUNNERS
-        if (packs or (not general and _is_plain(value))) and results.put_plain(
-                tag, value, self.slot, hold):
+        if (packs or (not general and _is_plain(value))) and results.put(
+                tag, value, self.slot, hold, plain=True):
             return
         try:
             data = self.channel.dumps(value)

@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyAssertionError, PyEOFError, PyInterruptedError, PyOSErr
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::error::Error;
+use crate::error::{strerror, Error};
 
 mod connection;
 mod packed;
@@ -40,20 +40,6 @@ impl From<Error> for PyErr {
             Error::NotOwner => PyAssertionError::new_err(e.to_string()),
             Error::OverRelease(_) => PyValueError::new_err(e.to_string()),
         }
-    }
-}
-
-/// The C library's message for `errno`, which is what the stdlib's OSErrors carry
-/// (nix's own descriptions differ for some codes, e.g. EBADF, EAGAIN, ENOMEM).
-fn strerror(errno: Errno) -> String {
-    let mut buf = [0u8; 128];
-    // SAFETY: `buf` is writable for `buf.len()` bytes; the XSI strerror_r (libc binds
-    // glibc's __xpg_strerror_r) writes a NUL-terminated, possibly truncated message
-    // into it and touches nothing else.
-    let rc = unsafe { libc::strerror_r(errno as i32, buf.as_mut_ptr().cast(), buf.len()) };
-    match std::ffi::CStr::from_bytes_until_nul(&buf) {
-        Ok(msg) if rc == 0 => msg.to_string_lossy().into_owned(),
-        _ => errno.desc().to_owned(),
     }
 }
 

@@ -156,8 +156,12 @@ impl PoolRing {
 
     /// Puts `data` (bytes, or an envelope tuple) tagged `tag`, waiting for room if
     /// needed, after `hold.hold_spin()` if `hold` is given; then, if `slot` is given,
-    /// clears that worker's claim word (its result is out).
-    #[pyo3(signature = (tag, data, slot=None, hold=None))]
+    /// clears that worker's claim word (its result is out). With `plain`, `data` is
+    /// the object itself, put without the pickler if it is a plain scalar (see
+    /// `encode_native`) or a list whose items are all exact ints within 64 bits or all
+    /// exact floats (packed, see `packed.rs`); for any other object nothing is done and
+    /// the result is False (the caller pickles it).
+    #[pyo3(signature = (tag, data, slot=None, hold=None, *, plain=false))]
     fn put(
         &self,
         py: Python<'_>,
@@ -165,15 +169,32 @@ impl PoolRing {
         data: &Bound<'_, PyAny>,
         slot: Option<usize>,
         hold: Option<&Bound<'_, PoolRing>>,
-    ) -> PyResult<()> {
+        plain: bool,
+    ) -> PyResult<bool> {
         let claim = self.claim(slot)?;
-        let parts = Parts::of(data, Some(tag))?;
-        if let Some(r) = hold {
-            r.get().h.inner.hold_spin();
+        let hold = hold.map(|h| h.get());
+        if !plain {
+            let parts = Parts::of(data, Some(tag))?;
+            if let Some(r) = hold {
+                r.h.inner.hold_spin();
+            }
+            parts.with_msg(|msg| self.h.put_unbounded(py, msg))?;
+            store_claim(claim, 0);
+        } else if let Ok(items) = data.cast_exact::<PyList>() {
+            let Some((kind, body)) = packed::encode(items) else {
+                return Ok(false);
+            };
+            let head = (kind, items.len() as u64, tag);
+            self.put_native(py, Format::Packed, head, &body, claim, hold)?;
+        } else {
+            let Some((fmt, enc)) = encode_native(data)? else {
+                return Ok(false);
+            };
+            let body = enc.bytes();
+            let head = (fmt as u32, body.len() as u64, tag);
+            self.put_native(py, Format::TaggedNative, head, body, claim, hold)?;
         }
-        parts.with_msg(|msg| self.h.put_unbounded(py, msg))?;
-        store_claim(claim, 0);
-        Ok(())
+        Ok(true)
     }
 
     /// `put(tag, data)` for each `(tag, data)` of `items`, in order, waking the
@@ -197,39 +218,6 @@ impl PoolRing {
             })
             .collect();
         self.h.put_all(py, &msgs)
-    }
-
-    /// Puts `obj` tagged `tag` without the pickler if it is a plain scalar (see
-    /// `encode_native`) or a list whose items are all exact ints within 64 bits or all
-    /// exact floats (packed, see `packed.rs`), after `hold.hold_spin()` if given; then
-    /// clears claim word `slot` as `put` does. Returns False, doing nothing, for any
-    /// other object (the caller pickles it).
-    #[pyo3(signature = (tag, obj, slot=None, hold=None))]
-    fn put_plain(
-        &self,
-        py: Python<'_>,
-        tag: u64,
-        obj: &Bound<'_, PyAny>,
-        slot: Option<usize>,
-        hold: Option<&Bound<'_, PoolRing>>,
-    ) -> PyResult<bool> {
-        let claim = self.claim(slot)?;
-        let hold = hold.map(|h| h.get());
-        if let Ok(items) = obj.cast_exact::<PyList>() {
-            let Some((kind, body)) = packed::encode(items) else {
-                return Ok(false);
-            };
-            let head = (kind, items.len() as u64, tag);
-            self.put_native(py, Format::Packed, head, &body, claim, hold)?;
-            return Ok(true);
-        }
-        let Some((fmt, enc)) = encode_native(obj)? else {
-            return Ok(false);
-        };
-        let body = enc.bytes();
-        let head = (fmt as u32, body.len() as u64, tag);
-        self.put_native(py, Format::TaggedNative, head, body, claim, hold)?;
-        Ok(true)
     }
 
     /// Writes tasks `func(item)` for `items[start:stop]` (a list, tuple or range),
@@ -313,7 +301,7 @@ impl PoolRing {
     /// going back to Python between them, while they are native calls (`put_calls`) of
     /// a function found in `funcs` (function key -> function) whose results are plain
     /// scalars: each result goes natively into `results`, then the worker's claim word
-    /// `slot` is cleared, as `put_plain` does. Stops after `limit` tasks, or at the
+    /// `slot` is cleared, as `put` does. Stops after `limit` tasks, or at the
     /// first task it cannot finish alone, and says why (see [`ServeEnd`]).
     ///
     /// Before each result it puts (but the one that reaches `limit`) the worker

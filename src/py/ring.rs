@@ -546,29 +546,14 @@ impl Handle {
                 Ok((Landing::Packed(tag, kind, b), Dest::One((p, n))))
             }
             Format::TaggedNative | Format::TaggedCall => {
-                // A scalar (TaggedNative: the count is its length), or a call
-                // (TaggedCall: the count is the length of the function's key, which
-                // comes before the argument).
-                let (kind, count, tag) = message::read_native_head(head)?;
-                let scalar = u16::try_from(kind)
-                    .ok()
-                    .and_then(|k| Format::from_u16(k).ok())
-                    .filter(|f| f.is_scalar());
-                let fits = if fmt == Format::TaggedNative {
-                    count == n as u64
-                } else {
-                    count <= n as u64
-                };
-                let Some(scalar) = scalar.filter(|_| fits) else {
-                    return Err(Error::BadLength(n as i64));
-                };
+                let (scalar, klen, tag) = message::read_scalar_head(fmt, head, n)?;
                 let mut v = vec![0u8; n];
                 let p = v.as_mut_ptr();
                 store_claim(claim, tag);
                 let landing = if fmt == Format::TaggedNative {
                     Landing::TaggedNative(tag, scalar, v)
                 } else {
-                    Landing::Call(tag, scalar, count as usize, v)
+                    Landing::Call(tag, scalar, klen, v)
                 };
                 Ok((landing, Dest::One((p, n))))
             }

@@ -32,7 +32,7 @@
 //!   held `RLock`. Otherwise it calls the lock's `acquire()` / `release()`, as the
 //!   stdlib's wrappers do.
 //! * The scalar of an integer or float `Value` is loaded and stored by the cell
-//!   ([`Scalar`]); anything else goes through the ctypes object, so conversions and
+//!   ([`crate::scalar`]); anything else goes through the ctypes object, so conversions and
 //!   errors are ctypes' own.
 //! * `Synchronized.value` is a raw getset descriptor ([`value_get`], [`value_set`]):
 //!   the uncontended case is lock word, load or store, lock word
@@ -63,10 +63,11 @@ use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueErr
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyFloat, PyInt, PyString, PyTuple, PyType};
+use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 
 use super::sync::{slow, PySemLock};
 use crate::error::Error;
+use crate::scalar::{Bits, Scalar};
 use crate::shm::Segment;
 
 /// A fixed-size anonymous shared-memory segment (a close-on-exec memfd).
@@ -173,197 +174,33 @@ impl PySegment {
     }
 }
 
-/// How a scalar's bytes are read and written directly (see [`Scalar`]).
-#[derive(Clone, Copy)]
-enum ScalarKind {
-    I8,
-    U8,
-    I16,
-    U16,
-    I32,
-    U32,
-    I64,
-    U64,
-    F32,
-    F64,
-}
-
-impl ScalarKind {
-    /// The kind for a ctypes simple type's `_type_` code and size, if it is one of the
-    /// integer or floating-point types whose `value` is a plain load / store.
-    fn from_ctype(code: &str, size: usize) -> Option<ScalarKind> {
-        use ScalarKind::*;
-        let signed = match code {
-            "b" | "h" | "i" | "l" | "q" => true,
-            "B" | "H" | "I" | "L" | "Q" => false,
-            "f" if size == 4 => return Some(F32),
-            "d" if size == 8 => return Some(F64),
-            _ => return None,
-        };
-        Some(match (size, signed) {
-            (1, true) => I8,
-            (1, false) => U8,
-            (2, true) => I16,
-            (2, false) => U16,
-            (4, true) => I32,
-            (4, false) => U32,
-            (8, true) => I64,
-            (8, false) => U64,
-            _ => return None,
-        })
-    }
-
-    fn size(self) -> usize {
-        use ScalarKind::*;
-        match self {
-            I8 | U8 => 1,
-            I16 | U16 => 2,
-            I32 | U32 | F32 => 4,
-            I64 | U64 | F64 => 8,
-        }
-    }
-
-    fn is_float(self) -> bool {
-        matches!(self, ScalarKind::F32 | ScalarKind::F64)
-    }
-}
-
-/// A value as loaded from, or about to be stored to, a [`Scalar`].
-#[derive(Clone, Copy)]
-enum Bits {
-    Int(i64),
-    UInt(u64),
-    Float(f64),
-}
-
-/// The bytes of a ctypes integer or float scalar, read and written without ctypes
-/// (which would build a Python object for its field descriptor and go through its
-/// generic getter): `Value('i').value` is then a load under the lock.
+/// `value` converted as ctypes' setter of `scalar` would, when that needs no Python
+/// code: an exact `int` for an integer type (masked to 64 bits), an exact `int` or
+/// `float` for a float type. None when ctypes must do it (other types, `bool`, objects
+/// with `__index__`, an int too large for a double...): then no exception is left set,
+/// and ctypes raises whatever it raises.
 ///
-/// The accesses are relaxed atomics of the scalar's size: the same single `mov` as
-/// ctypes' plain access, and well-defined even if another process writes at the same
-/// time (a `RawValue`, or a writer that ignores the lock).
-struct Scalar {
-    /// Address of the ctypes object's buffer: aligned to `kind.size()` (checked), and
-    /// kept mapped by `Cell::obj` (a ctypes object over a shared block holds an export
-    /// of the block's mmap, so the mapping cannot be closed while it lives).
-    addr: usize,
-    kind: ScalarKind,
-}
-
-impl Scalar {
-    fn new(addr: usize, code: &str, size: usize) -> Option<Scalar> {
-        let kind = ScalarKind::from_ctype(code, size)?;
-        (addr != 0 && addr % kind.size() == 0).then_some(Scalar { addr, kind })
-    }
-
-    fn load(&self) -> Bits {
-        use std::sync::atomic::*;
-        use ScalarKind::*;
-        let p = self.addr;
-        let r = Ordering::Relaxed;
-        // SAFETY: (every arm) `addr` is aligned for the type and points into a live
-        // shared mapping of at least `size` bytes (see the field docs); it is only ever
-        // accessed as this one type, through atomics here and plain accesses by ctypes.
-        unsafe {
-            match self.kind {
-                I8 => Bits::Int(AtomicI8::from_ptr(p as *mut i8).load(r).into()),
-                U8 => Bits::UInt(AtomicU8::from_ptr(p as *mut u8).load(r).into()),
-                I16 => Bits::Int(AtomicI16::from_ptr(p as *mut i16).load(r).into()),
-                U16 => Bits::UInt(AtomicU16::from_ptr(p as *mut u16).load(r).into()),
-                I32 => Bits::Int(AtomicI32::from_ptr(p as *mut i32).load(r).into()),
-                U32 => Bits::UInt(AtomicU32::from_ptr(p as *mut u32).load(r).into()),
-                I64 => Bits::Int(AtomicI64::from_ptr(p as *mut i64).load(r)),
-                U64 => Bits::UInt(AtomicU64::from_ptr(p as *mut u64).load(r)),
-                F32 => {
-                    Bits::Float(f32::from_bits(AtomicU32::from_ptr(p as *mut u32).load(r)).into())
-                }
-                F64 => Bits::Float(f64::from_bits(AtomicU64::from_ptr(p as *mut u64).load(r))),
-            }
+/// # Safety
+///
+/// The GIL is held and `value` is a live object.
+#[inline]
+unsafe fn convert(scalar: &Scalar, value: *mut ffi::PyObject) -> Option<Bits> {
+    // SAFETY: per the caller's contract, for every call below.
+    unsafe {
+        let exact_int = ffi::PyLong_CheckExact(value) != 0;
+        if !scalar.is_float() {
+            // Masking an exact int never fails.
+            return exact_int.then(|| Bits::UInt(ffi::PyLong_AsUnsignedLongLongMask(value)));
         }
-    }
-
-    /// Stores `bits` (`UInt` for every integer kind: the low bytes, as ctypes' masking
-    /// setters do; `Float` for the float kinds).
-    fn store(&self, bits: Bits) {
-        use std::sync::atomic::*;
-        use ScalarKind::*;
-        let p = self.addr;
-        let r = Ordering::Relaxed;
-        let (u, f) = match bits {
-            Bits::UInt(u) => (u, 0.0),
-            Bits::Int(i) => (i as u64, 0.0),
-            Bits::Float(f) => (0, f),
-        };
-        // SAFETY: (every arm) as in `load`. The truncating casts are the C conversions
-        // ctypes applies (`(int)masked`, `(float)double`).
-        unsafe {
-            match self.kind {
-                I8 | U8 => AtomicU8::from_ptr(p as *mut u8).store(u as u8, r),
-                I16 | U16 => AtomicU16::from_ptr(p as *mut u16).store(u as u16, r),
-                I32 | U32 => AtomicU32::from_ptr(p as *mut u32).store(u as u32, r),
-                I64 | U64 => AtomicU64::from_ptr(p as *mut u64).store(u, r),
-                F32 => AtomicU32::from_ptr(p as *mut u32).store((f as f32).to_bits(), r),
-                F64 => AtomicU64::from_ptr(p as *mut u64).store(f.to_bits(), r),
-            }
+        if !exact_int && ffi::PyFloat_CheckExact(value) == 0 {
+            return None;
         }
-    }
-
-    /// `value` converted as ctypes' setter would, when that needs no Python code: an
-    /// exact `int` for an integer kind (masked to 64 bits), an exact `int` or `float`
-    /// for a float kind. `Ok(None)`: let ctypes do it (other types, `bool`, objects
-    /// with `__index__`...). Errors are the C API's, as ctypes raises them.
-    fn convert(&self, value: &Bound<'_, PyAny>) -> PyResult<Option<Bits>> {
-        let exact_int = value.is_exact_instance_of::<PyInt>();
-        if self.kind.is_float() {
-            if !exact_int && !value.is_exact_instance_of::<PyFloat>() {
-                return Ok(None);
-            }
-            // SAFETY: a live int or float object, GIL held.
-            let d = unsafe { ffi::PyFloat_AsDouble(value.as_ptr()) };
-            if d == -1.0 {
-                if let Some(e) = PyErr::take(value.py()) {
-                    return Err(e);
-                }
-            }
-            return Ok(Some(Bits::Float(d)));
+        let d = ffi::PyFloat_AsDouble(value);
+        if d == -1.0 && !ffi::PyErr_Occurred().is_null() {
+            ffi::PyErr_Clear();
+            return None;
         }
-        if !exact_int {
-            return Ok(None);
-        }
-        // SAFETY: a live int object, GIL held; masking never fails for an int.
-        let u = unsafe { ffi::PyLong_AsUnsignedLongLongMask(value.as_ptr()) };
-        Ok(Some(Bits::UInt(u)))
-    }
-}
-
-impl Scalar {
-    /// The no-error part of [`convert`](Self::convert), on a raw object: `None` when
-    /// `convert` would not handle it or would raise (then no exception is left set).
-    ///
-    /// # Safety
-    ///
-    /// The GIL is held and `value` is a live object.
-    #[inline]
-    unsafe fn convert_raw(&self, value: *mut ffi::PyObject) -> Option<Bits> {
-        // SAFETY: per the caller's contract, for every call below.
-        unsafe {
-            let exact_int = ffi::PyLong_CheckExact(value) != 0;
-            if !self.kind.is_float() {
-                // Masking an exact int never fails.
-                return exact_int.then(|| Bits::UInt(ffi::PyLong_AsUnsignedLongLongMask(value)));
-            }
-            if !exact_int && ffi::PyFloat_CheckExact(value) == 0 {
-                return None;
-            }
-            let d = ffi::PyFloat_AsDouble(value);
-            if d == -1.0 && !ffi::PyErr_Occurred().is_null() {
-                // An int too large for a double: the checked path raises it again.
-                ffi::PyErr_Clear();
-                return None;
-            }
-            Some(Bits::Float(d))
-        }
+        Some(Bits::Float(d))
     }
 }
 
@@ -468,7 +305,8 @@ impl PySharedCell {
         if let Some(scalar) = &cell.scalar {
             // Converted before the lock is taken: no Python code runs for these types,
             // so that is indistinguishable from converting under it.
-            if let Some(bits) = scalar.convert(value)? {
+            // SAFETY: the GIL is held (`py`) and `value` is a live object.
+            if let Some(bits) = unsafe { convert(scalar, value.as_ptr()) } {
                 return self.locked(py, |_| {
                     scalar.store(bits);
                     Ok(())
@@ -518,7 +356,11 @@ impl PySharedCell {
             acquire,
             release,
             sem,
-            scalar: Scalar::new(address, code, size),
+            // SAFETY: `address` is that of `obj`'s buffer (`ctypes.addressof`), which
+            // `obj` keeps mapped for as long as the cell holds it: a ctypes object over
+            // a shared block holds an export of the block's mmap. ctypes accesses it as
+            // the same type.
+            scalar: unsafe { Scalar::new(address, code, size) },
         };
         self.cell
             .set(cell)
@@ -655,7 +497,7 @@ unsafe extern "C" fn value_set(
     if let Some(cell) = this.cell.get().filter(|_| !value.is_null()) {
         if let (Some(sem), Some(scalar)) = (&cell.sem, &cell.scalar) {
             // SAFETY: the GIL is held and `value` is a live, non-null object.
-            if let Some(bits) = unsafe { scalar.convert_raw(value) } {
+            if let Some(bits) = unsafe { convert(scalar, value) } {
                 // GIL held, the store runs no Python code: `try_locked`'s contract.
                 if sem.get().sem.try_locked(|| scalar.store(bits)).is_ok() {
                     return 0;

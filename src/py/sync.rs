@@ -4,10 +4,8 @@
 //! The stdlib's semaphores are POSIX named semaphores; ours live in a memfd (see
 //! `crate::sync`), so they have no name in any file system and nothing to leak. The
 //! `name` / `unlink` constructor arguments are kept so that `ferromp._multiprocessing`
-//! can stand in for the C module: a name given with `unlink=False` is recorded in a
-//! per-process table, so a second semaphore with the same name fails with
-//! `FileExistsError` and `sem_unlink` succeeds exactly once, as with `sem_open` /
-//! `sem_unlink`. The table is per process: another process cannot unlink the name.
+//! can stand in for the C module: names are recorded as `sem_open` / `sem_unlink`
+//! would keep them, per process (`crate::sync::names`).
 //!
 //! The fd (`handle`) is what crosses to other processes; `_rebuild` maps it again.
 //!
@@ -25,9 +23,7 @@
 //! ordinary pyo3 code (pyo3's own `acquire` included), so argument errors, the GIL release while
 //! blocking and Ctrl-C handling are the same as before.
 
-use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -40,7 +36,7 @@ use pyo3::types::{PyBool, PyDict, PyTuple, PyType};
 
 use crate::error::Error;
 use crate::py::{blocking_sliced, deadline};
-use crate::sync::{Recovery, SemKind, Semaphore, SEM_VALUE_MAX};
+use crate::sync::{names, Recovery, SemKind, Semaphore, SEM_VALUE_MAX};
 
 /// The longest a blocked acquire sleeps before it runs Python's signal handlers (see
 /// [`PySemLock::wait`]): the worst-case Ctrl-C latency when the signal misses the
@@ -63,31 +59,6 @@ impl<'a, 'py> FromPyObject<'a, 'py> for IntFlag {
         // A C int, as in the stdlib: OverflowError beyond that.
         obj.extract::<i32>().map(|v| IntFlag(v != 0))
     }
-}
-
-/// Names of semaphores created with `unlink=False` and not yet unlinked.
-///
-/// Only touched with the GIL held (every caller is a Python-facing function that does
-/// not detach), so no fork can happen while the mutex is held: the child never inherits
-/// it locked.
-static NAMES: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-
-fn names() -> std::sync::MutexGuard<'static, BTreeSet<String>> {
-    NAMES.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The key `sem_open` would use for `name`: glibc ignores leading slashes and refuses
-/// an empty name or one with a slash inside (`EINVAL`).
-fn sem_key(name: &str) -> PyResult<String> {
-    let key = name.trim_start_matches('/');
-    if key.is_empty() || key.contains('/') || key.contains('\0') {
-        return Err(Error::Os(Errno::EINVAL).into());
-    }
-    // glibc prefixes "sem." and the result must fit in NAME_MAX.
-    if key.len() + 4 > 255 {
-        return Err(Error::Os(Errno::ENAMETOOLONG).into());
-    }
-    Ok(key.to_owned())
 }
 
 /// A process-shared semaphore or recursive mutex (`_multiprocessing.SemLock`).
@@ -142,17 +113,11 @@ impl PySemLock {
         };
         // As sem_open(O_CREAT | O_EXCL) followed by sem_unlink when `unlink` is true:
         // the name must be valid and free either way, and is kept only without unlink.
-        let key = name.as_deref().map(sem_key).transpose()?;
-        let mut table = names();
-        if let Some(k) = &key {
-            if table.contains(k) {
-                return Err(Error::Os(Errno::EEXIST).into());
-            }
-        }
+        let key = name.as_deref().map(names::check_free).transpose()?;
         let sem = Semaphore::new(kind, value, maxvalue, recovery)?;
         let name = match key {
             Some(k) if !unlink => {
-                table.insert(k);
+                names::take(k);
                 name
             }
             _ => None,
@@ -323,12 +288,7 @@ fn adopt_fd(fd: i32) -> PyResult<OwnedFd> {
 /// Raises FileNotFoundError for a name that is not recorded in this process.
 #[pyfunction]
 fn sem_unlink(name: &str) -> PyResult<()> {
-    let key = sem_key(name)?;
-    if names().remove(&key) {
-        Ok(())
-    } else {
-        Err(Error::Os(Errno::ENOENT).into())
-    }
+    Ok(names::unlink(name)?)
 }
 
 // --- The raw hot methods (see the module docs) ---

@@ -117,6 +117,7 @@
 //! (memory safety never depends on it).
 
 pub(crate) mod futex;
+pub mod names;
 
 use std::fmt;
 use std::ops::Deref;
