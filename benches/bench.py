@@ -9,6 +9,12 @@ ratio below 1 always means ferromp is better.
     python benches/bench.py            # full run (a few minutes)
     python benches/bench.py --quick    # the README demo (well under a minute)
     python benches/bench.py --only pipe --methods fork
+    python benches/bench.py --only Pool --baseline ../old/.venv/bin/python
+
+``--baseline PYTHON`` measures a second ferromp build (the one installed for that
+interpreter) in the same alternation, in place of the executor columns: its ratio to
+the stdlib, and ferromp's time relative to it ("vs base", below 1: this build is
+faster).
 """
 
 import importlib
@@ -662,13 +668,14 @@ def fmt(kind, v):
     return '%.0f MB/s' % (v / 1e6)
 
 
-def _measure(impl, method, title, n):
+def _measure(impl, method, title, n, python=None):
     # Each measurement runs in a fresh interpreter that imports only the library under
     # test, as a real program would: with both loaded, each one's children would also
     # run the other's at-fork and exit hooks.
     import subprocess
     out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), '--worker', impl, method, title, str(n)],
+        [python or sys.executable, os.path.abspath(__file__), '--worker', impl, method,
+         title, str(n)],
         check=True, stdout=subprocess.PIPE, text=True, timeout=600,
     ).stdout
     return float(out.strip().splitlines()[-1])
@@ -694,18 +701,28 @@ def main(argv=None):
                     help='alternations of stdlib/ferromp per workload')
     ap.add_argument('--methods', default='fork,spawn,forkserver')
     ap.add_argument('--only', default='', help='substring filter on workload names')
+    ap.add_argument('--baseline', metavar='PYTHON', default=None,
+                    help='an interpreter with another ferromp build to compare against')
     args = ap.parse_args(argv)
     repeat = args.repeat or (2 if args.quick else 5)
     import ferromp
     print('ferromp %s vs multiprocessing (Python %s), %d CPUs, %d repeats, medians'
           % (ferromp.__version__, sys.version.split()[0], os.cpu_count(), repeat))
     print('ratio = ferromp/stdlib for times, stdlib/ferromp for rates: below 1 is better\n')
-    executors = [e for e in EXECUTORS
-                 if e == 'cf' or importlib.util.find_spec(e) is not None]
-    print('Pool rows also run on ProcessPoolExecutor: cf = concurrent.futures (stdlib '
-          'context), loky; (x) = ferromp/that\n')
-    header = '%-36s %-11s %14s %14s %7s %20s %20s' % (
-        'workload', 'method', 'stdlib', 'ferromp', 'ratio', 'cf', 'loky')
+    if args.baseline:
+        executors = []
+        extra_cols = ('baseline', 'base ratio', 'vs base')
+        print('baseline: ferromp under %s, in the same alternation; vs base = '
+              'ferromp/baseline for times, baseline/ferromp for rates\n' % args.baseline)
+    else:
+        executors = [e for e in EXECUTORS
+                     if e == 'cf' or importlib.util.find_spec(e) is not None]
+        extra_cols = ('cf', 'loky')
+        print('Pool rows also run on ProcessPoolExecutor: cf = concurrent.futures (stdlib '
+              'context), loky; (x) = ferromp/that\n')
+    header = '%-36s %-11s %14s %14s %7s' % (
+        'workload', 'method', 'stdlib', 'ferromp', 'ratio') + ''.join(
+        ' %14s' % c if args.baseline else ' %20s' % c for c in extra_cols)
     print(header)
     print('-' * len(header))
     results = []
@@ -724,15 +741,29 @@ def main(argv=None):
             names = IMPLS
             if title.startswith('Pool '):
                 names = IMPLS + tuple(executors)
+            if args.baseline:
+                names = IMPLS + ('baseline',)
             vals = {name: [] for name in names}
             for _ in range(repeat):
                 for name in names:
-                    vals[name].append(_measure(name, method, title, n))
+                    if name == 'baseline':
+                        vals[name].append(_measure('ferromp', method, title, n,
+                                                   args.baseline))
+                    else:
+                        vals[name].append(_measure(name, method, title, n))
             std = statistics.median(vals['multiprocessing'])
             fer = statistics.median(vals['ferromp'])
             ratio = fer / std if kind == 'time' else std / fer
             extra = {e: statistics.median(vals[e]) for e in names if e in EXECUTORS}
             results.append((title, method, std, fer, ratio, extra))
+            if args.baseline:
+                base = statistics.median(vals['baseline'])
+                base_ratio = base / std if kind == 'time' else std / base
+                results[-1][5]['baseline'] = base
+                print('%-36s %-11s %14s %14s %7.3f %14s %14.3f %14.3f' % (
+                    title, method, fmt(kind, std), fmt(kind, fer), ratio, fmt(kind, base),
+                    base_ratio, ratio / base_ratio), flush=True)
+                continue
             cols = []
             for e in EXECUTORS:
                 v = extra.get(e)

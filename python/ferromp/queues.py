@@ -48,18 +48,14 @@ _RING_BYTES = 4 << 20
 _sentinel = object()
 
 
-class _Collector(object):
+class _Collector(list):
     """A write-only file for the pickler that keeps what it is given instead of
     copying it: the pickler hands a large ``bytes``/``bytearray`` payload to
-    ``write`` as the object itself, right after the opcode that announces it."""
+    ``write`` as the object itself, right after the opcode that announces it. It is
+    the list of those pieces (built without a Python frame)."""
 
-    __slots__ = ('parts',)
-
-    def __init__(self):
-        self.parts = []
-
-    def write(self, b):
-        self.parts.append(b)
+    __slots__ = ()
+    write = list.append
 
 
 # Opcodes of protocol 5 that announce a payload written right after them: the length
@@ -90,9 +86,8 @@ def _dumps_for_ring(obj):
         # no in-band pickle stands for its one payload).
         return (b'', obj)
     reduction._refresh_table()
-    c = _Collector()
-    reduction._FastPickler(c, _PROTOCOL).dump(obj)
-    parts = c.parts
+    parts = _Collector()
+    reduction._FastPickler(parts, _PROTOCOL).dump(obj)
     if len(parts) == 1:
         return parts[0]
     inband = []

@@ -96,16 +96,24 @@ is_plain = _core.is_plain
 _plain_dumps = pickle.dumps
 
 
+_modules = sys.modules
+_copyreg_table = copyreg.dispatch_table
+
+
 def _refresh_table():
+    # The key sums the sizes of the table's three sources, each shifted into its own
+    # bits (no tuple to build on the hot path).
     global _table_key
-    if _socket_unregistered and 'socket' in sys.modules:
+    if _socket_unregistered and 'socket' in _modules:
         _register_socket()
-    std = sys.modules.get('multiprocessing.reduction')
-    std_extra = std.ForkingPickler._extra_reducers if std is not None else {}
-    key = (len(copyreg.dispatch_table), len(std_extra), _register_version)
+    std = _modules.get('multiprocessing.reduction')
+    key = len(_copyreg_table) + (_register_version << 20)
+    if std is not None:
+        key += len(std.ForkingPickler._extra_reducers) << 40
     if key != _table_key:
-        table = dict(copyreg.dispatch_table)
-        table.update(std_extra)
+        table = dict(_copyreg_table)
+        if std is not None:
+            table.update(std.ForkingPickler._extra_reducers)
         table.update(ForkingPickler._extra_reducers)
         _FastPickler.dispatch_table = table
         _table_key = key

@@ -83,9 +83,19 @@ pub(crate) fn is_plain(obj: &Bound<'_, PyAny>) -> bool {
         || obj.is_exact_instance_of::<PyBool>()
 }
 
-#[pyfunction(name = "is_plain")]
-fn py_is_plain(obj: &Bound<'_, PyAny>) -> bool {
-    is_plain(obj)
+/// `_core.is_plain(obj)`, a raw `METH_O` function: it runs on every pickled put, and a
+/// pyo3 function under `abi3-py39` would build an argument tuple per call.
+unsafe extern "C" fn py_is_plain(
+    _module: *mut pyo3::ffi::PyObject,
+    obj: *mut pyo3::ffi::PyObject,
+) -> *mut pyo3::ffi::PyObject {
+    // SAFETY: CPython calls a METH_O function with the GIL held and a live argument.
+    let py = unsafe { Python::assume_attached() };
+    // SAFETY: as above; borrowed for the call.
+    let obj = unsafe { Borrowed::from_ptr(py, obj) };
+    let plain = is_plain(&obj);
+    // A new reference to True or False (immortal or not, the count must be bumped).
+    PyBool::new(py, plain).to_owned().into_any().into_ptr()
 }
 
 /// `obj`'s native encoding, or None when it must be pickled: a plain object (see
@@ -881,7 +891,24 @@ impl Ring {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Ring>()?;
-    m.add_function(wrap_pyfunction!(py_is_plain, m)?)?;
+    // The definition must outlive the function: leaked once per process (module init).
+    let def = Box::leak(Box::new(pyo3::ffi::PyMethodDef {
+        ml_name: c"is_plain".as_ptr(),
+        ml_meth: pyo3::ffi::PyMethodDefPointer {
+            PyCFunction: py_is_plain,
+        },
+        ml_flags: pyo3::ffi::METH_O,
+        ml_doc: c"is_plain(obj): whether obj is a plain scalar (see PLAIN_MAX).".as_ptr(),
+    }));
+    // SAFETY: `def` lives forever; the result is a new reference or NULL with an
+    // exception set (turned into Err).
+    let f = unsafe {
+        Bound::from_owned_ptr_or_err(
+            m.py(),
+            pyo3::ffi::PyCFunction_NewEx(def, std::ptr::null_mut(), std::ptr::null_mut()),
+        )?
+    };
+    m.add("is_plain", f)?;
     m.add("PLAIN_MAX", PLAIN_MAX)?;
     m.add("OFFER_FULL", OFFER_FULL)?;
     m.add("OFFER_WRITTEN", OFFER_WRITTEN)?;
