@@ -1,6 +1,6 @@
 """Type stubs for ferromp._core, the Rust extension module (src/py/)."""
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from typing_extensions import disjoint_base, final
 
@@ -10,7 +10,7 @@ __all__ = [
     'SemLock', 'sem_unlink', 'Segment', 'SharedCell', 'shm_open', 'shm_open_sized',
     'shm_unlink', 'Ring', 'is_plain', 'PLAIN_MAX', 'OFFER_FULL', 'OFFER_WRITTEN', 'OFFER_RESERVED',
     'OFFER_NOT_PLAIN', 'PoolRing', 'SERVE_LIMIT', 'SERVE_TASK', 'SERVE_RESULT',
-    'SERVE_ERROR', 'Packed',
+    'SERVE_ERROR', 'Packed', 'Counted',
 ]
 
 # --- processes (src/py/process.rs) ---
@@ -162,6 +162,13 @@ SERVE_ERROR: int
 _Tagged = Tuple[int, bool, Any]
 
 @final
+class Counted:
+    """An iterator over items that stores each item's index into a claims word."""
+    def __new__(cls, items: Iterable[Any], claims: Segment, word: int) -> "Counted": ...
+    def __iter__(self) -> "Counted": ...
+    def __next__(self) -> Any: ...
+
+@final
 class PoolRing:
     """One of a process pool's two rings: tagged tasks or results, claim words."""
     def __new__(cls, capacity: int, claims: Segment) -> "PoolRing": ...
@@ -178,7 +185,7 @@ class PoolRing:
                   append: Callable[[_Tagged], Any], block: bool = ...,
                   timeout: Optional[float] = ...) -> int: ...
     def serve(self, results: "PoolRing", funcs: Dict[bytes, Any],
-              loads: Callable[..., Any], slot: int,
+              loads: Callable[..., Any], slot: int, started: int,
               limit: int) -> Tuple[int, int, int, bool, Any]: ...
     def has_data(self) -> bool: ...
     def abandon(self) -> None: ...

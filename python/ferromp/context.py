@@ -115,10 +115,10 @@ class BaseContext(object):
         return SimpleQueue(ctx=self.get_context())
 
     def Pool(self, processes=None, initializer=None, initargs=(),
-             maxtasksperchild=None):
+             maxtasksperchild=None, *, task_timeout=None):
         from .pool import Pool
         return Pool(processes, initializer, initargs, maxtasksperchild,
-                    context=self.get_context())
+                    context=self.get_context(), task_timeout=task_timeout)
 
     def RawValue(self, typecode_or_type, *args):
         from .sharedctypes import RawValue

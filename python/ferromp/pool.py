@@ -145,6 +145,34 @@ def _starmap_chunk(args):
 _CHUNK_RUNNERS = {mapstar: _map_chunk, starmapstar: _starmap_chunk}
 _Packed = _core.Packed
 
+# With a task_timeout, a chunk's runner says which of its calls is running: it stores
+# the item's index into the worker's progress word (see _Channel) before each call, so
+# that the parent can time each call of the chunk, not the chunk as a whole.
+_progress = None    # (claims segment, word index), in a process pool worker
+
+
+def _counted(items):
+    if _progress is None:
+        return items
+    return _core.Counted(items, *_progress)
+
+
+def _timed_mapstar(args):
+    func, items = args
+    return [func(item) for item in _counted(items)]
+
+
+def _timed_map_chunk(args):
+    return _timed_mapstar(args)
+
+
+def _timed_starmap_chunk(args):
+    func, items = args
+    return [func(*item) for item in _counted(items)]
+
+
+_TIMED_CHUNK_RUNNERS = {mapstar: _timed_map_chunk, starmapstar: _timed_starmap_chunk}
+
 
 #
 # Carrying a worker's traceback to the parent
@@ -208,8 +236,16 @@ _ERROR_SPECS = {
                             "The pool was terminated before the task finished."),
     'BrokenPoolError': ('PoolError',
                         "Workers keep failing to start: the pool cannot run tasks."),
+    'TaskTimeoutError': ('PoolError',
+                         "A call ran past its task_timeout: its worker (and every process "
+                         "the call started) was stopped. Also a multiprocessing."
+                         "TimeoutError and a TimeoutError."),
 }
 _error_lock = threading.RLock()
+
+
+def _timeout_error_new(cls, message='', *args, **kwds):
+    return TimeoutError.__new__(cls, message)
 
 
 def _pool_error_init(self, message, pid=None, exitcode=None):
@@ -230,7 +266,14 @@ def _error_class(name):
             namespace = {'__module__': __name__, '__qualname__': name, '__doc__': doc}
             if parent is None:
                 namespace['__init__'] = _pool_error_init
-            cls = type(name, (base,), namespace)
+            bases = (base,)
+            if name == 'TaskTimeoutError':
+                # except multiprocessing.TimeoutError / except TimeoutError catch it.
+                # (OSError's __new__ would read (message, pid, exitcode) as (errno,
+                # strerror, filename): it gets the message alone.)
+                bases += (_context.TimeoutError, TimeoutError)
+                namespace['__new__'] = _timeout_error_new
+            cls = type(name, bases, namespace)
             globals()[name] = cls
     return cls
 
@@ -311,6 +354,10 @@ _FIRST_BATCH_TIME = 2e-4
 # How long a collecting caller blocks on the result ring before it looks around again
 # (deaths and terminate() also nudge it at once; this only bounds a missed nudge).
 _COLLECT_SLICE = 0.1
+# task_timeout: how often the engine's thread looks at the calls the workers are in, and
+# how long a worker stopped for a timeout has after SIGTERM before SIGKILL.
+_TIMEOUT_TICK = 0.01
+_KILL_GRACE = 0.5
 # How often the engine's thread collects results nobody waits for (callbacks, ready()),
 # and how often while callers collect themselves (then the tick would only take the GIL
 # and a CPU from them; a result with a callback is handed over at once anyway).
@@ -352,10 +399,15 @@ class _FuncCache(dict):
 
 
 class _Channel:
-    """The rings and claim words a process pool shares with its workers."""
+    """The rings and claim words a process pool shares with its workers. For worker
+    slot ``s``, word ``s`` of ``claims`` is its claim (the tag of the task it holds),
+    word ``nslots + s`` its progress (the index of the call it is in, when it runs a
+    timed chunk), word ``2 * nslots + s`` the tag of the task whose call has begun (the
+    task's arguments and function are unpickled and found by then)."""
 
     def __init__(self, nslots):
-        self.claims = _core.Segment(64 * nslots)
+        self.nslots = nslots
+        self.claims = _core.Segment(64 * 3 * nslots)
         self.tasks = _core.PoolRing(_TASK_RING_BYTES, self.claims)
         self.results = _core.PoolRing(_RESULT_RING_BYTES, self.claims)
         self.spill = _spill.Table()
@@ -364,10 +416,10 @@ class _Channel:
     def __getstate__(self):
         _context.assert_spawning(self)
         return (queues._ring_state(self.tasks), queues._ring_state(self.results),
-                reduction.DupFd(self.claims.fd), self.spill)
+                reduction.DupFd(self.claims.fd), self.spill, self.nslots)
 
     def __setstate__(self, state):
-        tasks, results, claims, self.spill = state
+        tasks, results, claims, self.spill, self.nslots = state
         self.claims = _core.Segment.from_fd(claims.detach())
         self.tasks = _core.PoolRing.attach(*queues._fds_rebuild(tasks), self.claims)
         self.results = _core.PoolRing.attach(*queues._fds_rebuild(results), self.claims)
@@ -576,7 +628,9 @@ class _RingSide:
         self.wid = wid
         tasks = channel.tasks
         self.funcs = _FuncCache()
-        self.serve_args = (channel.results, self.funcs, _loads, slot)
+        self.started = 2 * channel.nslots + slot
+        self.store_word = channel.claims.store_word
+        self.serve_args = (channel.results, self.funcs, _loads, slot, self.started)
         self.serve = tasks.serve
         self.hold = tasks
 
@@ -609,6 +663,8 @@ class _RingSide:
                     func = funcs.worker_func(fkey)
                 except Exception as e:
                     return done, _BAD, tag, e
+            # The call begins: from here on it is timed (see task_timeout).
+            self.store_word(self.started, tag)
             return done, _TASK, tag, (func, args, kwds)
         if end == _SERVED_LIMIT:
             return done, _LIMIT, None, None
@@ -636,7 +692,8 @@ class _RingSide:
         results.put(tag, data, self.slot, hold)
 
 
-_PACKING_RUNNERS = frozenset(_CHUNK_RUNNERS.values())
+_PACKING_RUNNERS = frozenset(_CHUNK_RUNNERS.values()) | frozenset(
+    _TIMED_CHUNK_RUNNERS.values())
 _SERVED_TASK = _core.SERVE_TASK
 _SERVED_LIMIT = _core.SERVE_LIMIT
 _SERVED_RESULT = _core.SERVE_RESULT
@@ -645,6 +702,14 @@ _SERVED_RESULT = _core.SERVE_RESULT
 def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=None,
                  wrap_exception=True):
     """The body of a process pool worker."""
+    global _progress
+    # Its own process group: a call that runs past its task_timeout is stopped with
+    # every process it started (the parent signals the group).
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    _progress = (channel.claims, channel.nslots + slot)
     _work(_RingSide(channel, slot, wid), initializer, initargs, maxtasks, wrap_exception)
 
 
@@ -692,6 +757,12 @@ class _ProcessSlot(_Slot):
         super().__init__(proc)
         self.index = index
         self.wid = wid
+        # task_timeout: ((tag, call), since) of the call it was last seen in; and,
+        # once that call ran past its timeout, ((tag, call), timeout) and when the
+        # SIGKILL follows the SIGTERM.
+        self.watch = None
+        self.expired = None
+        self.kill_at = None
         try:
             self.sentinel = proc.sentinel
         except (AttributeError, ValueError):
@@ -1175,6 +1246,12 @@ class _Engine:
         f.next_index = idx + len(items)
         if items:
             func = f.func if f.chunksize == 1 else mapstar
+            chunks = f.result._timed_chunks
+            if chunks is not None:
+                # Timed chunks: each call is timed; kept to run again after a timeout.
+                func = _timed_mapstar
+                for i, (g, chunk) in enumerate(items, idx):
+                    chunks[i] = (func, g, chunk)
             try:
                 self.submit(f.result._job, func, items, idx, feeding=True)
             except Exception as e:
@@ -1362,6 +1439,8 @@ class _ProcessEngine(_Engine):
         self.funcs = _FuncCache()
         self.last_collect = 0.0         # when a caller last submitted or collected
         self.next_liveness = 0.0
+        self.timed = set()              # jobs with a task_timeout, maybe finished
+        self.expiring = []              # slots stopped for a timeout, not exited yet
 
     # -- submitting (any thread) ------------------------------------------------------
 
@@ -1643,6 +1722,11 @@ class _ProcessEngine(_Engine):
         self._run_handoff()
 
     def _wait(self, timeout, slots):
+        if self.timed or self.expiring:
+            self._check_timeouts()
+            if self.timed or self.expiring:
+                tick = int(_TIMEOUT_TICK * 1000)
+                timeout = tick if timeout is None else min(timeout, tick)
         watch = bool(self.inflight) or any(not s.ready for s in slots)
         if watch:
             left = max(0, int((self.next_liveness - time.monotonic()) * 1000))
@@ -1677,6 +1761,85 @@ class _ProcessEngine(_Engine):
             self._on_exit(s)
         if watch and time.monotonic() >= self.next_liveness:
             self._check_liveness()
+
+    # -- task_timeout (the engine's thread) ----------------------------------------------
+
+    def _check_timeouts(self):
+        # A call is identified by its task's tag (the worker's claim word) and, in a
+        # timed chunk, its index (the worker's progress word); it has run since this
+        # thread first saw that pair, at most a tick after it started. One that ran
+        # past its timeout has its worker's process group stopped.
+        now = time.monotonic()
+        for s in list(self.expiring):
+            if s.kill_at is not None and now >= s.kill_at:
+                s.kill_at = None
+                self._signal_group(s, signal.SIGKILL)
+        cache = self.cache
+        self.timed.intersection_update(cache)
+        if not self.timed:
+            return
+        claims = self.channel.claims
+        progress = self.channel.nslots
+        started = 2 * progress
+        for s in list(self.slots):
+            if s.expired is not None:
+                continue
+            tag = claims.load_word(s.index)
+            if not tag or claims.load_word(started + s.index) != tag:
+                s.watch = None      # idle, or its call has not begun
+                continue
+            call = (tag, claims.load_word(progress + s.index))
+            if s.watch is None or s.watch[0] != call:
+                s.watch = (call, now)
+                continue
+            where = self.inflight.get(tag)
+            r = cache.get(where[0]) if where is not None else None
+            limit = getattr(r, '_task_timeout', None)
+            if limit is not None and now - s.watch[1] >= limit:
+                s.expired = (call, limit)
+                s.kill_at = now + _KILL_GRACE
+                self.expiring.append(s)
+                util.debug('pool task ran past its task_timeout: stopping %s'
+                           % s.describe())
+                self._signal_group(s, signal.SIGTERM)
+
+    def _signal_group(self, slot, sig):
+        # The worker leads its own process group (see _ring_worker): the group goes,
+        # whatever the call started with it. (Should the worker not lead one, it alone.)
+        pid = getattr(slot.proc, 'pid', None)
+        if not pid:
+            return
+        try:
+            os.killpg(pid, sig)
+            return
+        except ProcessLookupError:
+            pass
+        except OSError:
+            pass
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+    def _timed_out(self, slot, where, exitcode):
+        # The call slot.expired names ran past its timeout; its worker is gone. That
+        # call fails with TaskTimeoutError; a chunk's other calls run again elsewhere.
+        (tag, k), limit = slot.expired
+        r = self.cache.get(where[0])
+        if r is None:
+            return
+        name = getattr(r, '_func_name', 'the task')
+        exc = _error_class('TaskTimeoutError')(
+            'pool task %s ran past its task_timeout of %g s in %s; the worker and the '
+            'processes it started were stopped' % (name, limit, slot.describe()),
+            getattr(slot.proc, 'pid', None), exitcode)
+        exc.timeout = limit
+        chunks = getattr(r, '_timed_chunks', None)
+        chunk = chunks.pop(where[1], None) if chunks is not None else None
+        if chunk is None:
+            _deliver(r, where[1], (False, exc))
+            return
+        _Rerun.after_timeout(self, r, where[1], chunk, k, exc)
 
     def _check_liveness(self):
         # A fork worker's sentinel is a pipe whose write end the worker holds; a
@@ -1725,8 +1888,16 @@ class _ProcessEngine(_Engine):
             if not slot.ready and lost is None:
                 self._not_ready(slot, exitcode)
         util.debug('pool worker exited: %s' % slot.describe())
+        if slot.expired is not None:
+            # Whatever the timed-out call started goes with it.
+            self._signal_group(slot, signal.SIGKILL)
+            if slot in self.expiring:
+                self.expiring.remove(slot)
         if lost is not None:
-            self._lost(slot, exitcode, lost)
+            if slot.expired is not None and slot.expired[0][0] == tag:
+                self._timed_out(slot, lost, exitcode)
+            else:
+                self._lost(slot, exitcode, lost)
             self._nudge()
 
     # -- shutting down ------------------------------------------------------------------
@@ -1783,6 +1954,34 @@ class _PoolCache(dict):
             self.notifier()
 
 
+class _PoolDefault:
+    def __repr__(self):
+        return "<the pool's task_timeout>"
+
+
+_POOL_DEFAULT = _PoolDefault()
+
+
+def _check_task_timeout(value):
+    """``value`` as a task_timeout: None, or a positive number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError('task_timeout must be a number of seconds or None, not %s'
+                        % type(value).__name__)
+    if not value > 0 or value != value or value == float('inf'):
+        raise ValueError('task_timeout must be a positive, finite number of seconds, '
+                         'not %r' % (value,))
+    return float(value)
+
+
+def _func_name(func):
+    name = getattr(func, '__qualname__', None) or getattr(func, '__name__', None)
+    if name is None:
+        return repr(func)
+    return '%s()' % name
+
+
 def _get_context():
     return _context._default_context.get_context()
 
@@ -1809,11 +2008,12 @@ class Pool(object):
         return ctx.Process(*args, **kwds)
 
     def __init__(self, processes=None, initializer=None, initargs=(),
-                 maxtasksperchild=None, context=None):
+                 maxtasksperchild=None, context=None, *, task_timeout=None):
         # Set first, so that __del__ and __repr__ work if __init__ fails.
         self._pool = []
         self._state = INIT
         self._engine = None
+        self._task_timeout = _check_task_timeout(task_timeout)
 
         self._ctx = context or _get_context()
         self._cache = _PoolCache()
@@ -1847,7 +2047,8 @@ class Pool(object):
 
     # Globals bound as defaults: this can run during interpreter shutdown.
     def __del__(self, _warn=warnings.warn, RUN=RUN):
-        if self._state == RUN:
+        # (No _state when __init__ never ran: bad arguments.)
+        if getattr(self, '_state', None) == RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}",
                   ResourceWarning, source=self)
             engine = getattr(self, '_engine', None)
@@ -1877,43 +2078,61 @@ class Pool(object):
 
     # -- submitting work ------------------------------------------------------------
 
-    def apply(self, func, args=(), kwds={}):  # noqa: B006 (the stdlib's signature)
+    def _timeout_for(self, task_timeout, func):
+        # The task_timeout of one call: its own, or the pool's.
+        if task_timeout is _POOL_DEFAULT:
+            return self._task_timeout
+        return _check_task_timeout(task_timeout)
+
+    @staticmethod
+    def _timed(result, timeout, func):
+        if timeout is not None:
+            result._task_timeout = timeout
+            result._func_name = _func_name(func)
+            result._engine.timed.add(result._job)
+
+    def apply(self, func, args=(), kwds={}, *,  # noqa: B006 (the stdlib's signature)
+              task_timeout=_POOL_DEFAULT):
         '''
         Equivalent of `func(*args, **kwds)`.
         Pool must be running.
         '''
-        return self.apply_async(func, args, kwds).get()
+        return self.apply_async(func, args, kwds, task_timeout=task_timeout).get()
 
-    def map(self, func, iterable, chunksize=None):
+    def map(self, func, iterable, chunksize=None, *, task_timeout=_POOL_DEFAULT):
         '''
         Apply `func` to each element in `iterable`, collecting the results
         in a list that is returned.
         '''
-        return self._map_async(func, iterable, mapstar, chunksize).get()
+        return self._map_async(func, iterable, mapstar, chunksize,
+                               task_timeout=task_timeout).get()
 
-    def starmap(self, func, iterable, chunksize=None):
+    def starmap(self, func, iterable, chunksize=None, *, task_timeout=_POOL_DEFAULT):
         '''
         Like `map()` method but the elements of the `iterable` are expected to
         be iterables as well and will be unpacked as arguments. Hence
         `func` and (a, b) becomes func(a, b).
         '''
-        return self._map_async(func, iterable, starmapstar, chunksize).get()
+        return self._map_async(func, iterable, starmapstar, chunksize,
+                               task_timeout=task_timeout).get()
 
     def starmap_async(self, func, iterable, chunksize=None, callback=None,
-                      error_callback=None):
+                      error_callback=None, *, task_timeout=_POOL_DEFAULT):
         '''
         Asynchronous version of `starmap()` method.
         '''
         return self._map_async(func, iterable, starmapstar, chunksize,
-                               callback, error_callback)
+                               callback, error_callback, task_timeout=task_timeout)
 
     def apply_async(self, func, args=(), kwds={}, callback=None,  # noqa: B006
-                    error_callback=None):
+                    error_callback=None, *, task_timeout=_POOL_DEFAULT):
         '''
         Asynchronous version of `apply()` method.
         '''
         self._check_running()
+        timeout = self._timeout_for(task_timeout, func)
         result = ApplyResult(self, callback, error_callback)
+        self._timed(result, timeout, func)
         try:
             if type(args) is tuple and len(args) == 1 and not kwds:
                 # func(x): x itself is the task's one item (a plain x travels natively).
@@ -1927,19 +2146,20 @@ class Pool(object):
         return result
 
     def map_async(self, func, iterable, chunksize=None, callback=None,
-                  error_callback=None):
+                  error_callback=None, *, task_timeout=_POOL_DEFAULT):
         '''
         Asynchronous version of `map()` method.
         '''
         return self._map_async(func, iterable, mapstar, chunksize, callback,
-                               error_callback)
+                               error_callback, task_timeout=task_timeout)
 
     def _map_async(self, func, iterable, mapper, chunksize=None, callback=None,
-                   error_callback=None):
+                   error_callback=None, task_timeout=_POOL_DEFAULT):
         '''
         Helper function to implement map, starmap and their async counterparts.
         '''
         self._check_running()
+        timeout = self._timeout_for(task_timeout, func)
         if not hasattr(iterable, '__len__'):
             iterable = list(iterable)
 
@@ -1954,6 +2174,7 @@ class Pool(object):
                            error_callback=error_callback)
         if chunksize <= 0:
             return result
+        self._timed(result, timeout, func)
         # With one item per task, the task calls the function itself rather than
         # through mapstar, and its result is the item's (not a list of one).
         result._single = single = chunksize == 1
@@ -1962,8 +2183,15 @@ class Pool(object):
             if single:
                 self._engine.submit(result._job, func, items,
                                     unpack=mapper is starmapstar)
-            else:
+            elif timeout is None:
                 self._engine.submit(result._job, _CHUNK_RUNNERS[mapper], items)
+            else:
+                # Each call of a chunk is timed (see _counted); the parent keeps the
+                # chunks, to run the rest of one again after a timeout.
+                runner = _TIMED_CHUNK_RUNNERS[mapper]
+                result._timed_chunks = {i: (runner, f, chunk)
+                                        for i, (f, chunk) in enumerate(items)}
+                self._engine.submit(result._job, runner, items)
         except BaseException:
             self._cache._forget(result._job)
             raise
@@ -1976,30 +2204,34 @@ class Pool(object):
         result._expect_chunks(produced)
         return result
 
-    def imap(self, func, iterable, chunksize=1):
+    def imap(self, func, iterable, chunksize=1, *, task_timeout=_POOL_DEFAULT):
         '''
         Equivalent of `map()` -- can be MUCH slower than `Pool.map()`.
         '''
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        return self._imap(IMapIterator, func, iterable, chunksize)
+        return self._imap(IMapIterator, func, iterable, chunksize, task_timeout)
 
-    def imap_unordered(self, func, iterable, chunksize=1):
+    def imap_unordered(self, func, iterable, chunksize=1, *, task_timeout=_POOL_DEFAULT):
         '''
         Like `imap()` method but ordering of results is arbitrary.
         '''
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
-        return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, task_timeout)
 
-    def _imap(self, result_class, func, iterable, chunksize):
+    def _imap(self, result_class, func, iterable, chunksize, task_timeout=_POOL_DEFAULT):
         # The function is checked here so that an unpicklable one fails at the call;
         # the items are pickled by the feeder as it pulls them.
+        timeout = self._timeout_for(task_timeout, func)
         engine = self._engine
         engine.check_func(func)
         result = result_class(self)
+        self._timed(result, timeout, func)
+        if timeout is not None and chunksize != 1:
+            result._timed_chunks = {}
         inline = type(iterable) in _SEQUENCES
         feed = _Feed(result, func, iterable, chunksize, inline)
         result._feed = feed
@@ -2013,6 +2245,8 @@ class Pool(object):
             engine.feed_inline(feed)
         if chunksize == 1:
             return result
+        if timeout is not None:
+            return _Flatten(result)
         return (item for chunk in result for item in chunk)
 
     @staticmethod
@@ -2131,6 +2365,9 @@ class _Flag:
 
 class ApplyResult(object):
     """The pending result of one ``apply_async`` call."""
+
+    _task_timeout = None    # seconds each call may run (see Pool's task_timeout)
+    _timed_chunks = None    # chunk index -> (runner, func, items), for timed chunks
 
     def __init__(self, pool, callback, error_callback):
         self._pool = pool
@@ -2291,6 +2528,8 @@ class IMapIterator(object):
     """The iterator ``imap`` returns: results in order, as they arrive."""
 
     _has_callbacks = False
+    _task_timeout = None
+    _timed_chunks = None
 
     def __init__(self, pool):
         self._pool = pool
@@ -2436,6 +2675,134 @@ class IMapUnorderedIterator(IMapIterator):
 
 
 #
+# task_timeout: what a chunk interrupted by a timeout becomes
+#
+
+class _Raise:
+    """An item of a timed imap chunk whose call ran past its timeout: the iterator of a
+    chunked imap raises ``exc`` in its place (and goes on)."""
+
+    __slots__ = ('exc',)
+
+    def __init__(self, exc):
+        self.exc = exc
+
+
+class _Flatten:
+    """What a chunked ``imap`` / ``imap_unordered`` with a ``task_timeout`` returns: the
+    items of each chunk in turn. An item whose call timed out raises its
+    TaskTimeoutError in its place, a chunk whose function raised raises that, and
+    either way the iteration goes on."""
+
+    def __init__(self, chunks):
+        self._chunks = chunks
+        self._items = iter(())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            for item in self._items:
+                if type(item) is _Raise:
+                    raise item.exc
+                return item
+            self._items = iter(next(self._chunks))
+
+    next = __next__
+
+
+class _Rerun:
+    """The calls of a timed chunk that did not run to the end because one of them ran
+    past its timeout, run again as one task. Its result goes to the chunk's result at
+    the chunk's index, with each timed-out call's error in its place; with no target
+    (the chunk of a map, which failed with the timeout already) it is dropped: those
+    calls are run for what they do, as the stdlib runs a failed map's other chunks."""
+
+    _has_callbacks = False
+
+    def __init__(self, engine, target, index, n, positions, errors, chunk, limit, name):
+        self._job = next(job_counter)
+        self._cache = engine.cache
+        self._target = target
+        self._index = index
+        self._n = n                     # calls in the original chunk
+        self._positions = positions     # each call's place in the original chunk
+        self._errors = errors           # place -> TaskTimeoutError
+        self._task_timeout = limit
+        self._func_name = name
+        self._timed_chunks = {0: chunk}
+        self._done = False
+        self._cache[self._job] = self
+
+    @staticmethod
+    def after_timeout(engine, r, i, chunk, k, exc):
+        """Call ``k`` of chunk ``i`` of ``r`` (a result, or a _Rerun) timed out with
+        ``exc``: fails it, and runs the chunk's other calls again."""
+        runner, func, items = chunk
+        if type(r) is _Rerun:
+            target, index, n = r._target, r._index, r._n
+            positions, errors = r._positions, dict(r._errors)
+            r._forget()
+        else:
+            target, index, n = r, i, len(items)
+            positions, errors = list(range(n)), {}
+        if target is None or isinstance(target, MapResult):
+            # A map fails with the first error anyway: the calls after this one run.
+            if target is not None:
+                _deliver(target, index, (False, exc))
+            target, rest = None, list(items[k + 1:])
+        else:
+            errors[positions[k]] = exc
+            rest = list(items[:k]) + list(items[k + 1:])
+            positions = positions[:k] + positions[k + 1:]
+        if not rest:
+            if target is not None:
+                _deliver(target, index, (True, [_Raise(errors[p]) for p in range(n)]))
+            return
+        again = _Rerun(engine, target, index, n, positions, errors, (runner, func, rest),
+                       r._task_timeout, r._func_name)
+        engine.timed.add(again._job)
+        # From a thread of its own: the task ring may be full, and the engine's
+        # thread must not wait for room (it replaces the workers that make it).
+        try:
+            threading.Thread(target=again._submit, args=(engine, runner, func, rest),
+                             name='ferromp-pool-rerun', daemon=True).start()
+        except RuntimeError as e:
+            again._set(0, (False, e))
+
+    def _submit(self, engine, runner, func, rest):
+        try:
+            engine.submit(self._job, runner, [(func, rest)], feeding=True)
+        except Exception as e:
+            self._set(0, (False, e))
+
+    def _forget(self):
+        self._done = True
+        self._cache._forget(self._job)
+
+    def _set(self, i, obj):
+        if self._done:
+            return
+        self._forget()
+        target = self._target
+        if target is None:
+            return
+        ok, value = obj
+        if ok:
+            out = [None] * self._n
+            for p, v in zip(self._positions, value):
+                out[p] = v
+            for p, e in self._errors.items():
+                out[p] = _Raise(e)
+            value = out
+        _deliver(target, self._index, (ok, value))
+
+    def _fail(self, exc):
+        self._set(0, (False, exc))
+
+
+#
 # Thread pools
 #
 
@@ -2454,3 +2821,9 @@ class ThreadPool(Pool):
 
     def __init__(self, processes=None, initializer=None, initargs=()):
         Pool.__init__(self, processes, initializer, initargs)
+
+    def _timeout_for(self, task_timeout, func):
+        if task_timeout is not _POOL_DEFAULT and task_timeout is not None:
+            raise TypeError('ThreadPool does not support task_timeout: a thread cannot '
+                            'be stopped (use Pool, whose workers are processes)')
+        return None

@@ -13,7 +13,7 @@
 //! of plain numbers (packed, see `packed.rs`). Everything else is a pickle or an
 //! envelope from Python.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -301,11 +301,14 @@ impl PoolRing {
     /// going back to Python between them, while they are native calls (`put_calls`) of
     /// a function found in `funcs` (function key -> function) whose results are plain
     /// scalars: each result goes natively into `results`, then the worker's claim word
-    /// `slot` is cleared, as `put` does. Stops after `limit` tasks, or at the
-    /// first task it cannot finish alone, and says why (see [`ServeEnd`]).
+    /// `slot` is cleared, as `put` does. Word `started` of the claims segment gets each
+    /// task's tag as its call begins (the parent times calls from then on: see
+    /// `task_timeout` in `pool.py`). Stops after `limit` tasks, or at the first task it
+    /// cannot finish alone, and says why (see [`ServeEnd`]).
     ///
     /// Before each result it puts (but the one that reaches `limit`) the worker
     /// announces its next wait on this ring (`hold_spin`).
+    #[allow(clippy::too_many_arguments)]
     fn serve<'py>(
         &self,
         py: Python<'py>,
@@ -313,9 +316,11 @@ impl PoolRing {
         funcs: &Bound<'py, PyDict>,
         loads: &Bound<'py, PyAny>,
         slot: usize,
+        started: usize,
         limit: u64,
     ) -> PyResult<Served<'py>> {
         let claim = self.claim(Some(slot))?;
+        let started = self.claims.get().word(started)?;
         let results = results.get();
         let mut done = 0u64;
         // The last function looked up, by its key: a map calls one function.
@@ -352,6 +357,7 @@ impl PoolRing {
                 },
             };
             let arg = decode_native(py, fmt, &v[klen..])?;
+            started.store(tag, Ordering::Relaxed);
             let value = match func.call1((arg,)) {
                 Ok(value) => value,
                 Err(e) if e.is_instance_of::<PyException>(py) => {
@@ -390,8 +396,55 @@ impl PoolRing {
     }
 }
 
+/// `Counted(items, claims, word)`: an iterator over `items` that stores the index of
+/// each item it hands out into word `word` of the segment `claims`, so that the parent
+/// can tell which call of a map chunk a worker is in (and for how long it has been in
+/// it: see `task_timeout` in `pool.py`). It costs a relaxed store per item.
+#[pyclass(module = "ferromp._core", frozen)]
+pub(crate) struct Counted {
+    inner: Py<PyAny>,
+    claims: Py<PySegment>,
+    word: usize,
+    next: AtomicU64,
+}
+
+#[pymethods]
+impl Counted {
+    #[new]
+    fn new(items: &Bound<'_, PyAny>, claims: Py<PySegment>, word: usize) -> PyResult<Self> {
+        claims.get().word(word)?;
+        Ok(Counted {
+            inner: items.try_iter()?.into_any().unbind(),
+            claims,
+            word,
+            next: AtomicU64::new(0),
+        })
+    }
+
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.claims
+            .get()
+            .word(self.word)?
+            .store(i, Ordering::Relaxed);
+        // SAFETY: `inner` is an iterator (made by `try_iter`) and the GIL is held; the
+        // result is a new reference, or NULL at the end or on an error (then set).
+        let item = unsafe { pyo3::ffi::PyIter_Next(self.inner.as_ptr()) };
+        if item.is_null() {
+            return PyErr::take(py).map_or(Ok(None), Err);
+        }
+        // SAFETY: a new reference, owned from here on.
+        Ok(Some(unsafe { Bound::from_owned_ptr(py, item) }.unbind()))
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PoolRing>()?;
+    m.add_class::<Counted>()?;
     m.add("SERVE_LIMIT", ServeEnd::Limit as u8)?;
     m.add("SERVE_TASK", ServeEnd::Task as u8)?;
     m.add("SERVE_RESULT", ServeEnd::Result as u8)?;
