@@ -327,7 +327,8 @@ def _start_method_of(ctx):
     without fixing it as ``get_start_method()`` does."""
     if isinstance(ctx, DefaultContext):
         return (ctx._actual_context or ctx._default_context)._name
-    return ctx.get_start_method()
+    get = getattr(ctx, 'get_start_method', None)    # (a stand-in context may have none)
+    return get() if get is not None else None
 
 
 def _force_start_method(method):

@@ -407,7 +407,11 @@ class _MainChannel(_Channel):
 
     def encode_task(self, fkey, args, kwds):
         data = _Channel.encode_task(self, fkey, args, kwds)
-        if reduction._mentions_main(data if type(data) is bytes else data[0]):
+        inband = data if type(data) is bytes else data[0]
+        # The function's key went by value already: only a mention of __main__ outside
+        # it (in the arguments) needs the second pickle.
+        known = fkey.count(b'__main__') if type(fkey) is bytes else 0
+        if inband.count(b'__main__') > known:
             return reduction._dumps_main_by_value((fkey, args, kwds or None)) or data
         return data
 
@@ -1368,7 +1372,7 @@ class _ProcessEngine(_Engine):
 
     def __init__(self, *args, **kwds):
         super().__init__(*args, **kwds)
-        main_by_value = reduction._main_by_value(self.ctx.get_start_method())
+        main_by_value = reduction._main_by_value(_context._start_method_of(self.ctx))
         self.channel = (_MainChannel if main_by_value else _Channel)(self.processes)
         self.free_indexes = list(range(self.processes - 1, -1, -1))
         self.wids = itertools.count(1)

@@ -130,7 +130,7 @@ def _encoder(ctx):
     """How a queue of ``ctx`` pickles what it is given: a queue of a spawn or
     forkserver context, made by an interactive ``__main__``, sends what ``__main__``
     defines by value (its readers cannot import it); otherwise as the stdlib does."""
-    if ctx is not None and reduction._main_by_value(ctx.get_start_method()):
+    if ctx is not None and reduction._main_by_value(context._start_method_of(ctx)):
         return _dumps_for_ring_main
     return _dumps_for_ring
 
