@@ -100,14 +100,16 @@ def child_env():
     return env
 
 
-def run_script(args, timeout=60, **kwargs):
-    """Run ``[sys.executable] + args`` in its own session; on timeout kill the whole
-    process group (a fork bomb must not outlive the test) and raise."""
+def run_script(args, timeout=60, input=None, **kwargs):
+    """Run ``[sys.executable] + args`` in its own session, ``input`` on its stdin; on
+    timeout kill the whole process group (a fork bomb must not outlive the test) and
+    raise."""
     proc = subprocess.Popen([sys.executable] + list(args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            stdin=subprocess.PIPE if input is not None else None,
                             env=kwargs.pop("env", None) or child_env(), **kwargs)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
@@ -448,3 +450,32 @@ class ForkServerWorker(_RunReports, ferromp.get_context("forkserver").Process):
 
 
 WORKERS = {"fork": ForkWorker, "spawn": SpawnWorker, "forkserver": ForkServerWorker}
+
+
+# --- functions that travel by value (test_cloudpickle.py) ------------------------------
+# These receive a lambda or a closure from the parent and call it.
+
+def call_and_put(fn, out, *args):
+    out.put(fn(*args))
+
+
+def get_call_put(inq, out):
+    """Take a function from ``inq``; put what it returns for 3 on ``out``."""
+    out.put(inq.get()(3))
+
+
+def recv_call_send(conn):
+    """Receive a function on ``conn``; send back what it returns for 3."""
+    conn.send(conn.recv()(3))
+
+
+def put_pickle_fallback(out):
+    out.put(ferromp.get_pickle_fallback())
+
+
+# Set by a pool initializer, read by the tasks.
+STATE = {}
+
+
+def state_of(key):
+    return STATE.get(key)

@@ -7,6 +7,7 @@ custom manager classes: a spawned server process finds its class here.
 
 import os
 import signal
+import threading
 import time
 
 import multiprocessing.managers as std_managers
@@ -157,7 +158,9 @@ class Counter:
             yield i
 
     def unpicklable(self):
-        return lambda: None
+        # A lambda alone would go by value (cloudpickle); not the lock it holds.
+        lock = threading.Lock()
+        return lambda: lock
 
     def child_counter(self):
         return Counter(self.n * 100)

@@ -157,10 +157,13 @@ def test_send_recv_objects_in_process(start_method, std_ctx):
 
 
 def test_unpicklable_object_raises_at_send(start_method, std_ctx):
+    # A lambda alone would go by value (cloudpickle); not the lock it holds.
+    lock = threading.Lock()
+    unpicklable = lambda: lock  # noqa: E731
     for ctx in both(start_method, std_ctx):
         a, b = ctx.Pipe()
         with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):
-            a.send(lambda: None)
+            a.send(unpicklable)
         # Nothing was written: the stream is still in sync.
         assert not b.poll(0)
         a.send("after")

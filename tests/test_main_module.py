@@ -289,4 +289,12 @@ def test_dash_c_with_builtin_target(tmp_path, start_method_name):
     assert ours.returncode == 0, ours.stderr
     lines = ours.stdout.splitlines()
     assert lines[:2] == ["hello from builtin print", "exitcode print 0"]
+    # f, defined in -c, runs under every method: a spawn or forkserver child cannot
+    # import it, so ferromp sends it by value (cloudpickle); the stdlib's child fails.
+    assert lines[2:] == ["f ran", "exitcode f 0"], ours.stderr
+    # With the fallback off, exactly the stdlib's.
+    env = _helpers.child_env()
+    env["FERROMP_CLOUDPICKLE"] = "0"
+    results["ferromp"] = _helpers.run_script(["-c", DASH_C, "ferromp", start_method_name],
+                                             cwd=tmp_path, env=env)
     assert_same(results)

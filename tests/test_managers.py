@@ -204,10 +204,12 @@ def test_dict_and_list_operations_match_builtin(manager):
 
 def test_unpicklable_arguments_raise_at_call_site(manager):
     d = manager.dict(a=1)
+    # A lambda alone would go by value (cloudpickle); not the lock it holds.
+    lock = threading.Lock()
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
-        manager.dict(f=lambda: 0)          # a control call (create)
+        manager.dict(f=lambda: lock)       # a control call (create)
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
-        d['f'] = lambda: 0                 # a method call
+        d['f'] = lambda: lock              # a method call
     # Nothing was sent, nothing is lost: the process keeps its references.
     assert d.copy() == {'a': 1}
     assert manager._number_of_objects() == 1

@@ -260,7 +260,10 @@ def unpicklable_target():
 
 
 @pytest.mark.timeout(30)
-def test_unpicklable_target_raises_in_parent(start_method, std_ctx):
+def test_unpicklable_target_raises_in_parent(start_method, std_ctx, monkeypatch):
+    # With the by-value fallback off, exactly the stdlib's behaviour (on, the lambda
+    # goes by value: test_cloudpickle.py).
+    monkeypatch.setattr(ferromp.reduction, '_fallback', False)
     results = {}
     for ctx in both(start_method, std_ctx):
         p = ctx.Process(target=unpicklable_target(), args=(1,))

@@ -8,6 +8,7 @@ says so.
 import multiprocessing
 import os
 import queue
+import threading
 import time
 
 import pytest
@@ -113,8 +114,10 @@ def test_unpicklable_put_raises_in_the_caller_and_queue_stays_usable():
     # The stdlib drops the object in its feeder thread (cpython#84376); ferromp raises
     # at the call, with the pickling error, and the queue keeps working.
     q = ferromp.Queue()
+    # A lambda alone would go by value (cloudpickle); not the lock it holds.
+    lock = threading.Lock()
     with pytest.raises(Exception) as info:
-        q.put(lambda: None)
+        q.put(lambda: lock)
     assert 'pickle' in str(info.value).lower()
     q.put('after')
     assert q.get(timeout=5) == 'after'

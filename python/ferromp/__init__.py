@@ -25,6 +25,10 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# Beyond the stdlib: the by-value fallback for lambdas, closures and interactive code
+# (cloudpickle); see reduction.
+from .reduction import get_pickle_fallback, set_pickle_fallback  # noqa: E402,F401
+
 SUBDEBUG = 5
 SUBWARNING = 25
 

@@ -237,7 +237,11 @@ def dumps(obj, fallback, table):
 
     reduction._refresh_table()
     f = io.BytesIO()
-    reduction._FastPickler(f, pickle.HIGHEST_PROTOCOL, buffer_callback=take).dump(obj)
+    try:
+        reduction._FastPickler(f, pickle.HIGHEST_PROTOCOL, buffer_callback=take).dump(obj)
+    except reduction._FALLBACK_ERRORS as e:
+        # A lambda, a closure...: by value, all in band.
+        return reduction._dumps_by_value(obj, e)
     if not bufs:
         data = f.getvalue()
         return data if len(data) < SPILL_MIN else fallback(obj)

@@ -81,6 +81,10 @@ class _ConnectionBase:
     """A message-oriented endpoint over one file descriptor."""
 
     _handle = None
+    # How send pickles: as the stdlib does, but a Pipe of a spawn or forkserver
+    # context made by an interactive __main__ sends what __main__ defines by value
+    # (BaseContext.Pipe sets reduction._dumps_bytes_main).
+    _dumps = staticmethod(_dumps)
 
     def __init__(self, handle, readable=True, writable=True):
         handle = handle.__index__()
@@ -178,7 +182,7 @@ class _ConnectionBase:
         """Send a picklable object."""
         self._check_closed()
         self._check_writable()
-        _core.send_bytes(self._handle, _dumps(obj))
+        _core.send_bytes(self._handle, self._dumps(obj))
 
     def recv_bytes(self, maxlength=None):
         """Receive one message as bytes."""

@@ -72,7 +72,12 @@ class BaseContext(object):
     def Pipe(self, duplex=True):
         """Two Connection objects joined by a pipe (socketpair when duplex)."""
         from .connection import Pipe
-        return Pipe(duplex)
+        c1, c2 = Pipe(duplex)
+        if reduction._main_by_value(_start_method_of(self)):
+            # Its ends may go to spawn or forkserver children, which cannot import
+            # what an interactive __main__ defines: that goes by value.
+            c1._dumps = c2._dumps = reduction._dumps_bytes_main
+        return c1, c2
 
     def Lock(self):
         from .synchronize import Lock
@@ -315,6 +320,15 @@ elif sys.version_info >= (3, 14):
     _default_context = DefaultContext(_concrete_contexts['forkserver'])
 else:
     _default_context = DefaultContext(_concrete_contexts['fork'])
+
+
+def _start_method_of(ctx):
+    """``ctx``'s start method; for the default context, the one it has or would pick,
+    without fixing it as ``get_start_method()`` does."""
+    if isinstance(ctx, DefaultContext):
+        return (ctx._actual_context or ctx._default_context)._name
+    get = getattr(ctx, 'get_start_method', None)    # (a stand-in context may have none)
+    return get() if get is not None else None
 
 
 def _force_start_method(method):

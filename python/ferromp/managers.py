@@ -114,6 +114,10 @@ class _Pickling(object):
             pickler.dump(obj)
             # Small pickles arrive in one write; a large buffer is written apart.
             return parts[0] if len(parts) == 1 else b''.join(parts)
+        except reduction._FALLBACK_ERRORS as e:
+            self.key = None
+            # A lambda, a closure...: by value (or the stdlib's error).
+            return reduction._dumps_by_value(obj, e)
         except BaseException:
             self.key = None         # start from a fresh pickler next time
             raise

@@ -374,6 +374,10 @@ _FUNC_CACHE_MAX = 256
 class _FuncCache(dict):
     """function -> its pickle (parent side), pickle -> function (worker side)."""
 
+    # A lambda or a closure pickles by value (reduction._dumps_by_value); see
+    # _MainChannel for what an interactive __main__ defines.
+    dumps = staticmethod(_dumps)
+
     def parent_key(self, func):
         data = self.get(func) if type(func) in _FUNC_TYPES else None
         if data is not None:
@@ -383,7 +387,7 @@ class _FuncCache(dict):
             # A bound builtin method (dict.get of one dict...) pickles its object's
             # state, which may change: pickled afresh each time.
             return func
-        return self._remember(func, _dumps(func))
+        return self._remember(func, self.dumps(func))
 
     def worker_func(self, key):
         if type(key) is not bytes:
@@ -439,9 +443,29 @@ class _Channel:
                 if not _is_plain(a):
                     break
             else:
-                return _plain_dumps((fkey, args, None), 5)
+                try:
+                    return _plain_dumps((fkey, args, None), 5)
+                except reduction._FALLBACK_ERRORS as e:
+                    # The function is a lambda, a local class...: by value.
+                    return reduction._dumps_by_value((fkey, args, None), e)
         # (A tuple is never plain: straight to the general pickler.)
         return _spill.dumps((fkey, args, kwds or None), queues._dumps_for_ring, self.spill)
+
+
+class _MainChannel(_Channel):
+    """The channel of a spawn or forkserver pool started by an interactive
+    ``__main__``, whose workers cannot import what ``__main__`` defines: tasks that
+    refer to it send it by value (``reduction._main_by_value``)."""
+
+    def encode_task(self, fkey, args, kwds):
+        data = _Channel.encode_task(self, fkey, args, kwds)
+        inband = data if type(data) is bytes else data[0]
+        # The function's key went by value already: only a mention of __main__ outside
+        # it (in the arguments) needs the second pickle.
+        known = fkey.count(b'__main__') if type(fkey) is bytes else 0
+        if inband.count(b'__main__') > known:
+            return reduction._dumps_main_by_value((fkey, args, kwds or None)) or data
+        return data
 
 
 #
@@ -1425,7 +1449,8 @@ class _ProcessEngine(_Engine):
 
     def __init__(self, *args, **kwds):
         super().__init__(*args, **kwds)
-        self.channel = _Channel(self.processes)
+        main_by_value = reduction._main_by_value(_context._start_method_of(self.ctx))
+        self.channel = (_MainChannel if main_by_value else _Channel)(self.processes)
         self.free_indexes = list(range(self.processes - 1, -1, -1))
         self.wids = itertools.count(1)
         self.by_wid = {}
@@ -1437,6 +1462,8 @@ class _ProcessEngine(_Engine):
         self.unrouted = collections.deque()  # (tag, ok, obj) taken from the ring
         self.idle = False               # the engine's thread sleeps without a tick
         self.funcs = _FuncCache()
+        if main_by_value:
+            self.funcs.dumps = reduction._dumps_bytes_main
         self.last_collect = 0.0         # when a caller last submitted or collected
         self.next_liveness = 0.0
         self.timed = set()              # jobs with a task_timeout, maybe finished

@@ -87,7 +87,11 @@ def _dumps_for_ring(obj):
         return (b'', obj)
     reduction._refresh_table()
     parts = _Collector()
-    reduction._FastPickler(parts, _PROTOCOL).dump(obj)
+    try:
+        reduction._FastPickler(parts, _PROTOCOL).dump(obj)
+    except reduction._FALLBACK_ERRORS as e:
+        # A lambda, a closure...: by value, all in band.
+        return reduction._dumps_by_value(obj, e)
     if len(parts) == 1:
         return parts[0]
     inband = []
@@ -111,6 +115,24 @@ def _dumps_for_ring(obj):
     if not payloads:
         return b''.join(inband)
     return (b''.join(inband), *payloads)
+
+
+def _dumps_for_ring_main(obj):
+    """``_dumps_for_ring`` for a queue whose readers may be spawn or forkserver
+    children of an interactive ``__main__``: what ``__main__`` defines goes by value."""
+    data = _dumps_for_ring(obj)
+    if reduction._mentions_main(data if type(data) is bytes else data[0]):
+        return reduction._dumps_main_by_value(obj) or data
+    return data
+
+
+def _encoder(ctx):
+    """How a queue of ``ctx`` pickles what it is given: a queue of a spawn or
+    forkserver context, made by an interactive ``__main__``, sends what ``__main__``
+    defines by value (its readers cannot import it); otherwise as the stdlib does."""
+    if ctx is not None and reduction._main_by_value(context._start_method_of(ctx)):
+        return _dumps_for_ring_main
+    return _dumps_for_ring
 
 
 def _is_fork_ctx(ctx):
@@ -143,6 +165,9 @@ def _ring_rebuild(state):
 class Queue(object):
     """A FIFO queue shared between processes."""
 
+    # How put pickles (see _encoder); in a child, as the stdlib does.
+    _dumps = staticmethod(_dumps_for_ring)
+
     def __init__(self, maxsize=0, *, ctx):
         if maxsize <= 0:
             maxsize = _SEM_VALUE_MAX
@@ -152,6 +177,7 @@ class Queue(object):
         self._maxsize = maxsize
         self._ring = _core.Ring(_RING_BYTES, ring_max)
         self._is_fork_ctx = _is_fork_ctx(ctx)
+        self._dumps = _encoder(ctx)
         self._opid = os.getpid()
         self._ignore_epipe = False
         self._reset()
@@ -205,7 +231,7 @@ class Queue(object):
 
     def _pickle_for_put(self, obj):
         try:
-            return _dumps_for_ring(obj)
+            return self._dumps(obj)
         except Exception as e:
             return self._unpicklable(e, obj)
 
@@ -219,10 +245,10 @@ class Queue(object):
             if done == _WRITTEN:
                 return
             if done == _RESERVED:
-                self._feed_later(_dumps_for_ring(obj))
+                self._feed_later(self._dumps(obj))
                 return
         try:
-            data = _dumps_for_ring(obj)
+            data = self._dumps(obj)
         except Exception as e:
             data = self._unpicklable(e, obj)
             if data is None:
@@ -505,9 +531,12 @@ class SimpleQueue(object):
     """An unbounded queue without a feeder thread: put writes straight to the ring
     (waiting for room if it is full)."""
 
+    _dumps = staticmethod(_dumps_for_ring)
+
     def __init__(self, *, ctx):
         self._setup(_core.Ring(_RING_BYTES, 0))
         self._is_fork_ctx = _is_fork_ctx(ctx)
+        self._dumps = _encoder(ctx)
 
     def _setup(self, ring):
         self._reader = _RingReader(ring)
@@ -543,6 +572,6 @@ class SimpleQueue(object):
     def put(self, obj):
         # Exact ints, floats, strs, bytes, None and bools travel without pickle.
         if not self._put_obj(obj):
-            self._put(_dumps_for_ring(obj))
+            self._put(self._dumps(obj))
 
     __class_getitem__ = classmethod(types.GenericAlias)

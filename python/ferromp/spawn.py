@@ -98,7 +98,9 @@ def _pickle_for_child(popen, process_obj):
     set_spawning_popen(popen)
     try:
         reduction.dump(prep_data, buf)
-        reduction.dump(process_obj, buf)
+        # A lambda or closure as target, or what an interactive __main__ defines,
+        # goes by value.
+        reduction._dump_for_child(process_obj, buf, popen.method)
     finally:
         set_spawning_popen(None)
     return buf
@@ -149,6 +151,9 @@ def get_preparation_data(name):
         dir=os.getcwd(),
         start_method=_default_context.get_start_method(),
     )
+    from . import reduction
+    if not reduction.get_pickle_fallback():
+        d['pickle_fallback'] = False
     main_module = sys.modules['__main__']
     spec = getattr(main_module, '__spec__', None)
     main_mod_name = getattr(spec, 'name', None)
@@ -157,12 +162,32 @@ def get_preparation_data(name):
         d['init_main_from_name'] = main_mod_name
     elif sys.platform != 'win32' or (not WINEXE and not WINSERVICE):
         main_path = getattr(main_module, '__file__', None)
-        if main_path is not None:
+        if main_path is not None and not _pseudo_file(main_path):
             if not os.path.isabs(main_path) and process.ORIGINAL_DIR is not None:
                 main_path = os.path.join(process.ORIGINAL_DIR, main_path)
             d['init_main_from_path'] = os.path.normpath(main_path)
-    # -c and the interactive prompt have no main file: nothing to re-import.
+    # -c and the interactive prompt have no main file, stdin a pseudo one: nothing to
+    # re-import.
     return d
+
+
+def _pseudo_file(path):
+    # python - names its main '<stdin>': no file a child could run (the stdlib tries,
+    # and every spawn child fails).
+    return path.startswith('<') and path.endswith('>')
+
+
+def _main_interactive():
+    """Whether ``__main__`` is interactive: the REPL, ``python -c``, a notebook (no
+    main file), stdin (``<stdin>``), or IPython's, which ``prepare`` leaves alone. A
+    spawn or forkserver child then has no ``__main__`` of the parent's, so what it
+    defines cannot be pickled by reference for that child."""
+    main_module = sys.modules.get('__main__')
+    if getattr(getattr(main_module, '__spec__', None), 'name', None) is not None:
+        return False
+    path = getattr(main_module, '__file__', None)
+    return (path is None or _pseudo_file(path)
+            or os.path.splitext(os.path.basename(path))[0] == 'ipython')
 
 
 # Main modules replaced by __mp_main__, kept alive so their globals stay valid.
@@ -190,6 +215,9 @@ def prepare(data):
     if 'start_method' in data:
         from .context import _default_context
         _default_context.set_start_method(data['start_method'], force=True)
+    if 'pickle_fallback' in data:
+        from . import reduction
+        reduction.set_pickle_fallback(data['pickle_fallback'])
     if 'init_main_from_name' in data:
         _fixup_main_from_name(data['init_main_from_name'])
     elif 'init_main_from_path' in data:
