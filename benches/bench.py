@@ -389,14 +389,24 @@ def _warm(map_fn, workers=2):
         seen.update(map_fn(_pid_after_nap, range(4 * workers)))
 
 
-def pool_map_tiny(mp, n):
+def pool_map_tiny(mp, n, **extra):
     """Pool(2).map of n tiny tasks, default chunksize, seconds per map."""
     with mp.Pool(2) as pool:
         _warm(lambda f, it: pool.map(f, it, chunksize=1))
-        pool.map(_tiny, range(1000))
+        pool.map(_tiny, range(1000), **extra)
         t = time.perf_counter()
-        pool.map(_tiny, range(n))
+        pool.map(_tiny, range(n), **extra)
         return time.perf_counter() - t
+
+
+def _ferromp_only(mp, **extra):
+    # ferromp's extensions, for the rows that compare them with the stdlib's plain call.
+    return extra if type(mp).__module__.startswith('ferromp') else {}
+
+
+def pool_map_tiny_timeout(mp, n):
+    """The same map with task_timeout=60 (ferromp; the stdlib's plain map)."""
+    return pool_map_tiny(mp, n, **_ferromp_only(mp, task_timeout=60))
 
 
 def _pool_per_task(mp, n, how):
@@ -647,6 +657,7 @@ WORKLOADS = [
     ('Manager Lock acquire+release', manager_lock, 'time', 5000, 1000),
     ('Serial loop, 200k tiny calls (no pool)', serial_tiny, 'time', 200000, 50000),
     ('Pool map, 200k tiny tasks', pool_map_tiny, 'time', 200000, 50000),
+    ('Pool map 200k, task_timeout', pool_map_tiny_timeout, 'time', 200000, 50000),
     ('Pool map, chunksize=1', pool_map_c1, 'time', 20000, 3000),
     ('Pool imap, chunksize=1', pool_imap_c1, 'time', 20000, 3000),
     ('Pool imap_unordered, chunksize=1', pool_imap_unordered_c1, 'time', 20000, 3000),
@@ -654,6 +665,11 @@ WORKLOADS = [
     ('Pool start+map+close+join', pool_start, 'time', 10, 3),
     ('Pool apply, 100 MB numpy round trip', pool_numpy_rt, 'time', 5, 2),
 ]
+
+
+# Rows of ferromp's own extensions (run against the stdlib's plain call): an executor
+# has nothing to compare there.
+EXTENSION_ROWS = {'Pool map 200k, task_timeout'}
 
 
 def fmt(kind, v):
@@ -739,7 +755,7 @@ def main(argv=None):
             if fn is start_join and method == 'spawn':
                 n = max(2, n // 3)
             names = IMPLS
-            if title.startswith('Pool '):
+            if title.startswith('Pool ') and title not in EXTENSION_ROWS:
                 names = IMPLS + tuple(executors)
             if args.baseline:
                 names = IMPLS + ('baseline',)
