@@ -409,6 +409,18 @@ def pool_map_tiny_timeout(mp, n):
     return pool_map_tiny(mp, n, **_ferromp_only(mp, task_timeout=60))
 
 
+def pool_map_tiny_progress(mp, n):
+    """The same map with progress=True (ferromp; the stdlib's plain map). The bar
+    (tqdm's if installed, else the built-in one) is drawn into a buffer, not the
+    terminal, so that it does not mix with the table."""
+    import io
+    saved, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        return pool_map_tiny(mp, n, **_ferromp_only(mp, progress=True))
+    finally:
+        sys.stderr = saved
+
+
 def _pool_per_task(mp, n, how):
     with mp.Pool(2) as pool:
         _warm(lambda f, it: pool.map(f, it, chunksize=1))
@@ -658,6 +670,7 @@ WORKLOADS = [
     ('Serial loop, 200k tiny calls (no pool)', serial_tiny, 'time', 200000, 50000),
     ('Pool map, 200k tiny tasks', pool_map_tiny, 'time', 200000, 50000),
     ('Pool map 200k, task_timeout', pool_map_tiny_timeout, 'time', 200000, 50000),
+    ('Pool map 200k, progress=True', pool_map_tiny_progress, 'time', 200000, 50000),
     ('Pool map, chunksize=1', pool_map_c1, 'time', 20000, 3000),
     ('Pool imap, chunksize=1', pool_imap_c1, 'time', 20000, 3000),
     ('Pool imap_unordered, chunksize=1', pool_imap_unordered_c1, 'time', 20000, 3000),
@@ -667,9 +680,13 @@ WORKLOADS = [
 ]
 
 
-# Rows of ferromp's own extensions (run against the stdlib's plain call): an executor
-# has nothing to compare there.
-EXTENSION_ROWS = {'Pool map 200k, task_timeout'}
+# Rows of ferromp's own extensions, each against the stdlib's plain call and, in the
+# same alternation, ferromp's plain call (the row named here): an executor has nothing
+# to compare there. The "plain" column gives ferromp's plain time and (x) = with/without.
+EXTENSION_ROWS = {
+    'Pool map 200k, task_timeout': 'Pool map, 200k tiny tasks',
+    'Pool map 200k, progress=True': 'Pool map, 200k tiny tasks',
+}
 
 
 def fmt(kind, v):
@@ -757,6 +774,8 @@ def main(argv=None):
             names = IMPLS
             if title.startswith('Pool ') and title not in EXTENSION_ROWS:
                 names = IMPLS + tuple(executors)
+            if title in EXTENSION_ROWS:
+                names = IMPLS + ('plain',)
             if args.baseline:
                 names = IMPLS + ('baseline',)
             vals = {name: [] for name in names}
@@ -765,6 +784,9 @@ def main(argv=None):
                     if name == 'baseline':
                         vals[name].append(_measure('ferromp', method, title, n,
                                                    args.baseline))
+                    elif name == 'plain':
+                        vals[name].append(_measure('ferromp', method,
+                                                   EXTENSION_ROWS[title], n))
                     else:
                         vals[name].append(_measure(name, method, title, n))
             std = statistics.median(vals['multiprocessing'])
@@ -784,6 +806,10 @@ def main(argv=None):
             for e in EXECUTORS:
                 v = extra.get(e)
                 cols.append('' if v is None else '%s (%.2f)' % (fmt(kind, v), fer / v))
+            if 'plain' in vals:
+                plain = statistics.median(vals['plain'])
+                results[-1][5]['plain'] = plain
+                cols = ['plain %s (%.3f)' % (fmt(kind, plain), fer / plain), '']
             print('%-36s %-11s %14s %14s %7.2f %20s %20s' % (
                 title, method, fmt(kind, std), fmt(kind, fer), ratio, *cols), flush=True)
     return results

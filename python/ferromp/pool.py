@@ -148,13 +148,13 @@ _Packed = _core.Packed
 # With a task_timeout, a chunk's runner says which of its calls is running: it stores
 # the item's index into the worker's progress word (see _Channel) before each call, so
 # that the parent can time each call of the chunk, not the chunk as a whole.
-_progress = None    # (claims segment, word index), in a process pool worker
+_progress_word = None   # (claims segment, word index), in a process pool worker
 
 
 def _counted(items):
-    if _progress is None:
+    if _progress_word is None:
         return items
-    return _core.Counted(items, *_progress)
+    return _core.Counted(items, *_progress_word)
 
 
 def _timed_mapstar(args):
@@ -726,14 +726,14 @@ _SERVED_RESULT = _core.SERVE_RESULT
 def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=None,
                  wrap_exception=True):
     """The body of a process pool worker."""
-    global _progress
+    global _progress_word
     # Its own process group: a call that runs past its task_timeout is stopped with
     # every process it started (the parent signals the group).
     try:
         os.setpgid(0, 0)
     except OSError:
         pass
-    _progress = (channel.claims, channel.nslots + slot)
+    _progress_word = (channel.claims, channel.nslots + slot)
     _work(_RingSide(channel, slot, wid), initializer, initargs, maxtasks, wrap_exception)
 
 
@@ -874,6 +874,7 @@ class _Engine:
         # The feeder submits at most this many tasks of one imap at a time.
         self.feed_burst = 4 * processes + 16
 
+        self.progressing = set()    # _Progress objects of maps and imaps in flight
         self.wake_lock = threading.Lock()
         self.wake_pending = False
         self.wake_r, self.wake_w = os.pipe()
@@ -882,6 +883,25 @@ class _Engine:
         cache.notifier = self._cache_emptied
 
     # -- what the front calls (any thread) ----------------------------------------------
+
+    def add_progress(self, progress):
+        # (No wake-up: the submit that follows wakes an idle engine's thread, and a
+        # busy one sees this within its current tick.)
+        self.progressing.add(progress)
+
+    def _tick_progress(self, timeout):
+        # (the engine's thread, each turn) Reports every map's and imap's progress at
+        # most every _PROGRESS_PERIOD; returns the wait's timeout, shortened to that
+        # period while some are in flight.
+        for p in list(self.progressing):
+            if p.ended:
+                self.progressing.discard(p)
+            else:
+                p.report()
+        if not self.progressing:
+            return timeout
+        tick = int(_PROGRESS_PERIOD * 1000)
+        return tick if timeout is None else min(timeout, tick)
 
     def submit(self, job, func, items, first=0, unpack=False, kwds=None, feeding=False):
         """Submits ``func(item)`` -- ``func(*item, **kwds)`` if ``unpack`` -- for each
@@ -1387,6 +1407,8 @@ class _ThreadEngine(_Engine):
         return tasks
 
     def _wait(self, timeout, _):
+        if self.progressing:
+            timeout = self._tick_progress(timeout)
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
         if poller.poll(timeout):
@@ -1749,6 +1771,8 @@ class _ProcessEngine(_Engine):
         self._run_handoff()
 
     def _wait(self, timeout, slots):
+        if self.progressing:
+            timeout = self._tick_progress(timeout)
         if self.timed or self.expiring:
             self._check_timeouts()
             if self.timed or self.expiring:
@@ -1981,6 +2005,15 @@ class _PoolCache(dict):
             self.notifier()
 
 
+def _add_timed(engine, job):
+    # The first timed job makes the engine's thread tick fast: wake it now rather than
+    # when its current wait ends.
+    first = not engine.timed
+    engine.timed.add(job)
+    if first:
+        engine.wake()
+
+
 class _PoolDefault:
     def __repr__(self):
         return "<the pool's task_timeout>"
@@ -2116,7 +2149,7 @@ class Pool(object):
         if timeout is not None:
             result._task_timeout = timeout
             result._func_name = _func_name(func)
-            result._engine.timed.add(result._job)
+            _add_timed(result._engine, result._job)
 
     def apply(self, func, args=(), kwds={}, *,  # noqa: B006 (the stdlib's signature)
               task_timeout=_POOL_DEFAULT):
@@ -2126,30 +2159,33 @@ class Pool(object):
         '''
         return self.apply_async(func, args, kwds, task_timeout=task_timeout).get()
 
-    def map(self, func, iterable, chunksize=None, *, task_timeout=_POOL_DEFAULT):
+    def map(self, func, iterable, chunksize=None, *, task_timeout=_POOL_DEFAULT,
+            progress=None):
         '''
         Apply `func` to each element in `iterable`, collecting the results
         in a list that is returned.
         '''
         return self._map_async(func, iterable, mapstar, chunksize,
-                               task_timeout=task_timeout).get()
+                               task_timeout=task_timeout, progress=progress).get()
 
-    def starmap(self, func, iterable, chunksize=None, *, task_timeout=_POOL_DEFAULT):
+    def starmap(self, func, iterable, chunksize=None, *, task_timeout=_POOL_DEFAULT,
+                progress=None):
         '''
         Like `map()` method but the elements of the `iterable` are expected to
         be iterables as well and will be unpacked as arguments. Hence
         `func` and (a, b) becomes func(a, b).
         '''
         return self._map_async(func, iterable, starmapstar, chunksize,
-                               task_timeout=task_timeout).get()
+                               task_timeout=task_timeout, progress=progress).get()
 
     def starmap_async(self, func, iterable, chunksize=None, callback=None,
-                      error_callback=None, *, task_timeout=_POOL_DEFAULT):
+                      error_callback=None, *, task_timeout=_POOL_DEFAULT, progress=None):
         '''
         Asynchronous version of `starmap()` method.
         '''
         return self._map_async(func, iterable, starmapstar, chunksize,
-                               callback, error_callback, task_timeout=task_timeout)
+                               callback, error_callback, task_timeout=task_timeout,
+                               progress=progress)
 
     def apply_async(self, func, args=(), kwds={}, callback=None,  # noqa: B006
                     error_callback=None, *, task_timeout=_POOL_DEFAULT):
@@ -2173,20 +2209,23 @@ class Pool(object):
         return result
 
     def map_async(self, func, iterable, chunksize=None, callback=None,
-                  error_callback=None, *, task_timeout=_POOL_DEFAULT):
+                  error_callback=None, *, task_timeout=_POOL_DEFAULT, progress=None):
         '''
         Asynchronous version of `map()` method.
         '''
         return self._map_async(func, iterable, mapstar, chunksize, callback,
-                               error_callback, task_timeout=task_timeout)
+                               error_callback, task_timeout=task_timeout,
+                               progress=progress)
 
     def _map_async(self, func, iterable, mapper, chunksize=None, callback=None,
-                   error_callback=None, task_timeout=_POOL_DEFAULT):
+                   error_callback=None, task_timeout=_POOL_DEFAULT, progress=None):
         '''
         Helper function to implement map, starmap and their async counterparts.
         '''
         self._check_running()
         timeout = self._timeout_for(task_timeout, func)
+        if progress is not None and progress is not False:
+            _progress_sink(progress)     # a bad progress= raises here, before any work
         if not hasattr(iterable, '__len__'):
             iterable = list(iterable)
 
@@ -2199,7 +2238,10 @@ class Pool(object):
 
         result = MapResult(self, chunksize, len(iterable), callback,
                            error_callback=error_callback)
+        _track(result, progress, len(iterable))
         if chunksize <= 0:
+            if result._progress is not None:
+                result._progress.report(True)
             return result
         self._timed(result, timeout, func)
         # With one item per task, the task calls the function itself rather than
@@ -2231,32 +2273,43 @@ class Pool(object):
         result._expect_chunks(produced)
         return result
 
-    def imap(self, func, iterable, chunksize=1, *, task_timeout=_POOL_DEFAULT):
+    def imap(self, func, iterable, chunksize=1, *, task_timeout=_POOL_DEFAULT,
+             progress=None):
         '''
         Equivalent of `map()` -- can be MUCH slower than `Pool.map()`.
         '''
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        return self._imap(IMapIterator, func, iterable, chunksize, task_timeout)
+        return self._imap(IMapIterator, func, iterable, chunksize, task_timeout, progress)
 
-    def imap_unordered(self, func, iterable, chunksize=1, *, task_timeout=_POOL_DEFAULT):
+    def imap_unordered(self, func, iterable, chunksize=1, *, task_timeout=_POOL_DEFAULT,
+                       progress=None):
         '''
         Like `imap()` method but ordering of results is arbitrary.
         '''
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
-        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, task_timeout)
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, task_timeout,
+                          progress)
 
-    def _imap(self, result_class, func, iterable, chunksize, task_timeout=_POOL_DEFAULT):
+    def _imap(self, result_class, func, iterable, chunksize, task_timeout=_POOL_DEFAULT,
+              progress=None):
         # The function is checked here so that an unpicklable one fails at the call;
         # the items are pickled by the feeder as it pulls them.
         timeout = self._timeout_for(task_timeout, func)
+        if progress is not None and progress is not False:
+            _progress_sink(progress)     # a bad progress= raises here, before any work
         engine = self._engine
         engine.check_func(func)
         result = result_class(self)
         self._timed(result, timeout, func)
+        try:
+            total = len(iterable)
+        except Exception:
+            total = None
+        _track(result, progress, total, chunksize)
         if timeout is not None and chunksize != 1:
             result._timed_chunks = {}
         inline = type(iterable) in _SEQUENCES
@@ -2395,6 +2448,7 @@ class ApplyResult(object):
 
     _task_timeout = None    # seconds each call may run (see Pool's task_timeout)
     _timed_chunks = None    # chunk index -> (runner, func, items), for timed chunks
+    _progress = None        # a map's _Progress (progress=)
 
     def __init__(self, pool, callback, error_callback):
         self._pool = pool
@@ -2451,6 +2505,8 @@ class ApplyResult(object):
             elif self._error_callback:
                 self._error_callback(self._value)
         finally:
+            if self._progress is not None:
+                self._progress.report(True)
             self._event.set()
             self._cache._forget(self._job)
             self._pool = None
@@ -2492,6 +2548,9 @@ class MapResult(ApplyResult):
             if self._done:
                 return
             self._number_left -= 1
+            if self._progress is not None:
+                self._progress.done += 1 if self._single else (
+                    len(result) if success else self._chunksize)
             if success and self._success:
                 if self._value is None:
                     self._value = [None] * self._length
@@ -2515,6 +2574,7 @@ class MapResult(ApplyResult):
                 # Only the first exception is kept.
                 self._success = False
                 self._value = result
+
             # Ready only once every chunk is in, failed or not, and the caller has
             # said how many there are (_expect_chunks).
             finished = self._done = self._number_left <= 0 and self._counted
@@ -2557,6 +2617,7 @@ class IMapIterator(object):
     _has_callbacks = False
     _task_timeout = None
     _timed_chunks = None
+    _progress = None        # its _Progress (progress=)
 
     def __init__(self, pool):
         self._pool = pool
@@ -2640,6 +2701,8 @@ class IMapIterator(object):
 
     def _complete_locked(self):
         if self._index == self._length:
+            if self._progress is not None:
+                self._progress.report(True)
             self._cache._forget(self._job)
             self._pool = None
 
@@ -2648,6 +2711,8 @@ class IMapIterator(object):
         with self._mutex:
             if self._failed:
                 return
+            if self._progress is not None:
+                self._progress.count(obj)
             if self._index == i:
                 self._items.append(obj)
                 self._index += 1
@@ -2693,12 +2758,124 @@ class IMapUnorderedIterator(IMapIterator):
         with self._mutex:
             if self._failed:
                 return
+            if self._progress is not None:
+                self._progress.count(obj)
             self._items.append(obj)
             self._index += 1
             if self._cond._waiters:
                 self._cond.notify()
             if self._index == self._length:
                 self._complete_locked()
+
+
+#
+# progress=: how far a map or imap has come
+#
+
+_PROGRESS_PERIOD = 0.1      # seconds between two reports (the last comes at the end)
+
+
+class _Progress:
+    """The count of one map's or imap's items whose results have arrived (``done``,
+    added to by the result object under its lock), and its reporter: ``sink(done,
+    total, final)``, called at most every _PROGRESS_PERIOD by the engine's thread and
+    once at the end by whichever thread finishes the result."""
+
+    __slots__ = ('done', 'total', 'sink', 'last', 'lock', 'ended', 'chunksize')
+
+    def __init__(self, sink, total, chunksize=1):
+        self.done = 0
+        self.total = total
+        self.sink = sink
+        self.last = time.monotonic()    # the first report comes a period in
+        self.lock = threading.Lock()
+        self.ended = False
+        self.chunksize = chunksize
+
+    def count(self, obj):
+        # An imap result (ok, value): one item, or a chunk's list of them.
+        if self.chunksize == 1:
+            self.done += 1
+        elif obj[0] and type(obj[1]) is list:
+            self.done += len(obj[1])
+        else:
+            self.done += self.chunksize
+
+    def report(self, final=False):
+        with self.lock:
+            if self.ended:
+                return
+            now = time.monotonic()
+            if not final and now - self.last < _PROGRESS_PERIOD:
+                return
+            self.last = now
+            self.ended = final
+            try:
+                self.sink(self.done, self.total, final)
+            except Exception:
+                _report_error('a pool progress reporter')
+
+
+def _progress_sink(progress):
+    """The reporter ``sink(done, total, final)`` that ``progress=`` asks for: a tqdm
+    bar (True, or a dict of tqdm's options), the built-in bar on stderr when tqdm is
+    not installed, or the user's callable ``progress(done, total)``."""
+    if callable(progress):
+        return lambda done, total, final: progress(done, total)
+    if progress is True:
+        options = {}
+    elif isinstance(progress, dict):
+        options = dict(progress)
+    else:
+        raise TypeError('progress must be True, a dict of tqdm options or a callable '
+                        '(done, total), not %s' % type(progress).__name__)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _LineBar(options.get('desc')).show
+    bar = []
+
+    def sink(done, total, final):
+        if not bar:
+            bar.append(tqdm(total=total, **options))
+        bar[0].update(done - bar[0].n)
+        if final:
+            bar[0].close()
+    return sink
+
+
+class _LineBar:
+    """The built-in progress bar: one line on stderr, redrawn in place (items done,
+    of how many, rate, time left), ended with a newline."""
+
+    def __init__(self, desc=None):
+        self.prefix = '%s: ' % desc if desc else ''
+        self.start = time.monotonic()
+
+    def show(self, done, total, final):
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = done / elapsed
+        if total:
+            left = (total - done) / rate if rate else 0.0
+            line = '%s%d/%d [%3d%%] %.0f it/s, %d:%02d left' % (
+                self.prefix, done, total, 100 * done // total, rate,
+                int(left) // 60, int(left) % 60)
+        else:
+            line = '%s%d items, %.0f it/s' % (self.prefix, done, rate)
+        try:
+            sys.stderr.write('\r' + line + ('\n' if final else ''))
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+def _track(result, progress, total, chunksize=1):
+    # Attaches a progress reporter to a map's or imap's result.
+    if progress is None or progress is False:
+        return
+    tracker = _Progress(_progress_sink(progress), total, chunksize)
+    result._progress = tracker
+    result._engine.add_progress(tracker)
 
 
 #
@@ -2789,7 +2966,7 @@ class _Rerun:
             return
         again = _Rerun(engine, target, index, n, positions, errors, (runner, func, rest),
                        r._task_timeout, r._func_name)
-        engine.timed.add(again._job)
+        _add_timed(engine, again._job)
         # From a thread of its own: the task ring may be full, and the engine's
         # thread must not wait for room (it replaces the workers that make it).
         try:
