@@ -18,6 +18,7 @@ import textwrap
 import threading
 
 import cloudpickle  # noqa: F401 (the test extra installs it; these tests need it)
+import multiprocessing.pool
 import multiprocessing.reduction as std_reduction
 import pytest
 
@@ -241,9 +242,17 @@ def test_pool_closures_of_one_code_stay_apart(pool):
         assert pool.map(make_adder(n), range(3), chunksize=1) == [n, n + 1, n + 2]
 
 
-def test_pool_result_that_is_a_lambda(pool):
-    add = pool.apply(make_adder, (7,))
+def test_pool_result_that_is_a_lambda(pool, std_ctx):
+    # A result goes back by value only when the task's code came by value...
+    add = pool.apply(lambda n: make_adder(n), (7,))
     assert add(1) == 8
+    # ...otherwise a result that does not pickle fails as in the stdlib (CPython's
+    # suite checks it: a module function returning a lambda gets MaybeEncodingError).
+    with pytest.raises(fpool.MaybeEncodingError):
+        pool.apply(make_adder, (7,))
+    with std_ctx.Pool(1) as sp:
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError):
+            sp.apply(make_adder, (7,))
 
 
 def test_pool_initializer_closure(start_method):

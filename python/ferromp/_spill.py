@@ -218,11 +218,12 @@ def load(token, inband, spills):
         inband, buffers=[table.open(i, n) for i, n in spills])
 
 
-def dumps(obj, fallback, table):
+def dumps(obj, fallback, table, by_value=True):
     """Pickles ``obj`` for a message of ``table``'s pool; its large out-of-band
     buffers go to the table's segments. Without any, a large pickle is redone with
     ``fallback(obj)`` (the ring's own encoding, which moves large ``bytes`` out of
-    band), as is one whose buffers find no free entry."""
+    band), as is one whose buffers find no free entry. A lambda or a closure in
+    ``obj`` goes by value unless ``by_value`` is false (then the error is raised)."""
     bufs = []
 
     def take(pb):
@@ -240,6 +241,8 @@ def dumps(obj, fallback, table):
     try:
         reduction._FastPickler(f, pickle.HIGHEST_PROTOCOL, buffer_callback=take).dump(obj)
     except reduction._FALLBACK_ERRORS as e:
+        if not by_value:
+            raise
         # A lambda, a closure...: by value, all in band.
         return reduction._dumps_by_value(obj, e)
     if not bufs:

@@ -428,12 +428,14 @@ class _Channel:
         self.tasks = _core.PoolRing.attach(*queues._fds_rebuild(tasks), self.claims)
         self.results = _core.PoolRing.attach(*queues._fds_rebuild(results), self.claims)
 
-    def dumps(self, obj):
+    def dumps(self, obj, by_value=True):
         """A task's or result's pickle: plain objects by the plain pickler; large
-        pickle buffers (numpy arrays...) through shared memory (see _spill)."""
+        pickle buffers (numpy arrays...) through shared memory (see _spill). A result
+        (``by_value`` false) that holds a lambda fails as in the stdlib (the worker
+        sends a MaybeEncodingError): only what the caller sends goes by value."""
         if _is_plain(obj):
             return _plain_dumps(obj, 5)
-        return _spill.dumps(obj, queues._dumps_for_ring, self.spill)
+        return _spill.dumps(obj, queues._dumps_for_ring, self.spill, by_value)
 
     def encode_task(self, fkey, args, kwds):
         if not kwds:
@@ -538,7 +540,7 @@ def _work(side, initializer, initargs, maxtasks, wrap_exception):
             util.debug('worker got sentinel -- exiting')
             break
         ok = True
-        func = None
+        func = args = None
         if what is _TASK:
             func, args, kwds = obj
             obj = None
@@ -547,7 +549,7 @@ def _work(side, initializer, initargs, maxtasks, wrap_exception):
             except Exception as e:
                 value = wrap(e)
                 ok = False
-            args = kwds = None
+            kwds = None
         elif what is _RESULT:
             value = obj
         else:
@@ -560,12 +562,12 @@ def _work(side, initializer, initargs, maxtasks, wrap_exception):
         completed += 1
         try:
             post(tag, ok, value, func, maxtasks is None or completed < maxtasks,
-                 what is _RESULT)
+                 what is _RESULT, args)
         except OSError:
             util.debug('worker could not send its result -- exiting')
             break
         # Drop references now rather than when the next task arrives.
-        value = func = None
+        value = func = args = None
     util.debug('worker exiting after %d tasks' % completed)
 
 
@@ -607,7 +609,8 @@ class _QueueSide:
         self.running = (job, i)
         return 0, _TASK, self.running, (func, args, kwds)
 
-    def post(self, tag, ok, value, func=None, more=True, general=False, kind=_BAD_TASK):
+    def post(self, tag, ok, value, func=None, more=True, general=False, args=None,
+             kind=_BAD_TASK):
         self.running = None
         # tag None: the task could not be rebuilt, so its (job, i) is unknown here;
         # the pool knows which task this worker holds.
@@ -694,7 +697,7 @@ class _RingSide:
             return done, _LIMIT, None, None
         return done, _RESULT if end == _SERVED_RESULT else _ERROR, tag, value
 
-    def post(self, tag, ok, value, func=None, more=True, general=False):
+    def post(self, tag, ok, value, func=None, more=True, general=False, args=None):
         results = self.channel.results
         if not ok:
             tag |= _FAIL
@@ -708,16 +711,39 @@ class _RingSide:
                 tag, value, self.slot, hold, plain=True):
             return
         try:
-            data = self.channel.dumps(value)
+            data = self.channel.dumps(value, False)
         except Exception as e:
-            data = _dumps(_unencodable(e, value))
-            tag |= _FAIL
+            data = None
+            # A result the standard pickler refuses goes back by value only when the
+            # task's own code came by value; otherwise it fails as in the stdlib.
+            if isinstance(e, reduction._FALLBACK_ERRORS) and _came_by_value(func, args):
+                try:
+                    data = self.channel.dumps(value)
+                except Exception as e2:
+                    e = e2
+            if data is None:
+                data = _dumps(_unencodable(e, value))
+                tag |= _FAIL
         value = None
         results.put(tag, data, self.slot, hold)
 
 
 _PACKING_RUNNERS = frozenset(_CHUNK_RUNNERS.values()) | frozenset(
     _TIMED_CHUNK_RUNNERS.values())
+_RUNNERS = _PACKING_RUNNERS | {mapstar, starmapstar, _timed_mapstar}
+
+
+def _came_by_value(func, args):
+    """Whether a task's code (its function, or the function a chunk runner maps) came
+    by value: it is not what its module holds under its name (a lambda, a closure, a
+    class or function of an interactive ``__main__``)."""
+    if func in _RUNNERS and args and type(args[0]) is tuple and args[0]:
+        func = args[0][0]
+    func = getattr(func, 'func', func)     # functools.partial
+    obj = sys.modules.get(getattr(func, '__module__', None) or '')
+    for part in (getattr(func, '__qualname__', None) or '?').split('.'):
+        obj = getattr(obj, part, None)
+    return obj is not func
 _SERVED_TASK = _core.SERVE_TASK
 _SERVED_LIMIT = _core.SERVE_LIMIT
 _SERVED_RESULT = _core.SERVE_RESULT
