@@ -120,10 +120,11 @@ class BaseContext(object):
         return SimpleQueue(ctx=self.get_context())
 
     def Pool(self, processes=None, initializer=None, initargs=(),
-             maxtasksperchild=None, *, task_timeout=None):
+             maxtasksperchild=None, *, task_timeout=None, max_memory_per_child=None):
         from .pool import Pool
         return Pool(processes, initializer, initargs, maxtasksperchild,
-                    context=self.get_context(), task_timeout=task_timeout)
+                    context=self.get_context(), task_timeout=task_timeout,
+                    max_memory_per_child=max_memory_per_child)
 
     def RawValue(self, typecode_or_type, *args):
         from .sharedctypes import RawValue

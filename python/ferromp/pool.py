@@ -334,6 +334,9 @@ _STOP_TAG = 0               # task tag: exit (task numbers start at _BLOCK)
 _CTL_READY = 1              # the initializer has run
 _CTL_INIT_FAILED = 2        # the initializer raised (the value is the exception)
 _CTL_NUDGE = 3              # from the parent itself: a reader should look again
+_CTL_RETIRED = 4            # the worker exits on its own (the value says why)
+_RETIRED_MEMORY = 'memory'      # resident memory above max_memory_per_child
+_RETIRED_MAXTASKS = 'maxtasks'  # maxtasksperchild tasks done
 _TAKE_BATCH = 64            # results taken from the ring per core call
 _NONE_PICKLE = _dumps(None)
 _SERVE_FOREVER = 1 << 62
@@ -501,9 +504,21 @@ def _unencodable(exc, value):
     return wrapped
 
 
-def _work(side, initializer, initargs, maxtasks, wrap_exception):
+def _rss_reader():
+    """A function that returns this process's resident memory in bytes (Linux's
+    /proc/self/statm, read through a descriptor kept open: about a microsecond)."""
+    fd = os.open('/proc/self/statm', os.O_RDONLY | os.O_CLOEXEC)
+    page = os.sysconf('SC_PAGE_SIZE')
+
+    def rss():
+        return int(os.pread(fd, 128, 0).split()[1]) * page
+    return rss
+
+
+def _work(side, initializer, initargs, maxtasks, wrap_exception, max_memory=None):
     """The body of every pool worker: run the initializer, then take a task, run it,
-    post its result, until told to stop or ``maxtasks`` tasks are done."""
+    post its result, until told to stop or ``maxtasks`` tasks are done, or (with
+    ``max_memory``) until its resident memory is above that many bytes after a task."""
     if maxtasks is not None and not (isinstance(maxtasks, int) and maxtasks >= 1):
         raise AssertionError("Maxtasks {!r} is not valid".format(maxtasks))
 
@@ -527,14 +542,21 @@ def _work(side, initializer, initargs, maxtasks, wrap_exception):
     completed = 0
     take = side.take
     post = side.post
+    rss = _rss_reader() if max_memory is not None else None
     while maxtasks is None or completed < maxtasks:
+        # (With a memory cap, the core hands back after each task: it is checked.)
+        limit = 1 if rss is not None else None if maxtasks is None else maxtasks - completed
         try:
-            done, what, tag, obj = take(None if maxtasks is None else maxtasks - completed)
+            done, what, tag, obj = take(limit)
         except (EOFError, OSError):
             util.debug('worker got EOFError or OSError -- exiting')
             break
         completed += done
         if what is _LIMIT:
+            if rss is not None and rss() > max_memory:
+                util.debug('worker exiting: resident memory above max_memory_per_child')
+                side.retire(_RETIRED_MEMORY)
+                break
             continue
         if what is _STOP:
             util.debug('worker got sentinel -- exiting')
@@ -568,6 +590,12 @@ def _work(side, initializer, initargs, maxtasks, wrap_exception):
             break
         # Drop references now rather than when the next task arrives.
         value = func = args = None
+        if rss is not None and rss() > max_memory:
+            util.debug('worker exiting: resident memory above max_memory_per_child')
+            side.retire(_RETIRED_MEMORY)
+            break
+    else:
+        side.retire(_RETIRED_MAXTASKS)
     util.debug('worker exiting after %d tasks' % completed)
 
 
@@ -588,6 +616,9 @@ class _QueueSide:
 
     def init_failed(self, exc):
         self.post(None, False, exc, kind=_INIT_FAILED)
+
+    def retire(self, why):
+        pass
 
     def ready(self):
         try:
@@ -672,6 +703,13 @@ class _RingSide:
         self.channel.results.put(_ctl_tag(_CTL_READY, self.wid), _NONE_PICKLE)
         return True
 
+    def retire(self, why):
+        # The worker exits on its own: the parent counts why (Pool.stats()).
+        try:
+            self.channel.results.put(_ctl_tag(_CTL_RETIRED, self.wid), _dumps(why))
+        except OSError:
+            pass
+
     def take(self, limit):
         # The core runs the plain calls itself and comes back for anything else.
         done, end, tag, ok, value = self.serve(
@@ -750,7 +788,7 @@ _SERVED_RESULT = _core.SERVE_RESULT
 
 
 def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=None,
-                 wrap_exception=True):
+                 wrap_exception=True, max_memory=None):
     """The body of a process pool worker."""
     global _progress_word
     # Its own process group: a call that runs past its task_timeout is stopped with
@@ -760,7 +798,8 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
     except OSError:
         pass
     _progress_word = (channel.claims, channel.nslots + slot)
-    _work(_RingSide(channel, slot, wid), initializer, initargs, maxtasks, wrap_exception)
+    _work(_RingSide(channel, slot, wid), initializer, initargs, maxtasks, wrap_exception,
+          max_memory)
 
 
 #
@@ -775,6 +814,7 @@ class _Slot:
         self.ready = False      # its initializer has completed
         self.stopping = False   # it has been told to stop
         self.init_error = None  # what its initializer raised
+        self.retired = None     # why it exits on its own (_RETIRED_MEMORY...)
 
     def describe(self):
         name = getattr(self.proc, 'name', '?')
@@ -866,7 +906,7 @@ class _Engine:
     ``wait_for`` and the thread's ``_loop``)."""
 
     def __init__(self, ctx, Process, processes, pool, cache, initializer, initargs,
-                 maxtasks, wrap_exception):
+                 maxtasks, wrap_exception, max_memory=None):
         self.ctx = ctx
         self.Process = Process
         self.processes = processes
@@ -875,6 +915,7 @@ class _Engine:
         self.initializer = initializer
         self.initargs = initargs
         self.maxtasks = maxtasks
+        self.max_memory = max_memory
         self.wrap_exception = wrap_exception
         self.pid = os.getpid()
 
@@ -1736,6 +1777,8 @@ class _ProcessEngine(_Engine):
                 self._on_ready(slot)
             elif kind == _CTL_INIT_FAILED:
                 slot.init_error = obj
+            elif kind == _CTL_RETIRED:
+                slot.retired = obj
 
     def _nudge(self):
         # Wakes a caller blocked reading the result ring, so it looks at its result
@@ -1755,7 +1798,7 @@ class _ProcessEngine(_Engine):
         try:
             w = self._launch(_ring_worker, (self.channel, index, wid, self.initializer,
                                             self.initargs, self.maxtasks,
-                                            self.wrap_exception))
+                                            self.wrap_exception, self.max_memory))
         except BaseException:
             self.free_indexes.append(index)
             raise
@@ -2094,7 +2137,8 @@ class Pool(object):
         return ctx.Process(*args, **kwds)
 
     def __init__(self, processes=None, initializer=None, initargs=(),
-                 maxtasksperchild=None, context=None, *, task_timeout=None):
+                 maxtasksperchild=None, context=None, *, task_timeout=None,
+                 max_memory_per_child=None):
         # Set first, so that __del__ and __repr__ work if __init__ fails.
         self._pool = []
         self._state = INIT
@@ -2114,13 +2158,22 @@ class Pool(object):
         if maxtasksperchild is not None:
             if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
                 raise ValueError("maxtasksperchild must be a positive int or None")
+        if max_memory_per_child is not None:
+            if isinstance(max_memory_per_child, bool) or not isinstance(
+                    max_memory_per_child, int):
+                raise TypeError('max_memory_per_child must be a number of bytes (an int) '
+                                'or None, not %s' % type(max_memory_per_child).__name__)
+            if max_memory_per_child <= 0:
+                raise ValueError('max_memory_per_child must be positive, not %d'
+                                 % max_memory_per_child)
         if initializer is not None and not callable(initializer):
             raise TypeError('initializer must be a callable')
 
         self._processes = processes
         self._engine = self._Engine(
             self._ctx, self.Process, processes, self._pool, self._cache,
-            initializer, initargs, maxtasksperchild, self._wrap_exception)
+            initializer, initargs, maxtasksperchild, self._wrap_exception,
+            max_memory_per_child)
         try:
             self._repopulate_pool()
             self._engine.start_threads()
