@@ -361,7 +361,7 @@ def test_map_over_a_wrong_len(start_method, std_ctx):
 def test_packed_ring_messages_in_one_process():
     from ferromp import _core
     import pickle
-    ring = _core.PoolRing(1 << 16, _core.Segment(64))
+    ring = _core.PoolRing(1 << 16, _core.Segment(64 * 8), 1)
     assert ring.put(5, [1, -2, 3], plain=True)
     assert ring.put(6, [2 ** 40, 1], plain=True)
     assert ring.put(7, [0.5, float("inf")], plain=True)
@@ -405,7 +405,7 @@ def test_results_interrupted_while_unpickled_are_kept():
     in the ring, and the interrupt is raised."""
     from ferromp import _core
     import pickle
-    ring = _core.PoolRing(1 << 16, _core.Segment(64))
+    ring = _core.PoolRing(1 << 16, _core.Segment(64 * 8), 1)
     for tag, value in ((1, "a"), (2, "b"), (3, "c")):
         ring.put(tag, pickle.dumps(value))
 

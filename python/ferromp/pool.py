@@ -334,9 +334,12 @@ _STOP_TAG = 0               # task tag: exit (task numbers start at _BLOCK)
 _CTL_READY = 1              # the initializer has run
 _CTL_INIT_FAILED = 2        # the initializer raised (the value is the exception)
 _CTL_NUDGE = 3              # from the parent itself: a reader should look again
-_CTL_RETIRED = 4            # the worker exits on its own (the value says why)
+# Why a worker exits on its own, written into its started word (see _Channel) as it
+# goes: the parent reads it when the worker is gone (Pool.stats()).
 _RETIRED_MEMORY = 'memory'      # resident memory above max_memory_per_child
 _RETIRED_MAXTASKS = 'maxtasks'  # maxtasksperchild tasks done
+_RETIRED_CODES = {_RETIRED_MEMORY: (1 << 63) | 1, _RETIRED_MAXTASKS: (1 << 63) | 2}
+_RETIRED_BY_CODE = {code: why for why, code in _RETIRED_CODES.items()}
 _TAKE_BATCH = 64            # results taken from the ring per core call
 _NONE_PICKLE = _dumps(None)
 _SERVE_FOREVER = 1 << 62
@@ -410,13 +413,15 @@ class _Channel:
     slot ``s``, word ``s`` of ``claims`` is its claim (the tag of the task it holds),
     word ``nslots + s`` its progress (the index of the call it is in, when it runs a
     timed chunk), word ``2 * nslots + s`` the tag of the task whose call has begun (the
-    task's arguments and function are unpickled and found by then)."""
+    task's arguments and function are unpickled and found by then), and the
+    ``_COUNTERS`` words from ``3 * nslots + 5 * s`` on its counters, kept by the core
+    (``Pool.stats()``)."""
 
     def __init__(self, nslots):
         self.nslots = nslots
-        self.claims = _core.Segment(64 * 3 * nslots)
-        self.tasks = _core.PoolRing(_TASK_RING_BYTES, self.claims)
-        self.results = _core.PoolRing(_RESULT_RING_BYTES, self.claims)
+        self.claims = _core.Segment(64 * 8 * nslots)
+        self.tasks = _core.PoolRing(_TASK_RING_BYTES, self.claims, nslots)
+        self.results = _core.PoolRing(_RESULT_RING_BYTES, self.claims, nslots)
         self.spill = _spill.Table()
         _spill.register(self.spill)
 
@@ -428,8 +433,22 @@ class _Channel:
     def __setstate__(self, state):
         tasks, results, claims, self.spill, self.nslots = state
         self.claims = _core.Segment.from_fd(claims.detach())
-        self.tasks = _core.PoolRing.attach(*queues._fds_rebuild(tasks), self.claims)
-        self.results = _core.PoolRing.attach(*queues._fds_rebuild(results), self.claims)
+        self.tasks = _core.PoolRing.attach(*queues._fds_rebuild(tasks), self.claims,
+                                           self.nslots)
+        self.results = _core.PoolRing.attach(*queues._fds_rebuild(results), self.claims,
+                                             self.nslots)
+
+    def counters(self, slot):
+        """Worker slot ``slot``'s counters: tasks answered, seconds busy, bytes of
+        arguments and of results (see ``src/py/pool.rs``)."""
+        base = 3 * self.nslots + 5 * slot
+        load = self.claims.load_word
+        return load(base), load(base + 1) / 1e9, load(base + 2), load(base + 3)
+
+    def reset_counters(self, slot):
+        base = 3 * self.nslots + 5 * slot
+        for k in range(5):
+            self.claims.store_word(base + k, 0)
 
     def dumps(self, obj, by_value=True):
         """A task's or result's pickle: plain objects by the plain pickler; large
@@ -662,8 +681,29 @@ def worker(inqueue, outqueue, initializer=None, initargs=(), maxtasks=None,
     _work(_QueueSide(inqueue, outqueue), initializer, initargs, maxtasks, wrap_exception)
 
 
+class _ThreadSide(_QueueSide):
+    """A thread worker's side: the queue side, counting its tasks and busy time (what
+    ``Pool.stats()`` reports; there are no bytes: nothing is pickled)."""
+
+    tasks = 0
+    busy = 0.0
+    started = None
+
+    def take(self, limit):
+        taken = _QueueSide.take(self, limit)
+        self.started = time.monotonic()
+        return taken
+
+    def post(self, tag, *args, **kwds):
+        _QueueSide.post(self, tag, *args, **kwds)
+        if tag is not None and self.started is not None:
+            self.tasks += 1
+            self.busy += time.monotonic() - self.started
+            self.started = None
+
+
 def _thread_worker(inbox, outbox, slot, wake, initializer, initargs):
-    side = _QueueSide(inbox, outbox)
+    side = slot.side = _ThreadSide(inbox, outbox)
 
     def write(msg):
         # To the pool's outbox, tagged with the worker's slot.
@@ -688,7 +728,7 @@ class _RingSide:
         self.funcs = _FuncCache()
         self.started = 2 * channel.nslots + slot
         self.store_word = channel.claims.store_word
-        self.serve_args = (channel.results, self.funcs, _loads, slot, self.started)
+        self.serve_args = (channel.results, self.funcs, _loads, slot)
         self.serve = tasks.serve
         self.hold = tasks
 
@@ -705,10 +745,7 @@ class _RingSide:
 
     def retire(self, why):
         # The worker exits on its own: the parent counts why (Pool.stats()).
-        try:
-            self.channel.results.put(_ctl_tag(_CTL_RETIRED, self.wid), _dumps(why))
-        except OSError:
-            pass
+        self.store_word(self.started, _RETIRED_CODES[why])
 
     def take(self, limit):
         # The core runs the plain calls itself and comes back for anything else.
@@ -942,6 +979,9 @@ class _Engine:
         self.feed_burst = 4 * processes + 16
 
         self.progressing = set()    # _Progress objects of maps and imaps in flight
+        # Pool.stats(): workers replaced, by cause; the counters of those gone.
+        self.replaced = dict.fromkeys(('died', 'timed_out', 'memory', 'maxtasks'), 0)
+        self.exited = [0, 0.0, 0, 0]
         self.wake_lock = threading.Lock()
         self.wake_pending = False
         self.wake_r, self.wake_w = os.pipe()
@@ -955,6 +995,33 @@ class _Engine:
         # (No wake-up: the submit that follows wakes an idle engine's thread, and a
         # busy one sees this within its current tick.)
         self.progressing.add(progress)
+
+    def stats(self):
+        """What ``Pool.stats()`` returns (see there)."""
+        with self.lock:
+            workers = []
+            for s in self.slots:
+                tasks, busy, args, results = self._counters(s)
+                workers.append({'pid': getattr(s.proc, 'pid', None),
+                                'name': getattr(s.proc, 'name', None),
+                                'tasks': tasks, 'busy_seconds': busy,
+                                'arg_bytes': args, 'result_bytes': results})
+            tasks, busy, args, results = self.exited
+            return {'workers': workers,
+                    'exited': {'tasks': tasks, 'busy_seconds': busy, 'arg_bytes': args,
+                               'result_bytes': results},
+                    'replaced': dict(self.replaced)}
+
+    def _count_exit(self, slot):
+        # (with self.lock) A worker is gone: its counts go to the totals, and, if the
+        # pool replaces it, its cause is counted.
+        for i, v in enumerate(self._counters(slot)):
+            if v is not None and self.exited[i] is not None:
+                self.exited[i] += v
+        if slot.ready and not slot.stopping and self._wants_workers():
+            cause = 'timed_out' if getattr(slot, 'expired', None) is not None else (
+                slot.retired or 'died')
+            self.replaced[cause] = self.replaced.get(cause, 0) + 1
 
     def _tick_progress(self, timeout):
         # (the engine's thread, each turn) Reports every map's and imap's progress at
@@ -1395,6 +1462,7 @@ class _ThreadEngine(_Engine):
         super().__init__(*args, **kwds)
         self.inbox = queue.SimpleQueue()    # (job, i, func, args, kwds); None: stop
         self.outbox = queue.SimpleQueue()   # (slot, message)
+        self.exited = [0, 0.0, None, None]  # (threads pickle nothing: no bytes)
         # The feeder tops the inbox up to feed_burst tasks and sleeps until the
         # engine's thread sees it below half of that: bursts, not a switch per task.
         self.feed_demand = False
@@ -1425,6 +1493,12 @@ class _ThreadEngine(_Engine):
         if room > 0:
             self.feed_demand = False
         return room
+
+    def _counters(self, slot):
+        side = getattr(slot, 'side', None)
+        if side is None:
+            return 0, 0.0, None, None
+        return side.tasks, side.busy, None, None
 
     def _start_worker(self):
         slot = _ThreadSlot()
@@ -1508,6 +1582,7 @@ class _ThreadEngine(_Engine):
     def _on_exit(self, slot, held):
         slot.proc.join()
         with self.lock:
+            self._count_exit(slot)
             self._forget_slot(slot)
             if not slot.ready:
                 self._not_ready(slot, None)
@@ -1777,8 +1852,6 @@ class _ProcessEngine(_Engine):
                 self._on_ready(slot)
             elif kind == _CTL_INIT_FAILED:
                 slot.init_error = obj
-            elif kind == _CTL_RETIRED:
-                slot.retired = obj
 
     def _nudge(self):
         # Wakes a caller blocked reading the result ring, so it looks at its result
@@ -1791,9 +1864,14 @@ class _ProcessEngine(_Engine):
 
     # -- workers (called with self.lock held) ---------------------------------------
 
+    def _counters(self, slot):
+        return self.channel.counters(slot.index)
+
     def _start_worker(self):
         index = self.free_indexes.pop()
         self.channel.claims.store_word(index, 0)
+        self.channel.claims.store_word(2 * self.channel.nslots + index, 0)
+        self.channel.reset_counters(index)
         wid = next(self.wids)
         try:
             w = self._launch(_ring_worker, (self.channel, index, wid, self.initializer,
@@ -1996,9 +2074,13 @@ class _ProcessEngine(_Engine):
                         and not self.results_waiting()):
                     break
                 time.sleep(0.001)
-        tag = self.channel.claims.load_word(slot.index)
+        claims = self.channel.claims
+        tag = claims.load_word(slot.index)
+        slot.retired = _RETIRED_BY_CODE.get(
+            claims.load_word(2 * self.channel.nslots + slot.index))
         lost = None
         with self.lock:
+            self._count_exit(slot)
             self._forget_slot(slot)
             self.by_wid.pop(slot.wid, None)
             self.channel.claims.store_word(slot.index, 0)
@@ -2207,6 +2289,19 @@ class Pool(object):
     def _repopulate_pool(self):
         """Start workers until there are ``processes`` of them."""
         self._engine.repopulate()
+
+    def stats(self):
+        '''
+        What the pool has done, as plain data to log: ``{'workers': [...], 'exited':
+        {...}, 'replaced': {...}}``. Each live worker is ``{'pid', 'name', 'tasks',
+        'busy_seconds', 'arg_bytes', 'result_bytes'}`` (tasks answered, time from
+        taking a task to sending its result, pickled bytes of the tasks it took and
+        the results it sent; a ThreadPool pickles nothing, so its bytes are None);
+        ``exited`` sums the same counts over the workers gone; ``replaced`` counts the
+        workers replaced, by cause: ``died``, ``timed_out`` (task_timeout),
+        ``memory`` (max_memory_per_child), ``maxtasks`` (maxtasksperchild).
+        '''
+        return self._engine.stats()
 
     def _check_running(self):
         engine = self._engine

@@ -30,6 +30,40 @@ use crate::ring::Msg;
 pub(crate) struct PoolRing {
     h: Handle,
     claims: Py<PySegment>,
+    /// Worker slots of the pool: where each slot's words are in `claims`.
+    nslots: usize,
+}
+
+/// The layout of a pool's claims segment, in words (`PySegment::word`), for `nslots`
+/// worker slots: slot `s`'s claim at `s`, its progress at `nslots + s` (the call inside a
+/// timed chunk, see `Counted`), the tag of its task whose call has begun at
+/// `2 * nslots + s`, and its five counters from `3 * nslots + 5 * s` on.
+pub(crate) const STARTED: usize = 2;
+pub(crate) const COUNTERS: usize = 3;
+/// A slot's counters (only its worker writes them): tasks answered, nanoseconds busy
+/// (from taking a task to putting its result, by the coarse monotonic clock: each
+/// reading is off by up to its tick, a sum over many tasks is not), bytes of
+/// arguments and of results, and when it took its current task.
+const TASKS: usize = 0;
+const BUSY_NS: usize = 1;
+const ARG_BYTES: usize = 2;
+const RESULT_BYTES: usize = 3;
+const TAKEN_AT: usize = 4;
+const COUNTER_WORDS: usize = 5;
+
+/// The coarse monotonic clock in nanoseconds: a few nanoseconds a reading.
+fn coarse_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Adds `v` to a counter only one process writes.
+fn bump(word: &AtomicU64, v: u64) {
+    word.store(
+        word.load(Ordering::Relaxed).wrapping_add(v),
+        Ordering::Relaxed,
+    );
 }
 
 /// Why [`PoolRing::serve`] came back to Python: named constants of the module (plain
@@ -97,6 +131,32 @@ impl PoolRing {
         slot.map(|s| self.claims.get().word(s)).transpose()
     }
 
+    /// Counter `k` of worker slot `slot`.
+    fn counter(&self, slot: usize, k: usize) -> PyResult<&AtomicU64> {
+        let at = COUNTERS * self.nslots + COUNTER_WORDS * slot + k;
+        self.claims.get().word(at)
+    }
+
+    /// A worker took a task of `bytes` bytes.
+    fn count_take(&self, slot: usize, bytes: u64) -> PyResult<()> {
+        bump(self.counter(slot, ARG_BYTES)?, bytes);
+        self.counter(slot, TAKEN_AT)?
+            .store(coarse_ns(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A worker put the result of its task, `bytes` bytes.
+    fn count_put(&self, slot: usize, bytes: u64) -> PyResult<()> {
+        bump(self.counter(slot, TASKS)?, 1);
+        bump(self.counter(slot, RESULT_BYTES)?, bytes);
+        let taken = self.counter(slot, TAKEN_AT)?.load(Ordering::Relaxed);
+        bump(
+            self.counter(slot, BUSY_NS)?,
+            coarse_ns().saturating_sub(taken),
+        );
+        Ok(())
+    }
+
     /// Puts a natively encoded message of format `fmt` (header fields: kind, count,
     /// tag; see [`message::native_head`]) with body `body`, after `hold`'s
     /// `hold_spin` if given; then clears `claim` (the result is out).
@@ -106,7 +166,7 @@ impl PoolRing {
         fmt: Format,
         head: (u32, u64, u64),
         body: &[u8],
-        claim: Option<&AtomicU64>,
+        claim: Option<(usize, &AtomicU64)>,
         hold: Option<&PoolRing>,
     ) -> PyResult<()> {
         let h = message::native_head(head.0, head.1, head.2);
@@ -121,7 +181,10 @@ impl PoolRing {
                 fmt: fmt as u16,
             },
         )?;
-        store_claim(claim, 0);
+        if let Some((slot, claim)) = claim {
+            self.count_put(slot, (h.len() + body.len()) as u64)?;
+            store_claim(Some(claim), 0);
+        }
         Ok(())
     }
 }
@@ -131,20 +194,28 @@ impl PoolRing {
     /// A new ring of at least `capacity` data bytes; `claims` is the pool's segment of
     /// claim words.
     #[new]
-    fn new(capacity: usize, claims: Py<PySegment>) -> PyResult<Self> {
+    fn new(capacity: usize, claims: Py<PySegment>, nslots: usize) -> PyResult<Self> {
         Ok(PoolRing {
             h: Handle::new(capacity, 0)?,
             claims,
+            nslots,
         })
     }
 
     /// Maps the ring of another handle from its three fds (`fds`), which this call
     /// owns from now on (pass duplicates).
     #[staticmethod]
-    fn attach(fd: i32, bell_r: i32, bell_w: i32, claims: Py<PySegment>) -> PyResult<Self> {
+    fn attach(
+        fd: i32,
+        bell_r: i32,
+        bell_w: i32,
+        claims: Py<PySegment>,
+        nslots: usize,
+    ) -> PyResult<Self> {
         Ok(PoolRing {
             h: Handle::attach(fd, bell_r, bell_w)?,
             claims,
+            nslots,
         })
     }
 
@@ -171,15 +242,24 @@ impl PoolRing {
         hold: Option<&Bound<'_, PoolRing>>,
         plain: bool,
     ) -> PyResult<bool> {
-        let claim = self.claim(slot)?;
+        let claim = match slot {
+            Some(s) => Some((s, self.claims.get().word(s)?)),
+            None => None,
+        };
         let hold = hold.map(|h| h.get());
         if !plain {
             let parts = Parts::of(data, Some(tag))?;
             if let Some(r) = hold {
                 r.h.inner.hold_spin();
             }
-            parts.with_msg(|msg| self.h.put_unbounded(py, msg))?;
-            store_claim(claim, 0);
+            let bytes = parts.with_msg(|msg| {
+                let n: usize = msg.parts.iter().map(|p| p.len()).sum();
+                self.h.put_unbounded(py, msg).map(|_| n)
+            })?;
+            if let Some((s, c)) = claim {
+                self.count_put(s, bytes as u64)?;
+                store_claim(Some(c), 0);
+            }
         } else if let Ok(items) = data.cast_exact::<PyList>() {
             let Some((kind, body)) = packed::encode(items) else {
                 return Ok(false);
@@ -301,14 +381,14 @@ impl PoolRing {
     /// going back to Python between them, while they are native calls (`put_calls`) of
     /// a function found in `funcs` (function key -> function) whose results are plain
     /// scalars: each result goes natively into `results`, then the worker's claim word
-    /// `slot` is cleared, as `put` does. Word `started` of the claims segment gets each
-    /// task's tag as its call begins (the parent times calls from then on: see
-    /// `task_timeout` in `pool.py`). Stops after `limit` tasks, or at the first task it
-    /// cannot finish alone, and says why (see [`ServeEnd`]).
+    /// `slot` is cleared, as `put` does. The slot's started word gets each task's tag as
+    /// its call begins (the parent times calls from then on: see `task_timeout` in
+    /// `pool.py`), and its counters count what it takes and puts. Stops after `limit`
+    /// tasks, or at the first task it cannot finish alone, and says why (see
+    /// [`ServeEnd`]).
     ///
     /// Before each result it puts (but the one that reaches `limit`) the worker
     /// announces its next wait on this ring (`hold_spin`).
-    #[allow(clippy::too_many_arguments)]
     fn serve<'py>(
         &self,
         py: Python<'py>,
@@ -316,11 +396,10 @@ impl PoolRing {
         funcs: &Bound<'py, PyDict>,
         loads: &Bound<'py, PyAny>,
         slot: usize,
-        started: usize,
         limit: u64,
     ) -> PyResult<Served<'py>> {
         let claim = self.claim(Some(slot))?;
-        let started = self.claims.get().word(started)?;
+        let started = self.claims.get().word(STARTED * self.nslots + slot)?;
         let results = results.get();
         let mut done = 0u64;
         // The last function looked up, by its key: a map calls one function.
@@ -329,6 +408,7 @@ impl PoolRing {
             let Some(landing) = self.h.take(py, true, None, claim)? else {
                 continue;
             };
+            self.count_take(slot, self.h.last_taken.load(Ordering::Relaxed))?;
             let (tag, fmt, klen, v) = match landing {
                 Landing::Call(tag, fmt, klen, v) if tag != 0 => (tag, fmt, klen, v),
                 other => {
@@ -372,6 +452,7 @@ impl PoolRing {
             let body = enc.bytes();
             let head = (rfmt as u32, body.len() as u64, tag);
             let hold = (done + 1 < limit).then_some(self);
+            let claim = claim.map(|c| (slot, c));
             results.put_native(py, Format::TaggedNative, head, body, claim, hold)?;
             done += 1;
         }

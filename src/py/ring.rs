@@ -448,6 +448,9 @@ pub(crate) struct Handle {
     /// calls: a fresh multi-MiB allocation per message costs more in page faults than
     /// the copy itself. Taken out while in use, so threads never share it.
     scratch: Mutex<Option<Py<PyByteArray>>>,
+    /// Bytes (header and body) of the message this handle took last: a pool worker's
+    /// argument bytes (`Pool.stats()`).
+    pub(crate) last_taken: AtomicU64,
 }
 
 impl Handle {
@@ -455,6 +458,7 @@ impl Handle {
         Ok(Handle {
             inner: ring::Ring::new(capacity, maxsize)?,
             scratch: Mutex::new(None),
+            last_taken: AtomicU64::new(0),
         })
     }
 
@@ -473,6 +477,7 @@ impl Handle {
         Ok(Handle {
             inner: ring::Ring::attach(seg, r, w)?,
             scratch: Mutex::new(None),
+            last_taken: AtomicU64::new(0),
         })
     }
 
@@ -516,6 +521,8 @@ impl Handle {
         claim: Option<&AtomicU64>,
     ) -> Result<(Landing, Dest)> {
         let fmt = Format::from_u16(fmt)?;
+        self.last_taken
+            .store((n + head.len()) as u64, Ordering::Relaxed);
         match fmt {
             Format::Pickle if n < BIG => {
                 let (b, p) = new_bytes(py, n)?;
