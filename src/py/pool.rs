@@ -66,6 +66,25 @@ fn bump(word: &AtomicU64, v: u64) {
     );
 }
 
+/// One worker slot's counters (see [`COUNTERS`]), looked up once.
+struct Counters<'a>([&'a AtomicU64; COUNTER_WORDS]);
+
+impl Counters<'_> {
+    /// The worker took a task of `bytes` bytes.
+    fn took(&self, bytes: u64) {
+        bump(self.0[ARG_BYTES], bytes);
+        self.0[TAKEN_AT].store(coarse_ns(), Ordering::Relaxed);
+    }
+
+    /// The worker put the result of its task, `bytes` bytes.
+    fn put(&self, bytes: u64) {
+        bump(self.0[TASKS], 1);
+        bump(self.0[RESULT_BYTES], bytes);
+        let taken = self.0[TAKEN_AT].load(Ordering::Relaxed);
+        bump(self.0[BUSY_NS], coarse_ns().saturating_sub(taken));
+    }
+}
+
 /// Why [`PoolRing::serve`] came back to Python: named constants of the module (plain
 /// ints, compared once per return of `serve`), as `SERVE_LIMIT` and so on.
 #[derive(Clone, Copy)]
@@ -131,30 +150,12 @@ impl PoolRing {
         slot.map(|s| self.claims.get().word(s)).transpose()
     }
 
-    /// Counter `k` of worker slot `slot`.
-    fn counter(&self, slot: usize, k: usize) -> PyResult<&AtomicU64> {
-        let at = COUNTERS * self.nslots + COUNTER_WORDS * slot + k;
-        self.claims.get().word(at)
-    }
-
-    /// A worker took a task of `bytes` bytes.
-    fn count_take(&self, slot: usize, bytes: u64) -> PyResult<()> {
-        bump(self.counter(slot, ARG_BYTES)?, bytes);
-        self.counter(slot, TAKEN_AT)?
-            .store(coarse_ns(), Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// A worker put the result of its task, `bytes` bytes.
-    fn count_put(&self, slot: usize, bytes: u64) -> PyResult<()> {
-        bump(self.counter(slot, TASKS)?, 1);
-        bump(self.counter(slot, RESULT_BYTES)?, bytes);
-        let taken = self.counter(slot, TAKEN_AT)?.load(Ordering::Relaxed);
-        bump(
-            self.counter(slot, BUSY_NS)?,
-            coarse_ns().saturating_sub(taken),
-        );
-        Ok(())
+    /// Worker slot `slot`'s counters.
+    fn counters(&self, slot: usize) -> PyResult<Counters<'_>> {
+        let at = COUNTERS * self.nslots + COUNTER_WORDS * slot;
+        let seg = self.claims.get();
+        let w = |k| seg.word(at + k);
+        Ok(Counters([w(0)?, w(1)?, w(2)?, w(3)?, w(4)?]))
     }
 
     /// Puts a natively encoded message of format `fmt` (header fields: kind, count,
@@ -166,7 +167,7 @@ impl PoolRing {
         fmt: Format,
         head: (u32, u64, u64),
         body: &[u8],
-        claim: Option<(usize, &AtomicU64)>,
+        claim: Option<(&Counters<'_>, &AtomicU64)>,
         hold: Option<&PoolRing>,
     ) -> PyResult<()> {
         let h = message::native_head(head.0, head.1, head.2);
@@ -181,8 +182,8 @@ impl PoolRing {
                 fmt: fmt as u16,
             },
         )?;
-        if let Some((slot, claim)) = claim {
-            self.count_put(slot, (h.len() + body.len()) as u64)?;
+        if let Some((counters, claim)) = claim {
+            counters.put((h.len() + body.len()) as u64);
             store_claim(Some(claim), 0);
         }
         Ok(())
@@ -243,7 +244,7 @@ impl PoolRing {
         plain: bool,
     ) -> PyResult<bool> {
         let claim = match slot {
-            Some(s) => Some((s, self.claims.get().word(s)?)),
+            Some(s) => Some((self.counters(s)?, self.claims.get().word(s)?)),
             None => None,
         };
         let hold = hold.map(|h| h.get());
@@ -256,8 +257,8 @@ impl PoolRing {
                 let n: usize = msg.parts.iter().map(|p| p.len()).sum();
                 self.h.put_unbounded(py, msg).map(|_| n)
             })?;
-            if let Some((s, c)) = claim {
-                self.count_put(s, bytes as u64)?;
+            if let Some((counters, c)) = &claim {
+                counters.put(bytes as u64);
                 store_claim(Some(c), 0);
             }
         } else if let Ok(items) = data.cast_exact::<PyList>() {
@@ -265,6 +266,7 @@ impl PoolRing {
                 return Ok(false);
             };
             let head = (kind, items.len() as u64, tag);
+            let claim = claim.as_ref().map(|(n, c)| (n, *c));
             self.put_native(py, Format::Packed, head, &body, claim, hold)?;
         } else {
             let Some((fmt, enc)) = encode_native(data)? else {
@@ -272,6 +274,7 @@ impl PoolRing {
             };
             let body = enc.bytes();
             let head = (fmt as u32, body.len() as u64, tag);
+            let claim = claim.as_ref().map(|(n, c)| (n, *c));
             self.put_native(py, Format::TaggedNative, head, body, claim, hold)?;
         }
         Ok(true)
@@ -400,6 +403,7 @@ impl PoolRing {
     ) -> PyResult<Served<'py>> {
         let claim = self.claim(Some(slot))?;
         let started = self.claims.get().word(STARTED * self.nslots + slot)?;
+        let counters = self.counters(slot)?;
         let results = results.get();
         let mut done = 0u64;
         // The last function looked up, by its key: a map calls one function.
@@ -408,7 +412,7 @@ impl PoolRing {
             let Some(landing) = self.h.take(py, true, None, claim)? else {
                 continue;
             };
-            self.count_take(slot, self.h.last_taken.load(Ordering::Relaxed))?;
+            counters.took(self.h.last_taken.load(Ordering::Relaxed));
             let (tag, fmt, klen, v) = match landing {
                 Landing::Call(tag, fmt, klen, v) if tag != 0 => (tag, fmt, klen, v),
                 other => {
@@ -452,7 +456,7 @@ impl PoolRing {
             let body = enc.bytes();
             let head = (rfmt as u32, body.len() as u64, tag);
             let hold = (done + 1 < limit).then_some(self);
-            let claim = claim.map(|c| (slot, c));
+            let claim = claim.map(|c| (&counters, c));
             results.put_native(py, Format::TaggedNative, head, body, claim, hold)?;
             done += 1;
         }
