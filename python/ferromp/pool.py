@@ -414,7 +414,7 @@ class _Channel:
     word ``nslots + s`` its progress (the index of the call it is in, when it runs a
     timed chunk), word ``2 * nslots + s`` the tag of the task whose call has begun (the
     task's arguments and function are unpickled and found by then), and the
-    ``_COUNTERS`` words from ``3 * nslots + 5 * s`` on its counters, kept by the core
+    five words from ``3 * nslots + 5 * s`` on its counters, kept by the core
     (``Pool.stats()``)."""
 
     def __init__(self, nslots):
@@ -438,6 +438,12 @@ class _Channel:
         self.results = _core.PoolRing.attach(*queues._fds_rebuild(results), self.claims,
                                              self.nslots)
 
+    def progress_word(self, slot):
+        return self.nslots + slot
+
+    def started_word(self, slot):
+        return 2 * self.nslots + slot
+
     def counters(self, slot):
         """Worker slot ``slot``'s counters: tasks answered, seconds busy, bytes of
         arguments and of results (see ``src/py/pool.rs``)."""
@@ -445,10 +451,14 @@ class _Channel:
         load = self.claims.load_word
         return load(base), load(base + 1) / 1e9, load(base + 2), load(base + 3)
 
-    def reset_counters(self, slot):
+    def reset_slot(self, slot):
+        """Clears slot ``slot``'s words for a new worker: claim, started, counters."""
+        store = self.claims.store_word
+        store(slot, 0)
+        store(self.started_word(slot), 0)
         base = 3 * self.nslots + 5 * slot
         for k in range(5):
-            self.claims.store_word(base + k, 0)
+            store(base + k, 0)
 
     def dumps(self, obj, by_value=True):
         """A task's or result's pickle: plain objects by the plain pickler; large
@@ -726,7 +736,7 @@ class _RingSide:
         self.wid = wid
         tasks = channel.tasks
         self.funcs = _FuncCache()
-        self.started = 2 * channel.nslots + slot
+        self.started = channel.started_word(slot)
         self.store_word = channel.claims.store_word
         self.serve_args = (channel.results, self.funcs, _loads, slot)
         self.serve = tasks.serve
@@ -834,7 +844,7 @@ def _ring_worker(channel, slot, wid, initializer=None, initargs=(), maxtasks=Non
         os.setpgid(0, 0)
     except OSError:
         pass
-    _progress_word = (channel.claims, channel.nslots + slot)
+    _progress_word = (channel.claims, channel.progress_word(slot))
     _work(_RingSide(channel, slot, wid), initializer, initargs, maxtasks, wrap_exception,
           max_memory)
 
@@ -1869,9 +1879,7 @@ class _ProcessEngine(_Engine):
 
     def _start_worker(self):
         index = self.free_indexes.pop()
-        self.channel.claims.store_word(index, 0)
-        self.channel.claims.store_word(2 * self.channel.nslots + index, 0)
-        self.channel.reset_counters(index)
+        self.channel.reset_slot(index)
         wid = next(self.wids)
         try:
             w = self._launch(_ring_worker, (self.channel, index, wid, self.initializer,
@@ -1976,17 +1984,16 @@ class _ProcessEngine(_Engine):
         self.timed.intersection_update(cache)
         if not self.timed:
             return
-        claims = self.channel.claims
-        progress = self.channel.nslots
-        started = 2 * progress
+        channel = self.channel
+        load = channel.claims.load_word
         for s in list(self.slots):
             if s.expired is not None:
                 continue
-            tag = claims.load_word(s.index)
-            if not tag or claims.load_word(started + s.index) != tag:
+            tag = load(s.index)
+            if not tag or load(channel.started_word(s.index)) != tag:
                 s.watch = None      # idle, or its call has not begun
                 continue
-            call = (tag, claims.load_word(progress + s.index))
+            call = (tag, load(channel.progress_word(s.index)))
             if s.watch is None or s.watch[0] != call:
                 s.watch = (call, now)
                 continue
@@ -2010,8 +2017,6 @@ class _ProcessEngine(_Engine):
         try:
             os.killpg(pid, sig)
             return
-        except ProcessLookupError:
-            pass
         except OSError:
             pass
         try:
@@ -2077,7 +2082,7 @@ class _ProcessEngine(_Engine):
         claims = self.channel.claims
         tag = claims.load_word(slot.index)
         slot.retired = _RETIRED_BY_CODE.get(
-            claims.load_word(2 * self.channel.nslots + slot.index))
+            claims.load_word(self.channel.started_word(slot.index)))
         lost = None
         with self.lock:
             self._count_exit(slot)
@@ -2398,8 +2403,7 @@ class Pool(object):
         '''
         self._check_running()
         timeout = self._timeout_for(task_timeout, func)
-        if progress is not None and progress is not False:
-            _progress_sink(progress)     # a bad progress= raises here, before any work
+        sink = _progress_sink(progress)     # a bad progress= raises here, before any work
         if not hasattr(iterable, '__len__'):
             iterable = list(iterable)
 
@@ -2412,7 +2416,7 @@ class Pool(object):
 
         result = MapResult(self, chunksize, len(iterable), callback,
                            error_callback=error_callback)
-        _track(result, progress, len(iterable))
+        _track(result, sink, len(iterable))
         if chunksize <= 0:
             if result._progress is not None:
                 result._progress.report(True)
@@ -2473,8 +2477,7 @@ class Pool(object):
         # The function is checked here so that an unpicklable one fails at the call;
         # the items are pickled by the feeder as it pulls them.
         timeout = self._timeout_for(task_timeout, func)
-        if progress is not None and progress is not False:
-            _progress_sink(progress)     # a bad progress= raises here, before any work
+        sink = _progress_sink(progress)     # a bad progress= raises here, before any work
         engine = self._engine
         engine.check_func(func)
         result = result_class(self)
@@ -2483,7 +2486,7 @@ class Pool(object):
             total = len(iterable)
         except Exception:
             total = None
-        _track(result, progress, total, chunksize)
+        _track(result, sink, total, chunksize)
         if timeout is not None and chunksize != 1:
             result._timed_chunks = {}
         inline = type(iterable) in _SEQUENCES
@@ -2993,7 +2996,10 @@ class _Progress:
 def _progress_sink(progress):
     """The reporter ``sink(done, total, final)`` that ``progress=`` asks for: a tqdm
     bar (True, or a dict of tqdm's options), the built-in bar on stderr when tqdm is
-    not installed, or the user's callable ``progress(done, total)``."""
+    not installed, or the user's callable ``progress(done, total)``; None for None or
+    False (no progress)."""
+    if progress is None or progress is False:
+        return None
     if callable(progress):
         return lambda done, total, final: progress(done, total)
     if progress is True:
@@ -3043,11 +3049,12 @@ class _LineBar:
             pass
 
 
-def _track(result, progress, total, chunksize=1):
-    # Attaches a progress reporter to a map's or imap's result.
-    if progress is None or progress is False:
+def _track(result, sink, total, chunksize=1):
+    # Attaches a progress reporter (a _progress_sink, or None) to a map's or imap's
+    # result.
+    if sink is None:
         return
-    tracker = _Progress(_progress_sink(progress), total, chunksize)
+    tracker = _Progress(sink, total, chunksize)
     result._progress = tracker
     result._engine.add_progress(tracker)
 
