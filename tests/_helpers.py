@@ -22,6 +22,9 @@ PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ferromp.__file__)))
 
 # Every start method, in the order the fixtures of conftest.py parametrise over them.
 START_METHODS = ("fork", "spawn", "forkserver")
+# Pools a test module shares between its tests: conftest's reaper spares their workers
+# (killed after each test, a spawn pool's replacements would keep failing to start).
+SHARED_POOLS = []
 
 STOP = "__stop__"
 STOP_BYTES = b"__stop__"

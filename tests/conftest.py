@@ -21,7 +21,7 @@ import os
 import pytest
 
 import ferromp
-from _helpers import START_METHODS
+from _helpers import SHARED_POOLS, START_METHODS
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,8 +57,11 @@ def _reap_leftover_children():
 
     Only processes this test session started are touched (by their Process objects)."""
     yield
+    keep = {id(w) for pool in SHARED_POOLS for w in list(pool._pool)}
     for mod in (ferromp, multiprocessing):
         for p in mod.active_children():
+            if id(p) in keep:
+                continue    # a module-scoped pool's worker (see _helpers.SHARED_POOLS)
             try:
                 p.kill()
                 p.join(5)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import ferromp.dummy
+from _helpers import SHARED_POOLS
 
 
 def slow_square(x):
@@ -46,7 +47,11 @@ def _check_reports(calls, final, total, started, ended):
 @pytest.fixture(scope="module")
 def pool(start_method):
     with start_method.Pool(2) as p:
-        yield p
+        SHARED_POOLS.append(p)
+        try:
+            yield p
+        finally:
+            SHARED_POOLS.remove(p)
 
 
 @pytest.mark.parametrize("how", ["map", "map_async", "starmap", "starmap_async"])
