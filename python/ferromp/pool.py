@@ -705,11 +705,12 @@ class _ThreadSide(_QueueSide):
         return taken
 
     def post(self, tag, *args, **kwds):
-        _QueueSide.post(self, tag, *args, **kwds)
+        # Counted before the result goes: whoever has the result sees the count.
         if tag is not None and self.started is not None:
             self.tasks += 1
             self.busy += time.monotonic() - self.started
             self.started = None
+        _QueueSide.post(self, tag, *args, **kwds)
 
 
 def _thread_worker(inbox, outbox, slot, wake, initializer, initargs):
